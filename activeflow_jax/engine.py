@@ -1,0 +1,284 @@
+"""Engine: load a flash store, then generate, stream and score text with the dense model.
+
+Shapes are bucketed so a session compiles a handful of programs, not one per token:
+    KV cache length   powers of two from 256 up to the model's context
+    attention length  powers of two from 128 up to the cache length (cost follows the filled part)
+    prefill chunk     powers of two from 16 up to 512 tokens
+Compiled programs are also kept in JAX's persistent compilation cache (under
+`activeflow_home()/jax_cache`), so a second process starts without recompiling.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import resource
+import sys
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from activeflow_jax.config import ModelConfig
+from activeflow_jax.errors import InvalidArgumentError, PromptTooLongError
+from activeflow_jax.formats.tokenizer import StreamDecoder, Tokenizer
+from activeflow_jax.models import llama
+from activeflow_jax.paths import activeflow_home
+from activeflow_jax.sampling import SamplingParams, sample_token
+from activeflow_jax.store.reader import StoreReader
+
+PREFILL_CHUNK = 512
+MIN_CACHE_LEN = 256
+MIN_ATTN_LEN = 128
+MIN_PREFILL_BUCKET = 16
+
+
+def _pow2_at_least(n: int, floor: int) -> int:
+    return max(floor, 1 << max(0, int(n - 1).bit_length()))
+
+
+def peak_rss_bytes() -> int:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+def enable_compilation_cache() -> None:
+    if jax.config.jax_compilation_cache_dir is None:
+        jax.config.update("jax_compilation_cache_dir", os.path.join(activeflow_home(), "jax_cache"))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+@dataclasses.dataclass
+class EngineStats:
+    """Counters since load (or since `reset()`); throughput excludes compilation."""
+
+    load_seconds: float = 0.0
+    weight_bytes: int = 0
+    prefill_tokens: int = 0
+    prefill_seconds: float = 0.0
+    decode_tokens: int = 0
+    decode_seconds: float = 0.0
+    compile_seconds: float = 0.0
+    compiles: int = 0
+    peak_rss_bytes: int = 0
+
+    @property
+    def prefill_tokens_per_s(self) -> float:
+        return self.prefill_tokens / self.prefill_seconds if self.prefill_seconds else 0.0
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        return self.decode_tokens / self.decode_seconds if self.decode_seconds else 0.0
+
+    def reset(self) -> None:
+        keep = (self.load_seconds, self.weight_bytes)
+        self.__init__()
+        self.load_seconds, self.weight_bytes = keep
+
+    def as_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["prefill_tokens_per_s"] = self.prefill_tokens_per_s
+        out["decode_tokens_per_s"] = self.decode_tokens_per_s
+        return out
+
+
+class Engine:
+    """A loaded model. Not re-entrant: concurrent calls are serialized by a lock."""
+
+    def __init__(self, config: ModelConfig, params: llama.Params, tokenizer: Tokenizer | None,
+                 *, store_path: str | None = None):
+        self.config = config
+        self.params = params
+        self.tokenizer = tokenizer
+        self.store_path = store_path
+        self.stats = EngineStats(weight_bytes=sum(x.nbytes for x in jax.tree.leaves(params)))
+        self._compiled: dict[tuple, Any] = {}
+        self._lock = threading.RLock()
+
+    @classmethod
+    def load(cls, store_path: str | os.PathLike) -> "Engine":
+        """Loads every weight of a store into DRAM (dense, all-in-DRAM engine)."""
+        enable_compilation_cache()
+        start = time.perf_counter()
+        reader = StoreReader(store_path)
+        cfg = reader.config
+        shapes = llama.param_shapes(cfg)
+        missing = sorted(set(shapes) - set(reader.tensor_names))
+        if missing:
+            from activeflow_jax.errors import StoreError
+
+            raise StoreError(f"store {reader.path} lacks tensors {missing[:3]}...; re-convert it")
+        host = reader.read_many(shapes)
+        params = llama.params_from_flat(cfg, {k: jnp.asarray(v) for k, v in host.items()})
+        del host
+        tokenizer = Tokenizer.from_spec(reader.tokenizer_spec) if reader.tokenizer_spec else None
+        engine = cls(cfg, params, tokenizer, store_path=reader.path)
+        engine.stats.load_seconds = time.perf_counter() - start
+        return engine
+
+    # ------------------------------------------------------------------------------------------
+    # The compiled forward, one program per (cache length, chunk length, attention length).
+
+    def _forward(self, cache: llama.KVCache, tokens: np.ndarray, start_pos: int, n_valid: int,
+                 attn_len: int, all_logits: bool):
+        key = (cache.max_len, tokens.shape[0], attn_len, all_logits)
+        args = (self.params, cache, jnp.asarray(tokens, jnp.int32), jnp.int32(start_pos), jnp.int32(n_valid))
+        compiled = self._compiled.get(key)
+        if compiled is None:
+            t0 = time.perf_counter()
+            compiled = llama.forward.lower(*args, cfg=self.config, attn_len=attn_len, all_logits=all_logits).compile()
+            self.stats.compile_seconds += time.perf_counter() - t0
+            self.stats.compiles += 1
+            self._compiled[key] = compiled
+        return compiled(*args)
+
+    def _new_cache(self, length: int) -> llama.KVCache:
+        return llama.KVCache.zeros(self.config, min(_pow2_at_least(length, MIN_CACHE_LEN),
+                                                    _pow2_at_least(self.config.max_context, MIN_CACHE_LEN)))
+
+    def _prefill(self, token_ids: np.ndarray, cache: llama.KVCache, all_logits: bool):
+        """Runs the prompt in chunks; returns (logits, cache). Logits are [T, V] or [1, V]."""
+        outputs = []
+        total = len(token_ids)
+        logits = None
+        for start in range(0, total, PREFILL_CHUNK):
+            chunk = token_ids[start:start + PREFILL_CHUNK]
+            n = len(chunk)
+            bucket = _pow2_at_least(n, MIN_PREFILL_BUCKET)
+            padded = np.zeros(bucket, np.int32)
+            padded[:n] = chunk
+            attn_len = min(cache.max_len, _pow2_at_least(start + bucket, MIN_ATTN_LEN))
+            last_chunk = start + PREFILL_CHUNK >= total
+            logits, cache = self._forward(cache, padded, start, n, attn_len, all_logits or not last_chunk)
+            if all_logits:
+                outputs.append(np.asarray(logits[:n]))
+        if all_logits:
+            return np.concatenate(outputs, axis=0), cache
+        return logits, cache
+
+    def _cache_len_for(self, prompt_len: int, new_tokens: int) -> int:
+        last_start = ((max(prompt_len, 1) - 1) // PREFILL_CHUNK) * PREFILL_CHUNK
+        padded_end = last_start + _pow2_at_least(prompt_len - last_start, MIN_PREFILL_BUCKET)
+        return max(prompt_len + new_tokens, padded_end)
+
+    def _check_fits(self, prompt_len: int, new_tokens: int) -> None:
+        ctx = self.config.max_context
+        if prompt_len == 0:
+            raise InvalidArgumentError("the prompt is empty: give at least one token")
+        if prompt_len + new_tokens > ctx:
+            raise PromptTooLongError(
+                f"prompt of {prompt_len} tokens plus max_new_tokens={new_tokens} exceeds the model's context of "
+                f"{ctx} tokens; shorten the prompt or lower max_new_tokens"
+            )
+
+    # ------------------------------------------------------------------------------------------
+    # Public API.
+
+    def logits(self, token_ids: Sequence[int] | np.ndarray) -> np.ndarray:
+        """Full-sequence next-token logits, float32 [T, vocab]; row t predicts token t+1."""
+        ids = self._validate_ids(token_ids)
+        self._check_fits(len(ids), 0)
+        with self._lock:
+            cache = self._new_cache(self._cache_len_for(len(ids), 0))
+            t0, c0 = time.perf_counter(), self.stats.compile_seconds
+            out, _ = self._prefill(ids, cache, all_logits=True)
+            self._account_prefill(len(ids), t0, c0)
+            return out
+
+    def generate_ids(self, prompt_ids: Sequence[int] | np.ndarray, *, max_new_tokens: int = 128,
+                     temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
+                     stop_ids: frozenset[int] | None = None) -> Iterator[int]:
+        """Yields generated token ids one at a time (stops at a stop id, which is not yielded)."""
+        ids = self._validate_ids(prompt_ids)
+        sampling = SamplingParams(temperature, top_p, seed)
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise InvalidArgumentError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+        self._check_fits(len(ids), max_new_tokens)
+        if stop_ids is None:
+            stop_ids = self.tokenizer.stop_ids if self.tokenizer else frozenset()
+        return self._generate(ids, max_new_tokens, sampling, stop_ids)
+
+    def _generate(self, ids: np.ndarray, max_new_tokens: int, sampling: SamplingParams,
+                  stop_ids: frozenset[int]) -> Iterator[int]:
+        with self._lock:
+            cache = self._new_cache(self._cache_len_for(len(ids), max_new_tokens))
+            key = jax.random.key(sampling.seed)
+            temperature, top_p = jnp.float32(sampling.temperature), jnp.float32(sampling.top_p)
+            t0, c0 = time.perf_counter(), self.stats.compile_seconds
+            logits, cache = self._prefill(ids, cache, all_logits=False)
+            key, sub = jax.random.split(key)
+            token = int(sample_token(logits[-1], sub, temperature, top_p))
+            self._account_prefill(len(ids), t0, c0)
+            pos = len(ids)
+            step_tokens = np.zeros(1, np.int32)
+            for i in range(max_new_tokens):
+                if token in stop_ids:
+                    return
+                yield token
+                if i == max_new_tokens - 1:
+                    return
+                t0 = time.perf_counter()
+                step_tokens[0] = token
+                attn_len = min(cache.max_len, _pow2_at_least(pos + 1, MIN_ATTN_LEN))
+                c0 = self.stats.compile_seconds
+                logits, cache = self._forward(cache, step_tokens, pos, 1, attn_len, False)
+                key, sub = jax.random.split(key)
+                token = int(sample_token(logits[0], sub, temperature, top_p))
+                pos += 1
+                self.stats.decode_tokens += 1
+                self.stats.decode_seconds += time.perf_counter() - t0 - (self.stats.compile_seconds - c0)
+                self.stats.peak_rss_bytes = peak_rss_bytes()
+
+    def _account_prefill(self, n_tokens: int, t0: float, compile_before: float) -> None:
+        # compile time of programs first used here is excluded from the throughput figure
+        self.stats.prefill_tokens += n_tokens
+        elapsed = time.perf_counter() - t0 - (self.stats.compile_seconds - compile_before)
+        self.stats.prefill_seconds += max(0.0, elapsed)
+        self.stats.peak_rss_bytes = peak_rss_bytes()
+
+    def _encode_prompt(self, prompt: str, chat: bool, system: str | None) -> np.ndarray:
+        if self.tokenizer is None:
+            raise InvalidArgumentError("this store has no tokenizer: pass token ids to generate_ids() instead")
+        if not isinstance(prompt, str):
+            raise InvalidArgumentError(f"prompt must be a str, got {type(prompt).__name__}")
+        ids = self.tokenizer.encode_chat(prompt, system=system) if chat else self.tokenizer.encode(prompt)
+        return np.asarray(ids, np.int32)
+
+    def stream(self, prompt: str, *, max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
+               seed: int = 0, chat: bool = False, system: str | None = None) -> Iterator[str]:
+        """Yields the generated text piece by piece (whole UTF-8 characters only)."""
+        ids = self._encode_prompt(prompt, chat, system)
+        tokens = self.generate_ids(ids, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                   seed=seed)
+        return self._stream_text(tokens)
+
+    def _stream_text(self, tokens: Iterator[int]) -> Iterator[str]:
+        decoder = StreamDecoder(self.tokenizer)
+        for token in tokens:
+            piece = decoder.push(token)
+            if piece:
+                yield piece
+        tail = decoder.flush()
+        if tail:
+            yield tail
+
+    def generate(self, prompt: str, *, max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
+                 seed: int = 0, chat: bool = False, system: str | None = None) -> str:
+        """The generated continuation (or chat answer) as one string."""
+        return "".join(self.stream(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                   seed=seed, chat=chat, system=system))
+
+    def _validate_ids(self, token_ids: Sequence[int] | np.ndarray) -> np.ndarray:
+        try:
+            ids = np.asarray(token_ids)
+        except Exception:
+            raise InvalidArgumentError("token_ids must be a sequence of ints") from None
+        if ids.ndim != 1 or (ids.size and not np.issubdtype(ids.dtype, np.integer)):
+            raise InvalidArgumentError(f"token_ids must be a 1-D sequence of ints, got shape {ids.shape} {ids.dtype}")
+        if ids.size and (ids.min() < 0 or ids.max() >= self.config.vocab_size):
+            raise InvalidArgumentError(f"token ids must be in [0, {self.config.vocab_size}); got {ids.min()}..{ids.max()}")
+        return ids.astype(np.int32)

@@ -1,0 +1,82 @@
+"""The on-disk layout of a flash store: one definition used by the writer and the reader.
+
+A store is a directory:
+    manifest.json            format, layout version, model config, tokenizer, storage dtype,
+                             per-tensor shape and chunking, source checksum; written last
+    tensors/<name>/          one zarr3 array per parameter (TensorStore)
+
+Every 2-D weight is stored channel-major, [in, out], so one input channel is one contiguous row
+(the embedding is [vocab, d]: one token per row). Arrays are sharded: a shard file holds
+`shard_rows` rows and is made of inner chunks of `chunk_rows` rows, each with a crc32c, plus a
+crc32c-protected index; a row block can be read without reading the rest of the tensor.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+FORMAT_NAME = "activeflow-store"
+LAYOUT_VERSION = 1
+MANIFEST = "manifest.json"
+TENSOR_DIR = "tensors"
+STORAGE_DTYPES = ("float32", "float16")
+TARGET_CHUNK_BYTES = 8 << 10  # inner chunk: small, so sparse row reads fetch little extra
+TARGET_SHARD_BYTES = 2 << 20  # shard file: large, so dense reads are few big reads
+
+
+def _pow2_floor(n: int) -> int:
+    return 1 << max(0, int(n).bit_length() - 1)
+
+
+def chunking(shape: tuple[int, ...], itemsize: int, chunk_rows: int | None = None) -> tuple[int, int]:
+    """(chunk_rows, shard_rows) for an array; 1-D arrays are a single chunk."""
+    if len(shape) == 1:
+        return shape[0], shape[0]
+    row_bytes = shape[1] * itemsize
+    rows = shape[0]
+    chunk = chunk_rows or min(rows, _pow2_floor(max(1, TARGET_CHUNK_BYTES // row_bytes)))
+    shard = chunk * max(1, TARGET_SHARD_BYTES // (chunk * row_bytes))
+    return chunk, min(shard, -(-rows // chunk) * chunk)
+
+
+def tensor_path(store_dir: str | os.PathLike, name: str) -> str:
+    return os.path.join(os.fspath(store_dir), TENSOR_DIR, name)
+
+
+def zarr_spec(path: str, shape: tuple[int, ...], dtype: str, chunk_rows: int, shard_rows: int,
+              *, create: bool, direct_io: bool = False) -> dict[str, Any]:
+    kvstore: dict[str, Any] = {"driver": "file", "path": path}
+    if direct_io:
+        kvstore["file_io_mode"] = {"mode": "direct"}
+    spec: dict[str, Any] = {"driver": "zarr3", "kvstore": kvstore}
+    if create:
+        inner = [chunk_rows] + list(shape[1:])
+        spec["metadata"] = {
+            "shape": list(shape),
+            "data_type": dtype,
+            "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [shard_rows] + list(shape[1:])}},
+            "codecs": [{
+                "name": "sharding_indexed",
+                "configuration": {
+                    "chunk_shape": inner,
+                    "codecs": [{"name": "bytes", "configuration": {"endian": "little"}}, {"name": "crc32c"}],
+                    "index_codecs": [{"name": "bytes", "configuration": {"endian": "little"}}, {"name": "crc32c"}],
+                    "index_location": "end",
+                },
+            }],
+        }
+        spec["create"] = True
+        spec["delete_existing"] = True
+        # Write every chunk, even all-zero ones: a missing shard file then always means damage.
+        spec["store_data_equal_to_fill_value"] = True
+    else:
+        spec["open"] = True
+    return spec
+
+
+def shard_keys(shape: tuple[int, ...], shard_rows: int) -> list[str]:
+    """Relative paths of the shard files of an array (zarr3 default chunk key encoding)."""
+    count = -(-shape[0] // shard_rows)
+    trailing = "/0" * (len(shape) - 1)
+    return [f"c/{i}{trailing}" for i in range(count)]

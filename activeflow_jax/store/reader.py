@@ -1,0 +1,152 @@
+"""Reading flash stores: manifest validation and (row-block) tensor reads via TensorStore.
+
+This is the one place that talks to TensorStore for reading. Its errors are turned into
+`StoreError` / `StoreCorruptError` naming the tensor and the rows, never raw TensorStore
+tracebacks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import numpy as np
+
+from activeflow_jax.config import ModelConfig
+from activeflow_jax.errors import StoreCorruptError, StoreError
+from activeflow_jax.store import layout
+
+
+def read_manifest(store_dir: str | os.PathLike) -> dict[str, Any]:
+    store_dir = os.fspath(store_dir)
+    path = os.path.join(store_dir, layout.MANIFEST)
+    if not os.path.isdir(store_dir):
+        raise StoreError(f"store not found: {store_dir} (create one with `activeflow convert` or `activeflow fetch`)")
+    if not os.path.isfile(path):
+        raise StoreError(
+            f"{store_dir} is not a complete store (no {layout.MANIFEST}); it may be an interrupted "
+            "conversion: convert again"
+        )
+    try:
+        with open(path) as f:
+            manifest = json.load(f)
+    except (OSError, json.JSONDecodeError) as exc:
+        raise StoreError(f"{path} is unreadable ({exc}); convert the store again") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != layout.FORMAT_NAME:
+        raise StoreError(f"{path} is not an activeflow store manifest")
+    version = manifest.get("layout_version")
+    if version != layout.LAYOUT_VERSION:
+        raise StoreError(
+            f"{store_dir} has store layout version {version}, this activeflow_jax reads version "
+            f"{layout.LAYOUT_VERSION}; re-convert it from its GGUF with `activeflow convert --overwrite`"
+        )
+    for key in ("model", "tokenizer", "tensors", "storage_dtype"):
+        if key not in manifest:
+            raise StoreError(f"{path} lacks '{key}'; convert the store again")
+    return manifest
+
+
+def _ts():
+    import tensorstore as ts
+
+    return ts
+
+
+class StoreReader:
+    """An opened store: config, tokenizer spec, and reads of whole tensors or row sets."""
+
+    def __init__(self, store_dir: str | os.PathLike, *, direct_io: bool = False):
+        self.path = os.path.abspath(os.fspath(store_dir))
+        self.manifest = read_manifest(self.path)
+        self.config = ModelConfig.from_json(self.manifest["model"])
+        self.tokenizer_spec: dict[str, Any] = self.manifest["tokenizer"]
+        self.storage_dtype: str = self.manifest["storage_dtype"]
+        self.direct_io = direct_io
+        ts = _ts()
+        # No TensorStore chunk cache: our own buffers hold what we keep, so nothing is held twice.
+        self._context = ts.Context({
+            "cache_pool": {"total_bytes_limit": 0},
+            "file_io_concurrency": {"limit": 16},
+        })
+        self._arrays: dict[str, Any] = {}
+        self.check_files()
+
+    def check_files(self) -> None:
+        """Every shard file the manifest implies must exist (a missing one would read as zeros)."""
+        for name, entry in self.manifest["tensors"].items():
+            base = layout.tensor_path(self.path, name)
+            for key in layout.shard_keys(tuple(entry["shape"]), entry["shard_rows"]):
+                if not os.path.isfile(os.path.join(base, key)):
+                    raise StoreCorruptError(
+                        f"store {self.path}: tensor '{name}' is missing chunk file {key}; the store is "
+                        "incomplete or damaged: re-convert it (`activeflow convert --overwrite`)"
+                    )
+
+    @property
+    def tensor_names(self) -> list[str]:
+        return list(self.manifest["tensors"])
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._entry(name)["shape"])
+
+    def nbytes(self, name: str) -> int:
+        return int(np.prod(self.shape(name))) * np.dtype(self.storage_dtype).itemsize
+
+    def _entry(self, name: str) -> dict[str, Any]:
+        try:
+            return self.manifest["tensors"][name]
+        except KeyError:
+            raise StoreError(f"tensor '{name}' is not in store {self.path}") from None
+
+    def _array(self, name: str):
+        if name not in self._arrays:
+            entry = self._entry(name)
+            path = layout.tensor_path(self.path, name)
+            spec = layout.zarr_spec(path, tuple(entry["shape"]), self.storage_dtype, entry["chunk_rows"],
+                                    entry["shard_rows"], create=False, direct_io=self.direct_io)
+            try:
+                self._arrays[name] = _ts().open(spec, context=self._context).result()
+            except Exception as exc:
+                raise self._wrap(exc, name, None) from None
+        return self._arrays[name]
+
+    def _wrap(self, exc: Exception, name: str, rows: Sequence[int] | None) -> StoreError:
+        where = "" if rows is None or len(rows) == 0 else f" rows {rows[0]}..{rows[-1]}"
+        text = str(exc)
+        if not os.path.isdir(self.path):
+            return StoreError(f"store {self.path} was removed while in use; restore it or load another store")
+        if "DATA_LOSS" in text or "checksum" in text.lower() or "crc32c" in text.lower():
+            chunk_rows = self._entry(name)["shard_rows"]
+            shard = f" (shard file c/{rows[0] // chunk_rows}/0)" if rows is not None and len(rows) else ""
+            return StoreCorruptError(
+                f"store {self.path}: tensor '{name}'{where}{shard} failed its checksum; the store is "
+                "damaged: re-convert it (`activeflow convert --overwrite`)"
+            )
+        return StoreError(f"store {self.path}: reading tensor '{name}'{where} failed: {text.splitlines()[0]}")
+
+    def read(self, name: str) -> np.ndarray:
+        """The whole tensor as float32."""
+        return self.read_many([name])[name]
+
+    def read_many(self, names: Iterable[str]) -> dict[str, np.ndarray]:
+        """Whole tensors as float32, with all reads in flight at once."""
+        names = list(names)
+        futures = {name: self._array(name).read() for name in names}
+        out = {}
+        for name, future in futures.items():
+            try:
+                out[name] = np.asarray(future.result(), dtype=np.float32)
+            except Exception as exc:
+                raise self._wrap(exc, name, None) from None
+        return out
+
+    def read_rows(self, name: str, rows: Sequence[int] | np.ndarray) -> np.ndarray:
+        """Rows (input channels) of a 2-D tensor as float32 [len(rows), out]; rows sorted ascending."""
+        rows = np.asarray(rows, dtype=np.int64)
+        try:
+            data = self._array(name).oindex[rows].read().result()
+        except Exception as exc:
+            raise self._wrap(exc, name, rows.tolist()) from None
+        return np.asarray(data, dtype=np.float32)

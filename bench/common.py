@@ -1,0 +1,78 @@
+"""Shared pieces of the benchmark binaries: machine facts, bandwidth probe, JSON output."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def machine_info() -> dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return {
+        "platform": platform.platform(),
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "jax": jax.__version__,
+        "backend": jax.default_backend(),
+        "devices": [str(d) for d in jax.devices()],
+    }
+
+
+def summarize(samples: list[float]) -> dict[str, float]:
+    arr = np.asarray(samples, dtype=np.float64)
+    return {"median": float(np.median(arr)), "p10": float(np.percentile(arr, 10)),
+            "p90": float(np.percentile(arr, 90)), "n": int(arr.size)}
+
+
+def memory_bandwidth(nbytes: int = 512 << 20, repeats: int = 5) -> dict[str, float]:
+    """Measured DRAM read bandwidth, bytes/s: a numpy copy (one thread, counts read + write)
+    and a jitted XLA sum over the buffer (XLA's own threads, read only). The larger is the
+    roofline we compare against: it is what our own XLA program could stream."""
+    host = np.ones(nbytes // 4, np.float32)
+    dst = np.empty_like(host)
+    copy = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        np.copyto(dst, host)
+        copy.append(time.perf_counter() - t0)
+    del dst
+    dev = jnp.asarray(host)
+    del host
+    summ = jax.jit(lambda x: jnp.sum(x.reshape(64, -1), axis=1))
+    summ(dev).block_until_ready()
+    reads = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        summ(dev).block_until_ready()
+        reads.append(time.perf_counter() - t0)
+    return {
+        "numpy_copy_bytes_per_s": 2 * nbytes / min(copy),
+        "xla_read_bytes_per_s": nbytes / min(reads),
+        "roofline_bytes_per_s": max(2 * nbytes / min(copy), nbytes / min(reads)),
+    }
+
+
+def emit(record: dict[str, Any], output: str | None) -> None:
+    record = {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "machine": machine_info(), **record}
+    line = json.dumps(record)
+    print(line)
+    if output:
+        os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+        with open(output, "a") as f:
+            f.write(line + "\n")

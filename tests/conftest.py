@@ -1,0 +1,61 @@
+"""Shared fixtures: tiny random models (seconds) and the real default model (fetched once)."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # for reference_numpy
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    from activeflow_jax.testing import make_tiny_store
+
+    return make_tiny_store(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="session")
+def tiny_engine(tiny_model):
+    import activeflow_jax as af
+
+    return af.Engine.load(tiny_model.store_path)
+
+
+@pytest.fixture(scope="session")
+def real_gguf_path():
+    from activeflow_jax.errors import FetchError
+    from activeflow_jax.fetch import fetch_default_gguf
+
+    try:
+        return fetch_default_gguf(quiet=True)
+    except FetchError as exc:  # no network and no cached copy
+        if os.environ.get("CI"):
+            raise
+        pytest.skip(f"default model unavailable: {exc}")
+
+
+@pytest.fixture(scope="session")
+def real_store(real_gguf_path):
+    from activeflow_jax.fetch import fetch_default_model
+
+    return fetch_default_model(quiet=True)
+
+
+@pytest.fixture(scope="session")
+def real_engine(real_store):
+    import activeflow_jax as af
+
+    return af.Engine.load(real_store)
+
+
+@pytest.fixture(scope="session")
+def wiki_test_path():
+    here = os.path.dirname(os.path.abspath(__file__))
+    for candidate in (os.environ.get("ACTIVEFLOW_WIKITEXT"), os.path.join(here, "data", "wiki.test.lf.raw"),
+                      os.path.join(here, "..", "..", "shared", "data", "wiki.test.lf.raw")):
+        if candidate and os.path.isfile(candidate):
+            return candidate
+    pytest.skip("WikiText-2 test file not found (set ACTIVEFLOW_WIKITEXT)")
