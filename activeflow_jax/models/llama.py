@@ -141,7 +141,7 @@ class DecoderLayer(nnx.Module):
 class LlamaModel(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         self.cfg = cfg
-        self.embed = _param(rngs, (cfg.vocab_size, cfg.d_model), 1.0)  # [V, d]
+        self.embed = _param(rngs, (cfg.vocab_size, cfg.d_model), 0.25)  # [V, d]
         self.layers = nnx.List([DecoderLayer(cfg, rngs) for _ in range(cfg.num_layers)])
         self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.lm_head = None if cfg.tie_embeddings else _param(rngs, (cfg.d_model, cfg.vocab_size), cfg.d_model**-0.5)

@@ -1,0 +1,67 @@
+"""The `activeflow` command: real subprocesses, exit codes, no tracebacks on bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+
+def run_cli(*args, env_home=None, timeout=600):
+    env = dict(os.environ)
+    if env_home is not None:
+        env["ACTIVEFLOW_HOME"] = str(env_home)
+    return subprocess.run([sys.executable, "-m", "activeflow_jax", *map(str, args)], capture_output=True,
+                          text=True, timeout=timeout, env=env)
+
+
+def assert_clean_error(proc, *needles):
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.startswith("activeflow: error:") or "error:" in proc.stderr
+    for needle in needles:
+        assert needle in proc.stderr
+
+
+def test_convert_generate_and_ppl_on_tiny_model(tiny_model, tmp_path):
+    out = tmp_path / "store"
+    proc = run_cli("convert", tiny_model.gguf_path, out)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == str(out)
+    proc = run_cli("generate", "hello", "--store", out, "--max-new-tokens", "5", "--stats")
+    assert proc.returncode == 0, proc.stderr
+    assert "decode" in proc.stderr and "tok/s" in proc.stderr
+    text = tmp_path / "t.txt"
+    text.write_text("the cat sat on the mat. " * 60)
+    proc = run_cli("ppl", text, "--store", out, "--ctx", "64", "--json")
+    assert proc.returncode == 0, proc.stderr
+    record = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert record["ctx"] == 64 and record["ppl"] > 1 and record["scored_tokens"] == record["windows"] * 31
+
+
+def test_bad_inputs_give_clear_errors(tiny_model, tmp_path):
+    assert_clean_error(run_cli("convert", tmp_path / "missing.gguf", tmp_path / "s"), "not found")
+    assert_clean_error(run_cli("generate", "x", "--store", tmp_path / "nostore"), "store")
+    assert_clean_error(run_cli("ppl", tmp_path / "missing.txt", "--store", tiny_model.store_path), "not found")
+    assert_clean_error(run_cli("generate", "x", "--store", tiny_model.store_path, "--temperature", "-1"),
+                       "temperature")
+    assert_clean_error(run_cli("generate", "x", "--store", tiny_model.store_path, "--max-new-tokens", "0"),
+                       "max_new_tokens")
+    # converting another model onto an existing store without --overwrite is refused and leaves it intact
+    from activeflow_jax.testing import write_tiny_gguf
+
+    other = tmp_path / "other.gguf"
+    write_tiny_gguf(other, seed=5)
+    assert_clean_error(run_cli("convert", other, tiny_model.store_path), "overwrite")
+    assert run_cli("generate", "x", "--store", tiny_model.store_path, "--max-new-tokens", "2").returncode == 0
+
+
+@pytest.mark.real_model
+def test_readme_first_command_answers(real_store):
+    # what the README's first command runs once installed
+    proc = run_cli("generate", "--chat", "What is the capital of France?")
+    assert proc.returncode == 0, proc.stderr
+    assert "Paris" in proc.stdout
