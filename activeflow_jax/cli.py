@@ -32,10 +32,57 @@ def cmd_convert(args) -> int:
     return 0
 
 
-def cmd_generate(args) -> int:
+def _load_engine(args):
     from activeflow_jax.engine import Engine
 
-    engine = Engine.load(_store_or_default(args))
+    return Engine.load(_store_or_default(args), sparsity=getattr(args, "sparsity", None) or None,
+                       policy=getattr(args, "policy", "threshold"))
+
+
+def _add_sparsity_flags(p) -> None:
+    p.add_argument("--sparsity", type=float, default=None,
+                   help="contextual sparsity in [0, 0.95] (needs `activeflow calibrate` for the threshold policy)")
+    p.add_argument("--policy", default="threshold", choices=["threshold", "topk"],
+                   help="threshold: top-k minus channels under the calibrated threshold (TEAL); topk: exact top-k")
+
+
+def _parse_levels(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ActiveFlowError(f"levels must be comma-separated numbers such as 0.3,0.5; got {text!r}") from None
+
+
+def cmd_calibrate(args) -> int:
+    from activeflow_jax.sparse.calibrate import calibrate
+
+    store = _store_or_default(args)
+    calibration = calibrate(store, args.text, levels=_parse_levels(args.levels), max_tokens=args.max_tokens)
+    print(f"calibrated {', '.join(f'{s:g}' for s in calibration.available)} on {calibration.source['tokens']} "
+          f"tokens of {calibration.source['text']} -> {store}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from activeflow_jax.config import PredictionConfig
+    from activeflow_jax.eval.quality import default_settings, evaluate_quality
+
+    engine = _load_engine(args)
+    prediction = PredictionConfig(distance=args.predict_distance, superset=args.superset) if args.predict_distance else None
+    settings = default_settings(_parse_levels(args.sparsities), tuple(args.policies.split(",")), prediction)
+    report = evaluate_quality(engine, args.file, settings, ctx=args.ctx, max_windows=args.max_windows, progress=True)
+    if args.json:
+        import dataclasses
+
+        print(json.dumps(dataclasses.asdict(report)))
+    else:
+        print(f"{report.text}: {report.windows} windows of {report.ctx}, {report.scored_tokens} scored tokens")
+        print(report.table())
+    return 0
+
+
+def cmd_generate(args) -> int:
+    engine = _load_engine(args)
     pieces = engine.stream(args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                            top_p=args.top_p, seed=args.seed, chat=args.chat, system=args.system)
     for piece in pieces:
@@ -53,12 +100,11 @@ def cmd_generate(args) -> int:
 def cmd_ppl(args) -> int:
     import dataclasses
 
-    from activeflow_jax.engine import Engine
     from activeflow_jax.eval.perplexity import engine_perplexity
 
     if not os.path.isfile(args.file):
         raise ActiveFlowError(f"text file not found: {args.file}")
-    engine = Engine.load(_store_or_default(args))
+    engine = _load_engine(args)
     result = engine_perplexity(engine, args.file, ctx=args.ctx, max_windows=args.max_windows, progress=True)
     if args.json:
         print(json.dumps(dataclasses.asdict(result)))
@@ -94,6 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--stats", action="store_true", help="print speed and memory figures to stderr")
+    _add_sparsity_flags(p)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("ppl", help="perplexity of a text file (llama.cpp protocol, see docs)")
@@ -102,7 +149,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ctx", type=int, default=512, help="window length; the second half of each is scored")
     p.add_argument("--max-windows", type=int, default=None, help="evaluate only the first N windows")
     p.add_argument("--json", action="store_true", help="print one JSON record")
+    _add_sparsity_flags(p)
     p.set_defaults(func=cmd_ppl)
+
+    p = sub.add_parser("calibrate", help="calibrate sparsity thresholds and save them into the store")
+    p.add_argument("--store", help="store directory (default: the default model)")
+    p.add_argument("--text", default=None, help="calibration text (default: the shipped corpus; never the eval text)")
+    p.add_argument("--levels", default="0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9", help="sparsity levels to save")
+    p.add_argument("--max-tokens", type=int, default=32768, help="use at most this many tokens of the text")
+    p.set_defaults(func=cmd_calibrate)
+
+    p = sub.add_parser("eval", help="quality of sparse settings vs dense: PPL, KL, top-1 agreement")
+    p.add_argument("file", help="evaluation text (e.g. WikiText-2 test)")
+    p.add_argument("--store", help="store directory (default: the default model)")
+    p.add_argument("--sparsities", default="0.3,0.4,0.5,0.6,0.7")
+    p.add_argument("--policies", default="threshold", help="comma-separated: threshold (TEAL), topk")
+    p.add_argument("--predict-distance", type=int, default=0,
+                   help="also evaluate with sets predicted this many layers ahead (misses dropped); 0 = off")
+    p.add_argument("--superset", type=float, default=1.5, help="predicted set size in multiples of k")
+    p.add_argument("--ctx", type=int, default=512)
+    p.add_argument("--max-windows", type=int, default=16)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_eval)
     return parser
 
 

@@ -75,3 +75,83 @@ def tiny_config(**overrides: Any) -> ModelConfig:
     )
     base.update(overrides)
     return ModelConfig(**base)
+
+
+# Linear ops grouped by the input they read: q/k/v share the normed attention input, gate/up the
+# normed MLP input; o reads the attention output, down the SwiGLU product. One mask per group.
+OP_GROUPS = ("qkv", "o", "gate_up", "down")
+MAX_SPARSITY = 0.95
+MASK_POLICIES = ("threshold", "topk")
+DECODE_KERNELS = ("gather", "mask")
+
+
+def op_input_dims(cfg: ModelConfig) -> tuple[int, ...]:
+    """Input width of each op group, in OP_GROUPS order."""
+    return (cfg.d_model, cfg.q_dim, cfg.d_model, cfg.d_ff)
+
+
+@dataclasses.dataclass(frozen=True)
+class SparsityConfig:
+    """Contextual sparsity of every linear op (static: a jitted program is compiled per config).
+
+    sparsity     fraction of input channels dropped per op, in [0, 0.95]; each op keeps a fixed
+                 k = round((1 - sparsity) * in_dim) channels, so shapes never change.
+    policy       "threshold": the top-k channels, minus those under the calibrated per-(layer, op)
+                 threshold (TEAL's rule, capped at k); "topk": exactly the top-k by |x|.
+    kernel       decode kernel: "gather" (gather the k active rows inside the jitted step) or
+                 "mask" (dense matmul on the masked input; same result, dense cost).
+    dense_layers how many leading layers stay dense (the paper keeps layer 0 dense).
+    """
+
+    sparsity: float
+    policy: str = "threshold"
+    kernel: str = "gather"
+    dense_layers: int = 1
+
+    def __post_init__(self) -> None:
+        from activeflow_jax.errors import InvalidArgumentError
+
+        s = self.sparsity
+        if isinstance(s, bool) or not isinstance(s, (int, float)) or not (0.0 <= s <= MAX_SPARSITY):
+            raise InvalidArgumentError(f"sparsity must be a number in [0, {MAX_SPARSITY}], got {s!r}")
+        object.__setattr__(self, "sparsity", round(float(s), 4))
+        if self.policy not in MASK_POLICIES:
+            raise InvalidArgumentError(f"policy must be one of {MASK_POLICIES}, got {self.policy!r}")
+        if self.kernel not in DECODE_KERNELS:
+            raise InvalidArgumentError(f"kernel must be one of {DECODE_KERNELS}, got {self.kernel!r}")
+        if not isinstance(self.dense_layers, int) or self.dense_layers < 0:
+            raise InvalidArgumentError(f"dense_layers must be an int >= 0, got {self.dense_layers!r}")
+
+    def ks(self, cfg: ModelConfig) -> tuple[int, ...]:
+        """Channels kept per op group (OP_GROUPS order)."""
+        return tuple(max(1, round((1.0 - self.sparsity) * d)) for d in op_input_dims(cfg))
+
+    def is_sparse_layer(self, layer: int) -> bool:
+        return self.sparsity > 0 and layer >= self.dense_layers
+
+
+@dataclasses.dataclass(frozen=True)
+class PredictionConfig:
+    """Cross-layer prediction used to *restrict* the active sets (quality of predicted sets).
+
+    For the residual-stream groups (qkv, gate_up) of layer j, the channels that can be active are
+    the top (superset * k) by the predictor score computed at layer j - distance; channels the
+    prediction missed are dropped (no on-demand load), which is the worst case for quality.
+    o and down are not predicted (loaded on demand at run time), so they stay exact.
+    """
+
+    distance: int = 1
+    superset: float = 1.5
+    score: str = "residual_gain"
+
+    def __post_init__(self) -> None:
+        from activeflow_jax.errors import InvalidArgumentError
+
+        if not isinstance(self.distance, int) or self.distance < 1:
+            raise InvalidArgumentError(f"prediction distance must be an int >= 1, got {self.distance!r}")
+        if not (1.0 <= self.superset <= 4.0):
+            raise InvalidArgumentError(f"superset must be in [1, 4] times k, got {self.superset!r}")
+        from activeflow_jax.sparse.predictor import SCORES
+
+        if self.score not in SCORES:
+            raise InvalidArgumentError(f"predictor score must be one of {SCORES}, got {self.score!r}")

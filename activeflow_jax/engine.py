@@ -10,6 +10,7 @@ Compiled programs are also kept in JAX's persistent compilation cache (under
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import resource
@@ -23,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from activeflow_jax.config import ModelConfig
+from activeflow_jax.config import ModelConfig, PredictionConfig, SparsityConfig
 from activeflow_jax.errors import InvalidArgumentError, PromptTooLongError
 from activeflow_jax.formats.tokenizer import StreamDecoder, Tokenizer
 from activeflow_jax.models import llama
@@ -98,10 +99,16 @@ class Engine:
         self.stats = EngineStats(weight_bytes=sum(x.nbytes for x in jax.tree.leaves(params)))
         self._compiled: dict[tuple, Any] = {}
         self._lock = threading.RLock()
+        self.sparsity: SparsityConfig | None = None  # None: the dense reference path
+        self.prediction: PredictionConfig | None = None
+        self._thresholds: jax.Array | None = None
 
     @classmethod
-    def load(cls, store_path: str | os.PathLike) -> "Engine":
-        """Loads every weight of a store into DRAM (dense, all-in-DRAM engine)."""
+    def load(cls, store_path: str | os.PathLike, *, sparsity: float | None = None, policy: str = "threshold",
+             kernel: str = "gather", dense_layers: int = 1) -> "Engine":
+        """Loads every weight of a store into DRAM (all-in-DRAM engine). `sparsity` (0..0.95)
+        switches on contextual sparsity with the store's calibrated thresholds; see
+        `configure_sparsity`."""
         enable_compilation_cache()
         start = time.perf_counter()
         reader = StoreReader(store_path)
@@ -117,20 +124,59 @@ class Engine:
         del host
         tokenizer = Tokenizer.from_spec(reader.tokenizer_spec) if reader.tokenizer_spec else None
         engine = cls(cfg, params, tokenizer, store_path=reader.path)
+        if sparsity:
+            engine.configure_sparsity(sparsity, policy=policy, kernel=kernel, dense_layers=dense_layers)
         engine.stats.load_seconds = time.perf_counter() - start
         return engine
+
+    def configure_sparsity(self, sparsity: float | None, *, policy: str = "threshold", kernel: str = "gather",
+                           dense_layers: int = 1, prediction: PredictionConfig | None = None) -> None:
+        """Switches contextual sparsity on (0 < sparsity <= 0.95) or off (None or 0) for later
+        calls. The "threshold" policy needs the store's calibration for that level."""
+        from activeflow_jax.sparse.calibrate import read_calibration
+
+        if sparsity is None or sparsity == 0:
+            config = None
+            if sparsity == 0:
+                SparsityConfig(0.0, policy=policy, kernel=kernel, dense_layers=dense_layers)  # validates
+        else:
+            config = SparsityConfig(sparsity, policy=policy, kernel=kernel, dense_layers=dense_layers)
+        thresholds = None
+        if config is not None and config.policy == "threshold":
+            calibration = read_calibration(self.store_path, self.config) if self.store_path else None
+            if calibration is None:
+                raise InvalidArgumentError(
+                    f"the store {self.store_path} has no calibrated thresholds; run `activeflow calibrate "
+                    f"--store {self.store_path}` (or af.calibrate(store)) first, or use policy='topk'"
+                )
+            thresholds = jnp.asarray(calibration.thresholds(config.sparsity))
+        with self._lock:
+            self.sparsity, self._thresholds = config, thresholds
+            self.prediction = prediction if config is not None else None
+
+    @contextlib.contextmanager
+    def sparsity_scope(self):
+        """Restores the sparsity settings on exit (for harnesses that try several)."""
+        saved = (self.sparsity, self._thresholds, self.prediction)
+        try:
+            yield self
+        finally:
+            with self._lock:
+                self.sparsity, self._thresholds, self.prediction = saved
 
     # ------------------------------------------------------------------------------------------
     # The compiled forward, one program per (cache length, chunk length, attention length).
 
     def _forward(self, cache: llama.KVCache, tokens: np.ndarray, start_pos: int, n_valid: int,
                  attn_len: int, all_logits: bool):
-        key = (cache.max_len, tokens.shape[0], attn_len, all_logits)
-        args = (self.params, cache, jnp.asarray(tokens, jnp.int32), jnp.int32(start_pos), jnp.int32(n_valid))
+        key = (cache.max_len, tokens.shape[0], attn_len, all_logits, self.sparsity, self.prediction)
+        args = (self.params, cache, jnp.asarray(tokens, jnp.int32), jnp.int32(start_pos), jnp.int32(n_valid),
+                self._thresholds)
         compiled = self._compiled.get(key)
         if compiled is None:
             t0 = time.perf_counter()
-            compiled = llama.forward.lower(*args, cfg=self.config, attn_len=attn_len, all_logits=all_logits).compile()
+            compiled = llama.forward.lower(*args, cfg=self.config, attn_len=attn_len, all_logits=all_logits,
+                                           sparse=self.sparsity, predict=self.prediction).compile()
             self.stats.compile_seconds += time.perf_counter() - t0
             self.stats.compiles += 1
             self._compiled[key] = compiled

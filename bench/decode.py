@@ -30,6 +30,9 @@ flags.DEFINE_integer("prompt_len", 128, "prompt tokens for the prefill measureme
 flags.DEFINE_integer("decode_tokens", 64, "tokens decoded per repeat")
 flags.DEFINE_integer("repeats", 5, "timed repeats (after one warm-up)")
 flags.DEFINE_integer("seed", 0, "seed of the random prompt")
+flags.DEFINE_list("sparsity", [], "sparsity levels to measure next to dense, e.g. 0.3,0.5,0.7")
+flags.DEFINE_list("kernels", ["gather"], "sparse decode kernels to measure: gather, mask")
+flags.DEFINE_enum("policy", "topk", ["topk", "threshold"], "mask policy (threshold needs a calibrated store)")
 flags.DEFINE_string("output", None, "append the JSON record to this file as well (JSON lines)")
 
 
@@ -47,6 +50,21 @@ def bytes_per_token(engine, context_len: int) -> dict[str, int]:
     return {"weights": int(weights), "kv_cache": int(kv), "total": int(weights + kv)}
 
 
+def _rates(units: int, seconds: dict[str, float]) -> dict[str, float]:
+    # a slow run (p90 of seconds) is the low rate (p10 of rates)
+    return {"median": units / seconds["median"], "p10": units / seconds["p90"], "p90": units / seconds["p10"],
+            "n": seconds["n"]}
+
+
+def _settings() -> list[tuple[str, float, str]]:
+    """(label, sparsity, kernel); dense first so every ratio has its reference in the same run."""
+    out = [("dense", 0.0, "dense")]
+    for s in (float(x) for x in FLAGS.sparsity):
+        for kernel in FLAGS.kernels:
+            out.append((f"sparse {s:g} {kernel}", s, kernel))
+    return out
+
+
 def main(argv):
     del argv
     import activeflow_jax as af
@@ -59,6 +77,10 @@ def main(argv):
     rng = np.random.default_rng(FLAGS.seed)
     prompt = rng.integers(100, engine.config.vocab_size, FLAGS.prompt_len).astype(np.int32)
     no_stop = frozenset()
+
+    def configure(sparsity: float, kernel: str) -> None:
+        engine.configure_sparsity(sparsity or None, policy=FLAGS.policy,
+                                  kernel=kernel if kernel != "dense" else "gather")
 
     def run_once():
         times = []
@@ -73,38 +95,59 @@ def main(argv):
             t = now
         return prefill, times
 
-    run_once()  # warm-up: compiles every program the timed runs use
+    settings = _settings()
+    for _, sparsity, kernel in settings:  # warm-up: compiles every program the timed runs use
+        configure(sparsity, kernel)
+        run_once()
     compile_s, compiles = engine.stats.compile_seconds, engine.stats.compiles
-    prefill_s, step_s = [], []
-    for _ in range(FLAGS.repeats):
-        p, steps = run_once()
-        prefill_s.append(p)
-        step_s.extend(steps)
+    prefill_s = {label: [] for label, _, _ in settings}
+    step_s = {label: [] for label, _, _ in settings}
+    for _ in range(FLAGS.repeats):  # round-robin, so drift of a noisy machine hits every setting alike
+        for label, sparsity, kernel in settings:
+            configure(sparsity, kernel)
+            p, steps = run_once()
+            prefill_s[label].append(p)
+            step_s[label].extend(steps)
     assert engine.stats.compiles == compiles, "timed runs recompiled"
-    step = summarize(step_s)
     context = FLAGS.prompt_len + FLAGS.decode_tokens
     touched = bytes_per_token(engine, context)
+    peak_rss = af.engine.peak_rss_bytes()  # before the bandwidth probe allocates its buffers
     bw = memory_bandwidth()
     roofline_tps = bw["roofline_bytes_per_s"] / touched["total"]
-    decode_tps = 1.0 / step["median"]
+    dense_tps = 1.0 / summarize(step_s["dense"])["median"]
+    results = []
+    for label, sparsity, kernel in settings:
+        step = summarize(step_s[label])
+        tps = 1.0 / step["median"]
+        results.append({
+            "setting": label, "sparsity": sparsity, "kernel": kernel,
+            "policy": FLAGS.policy if sparsity else None,
+            "prefill_tokens_per_s": _rates(FLAGS.prompt_len, summarize(prefill_s[label])),
+            "decode_ms_per_token": {k: (v * 1e3 if k != "n" else v) for k, v in step.items()},
+            "decode_tokens_per_s": tps,
+            "decode_tokens_per_s_p10_p90": [1.0 / step["p90"], 1.0 / step["p10"]],
+            "speedup_vs_dense": tps / dense_tps,
+        })
     emit({
         "bench": "decode",
         "config": {"store": os.path.abspath(store), "model": engine.config.name, "prompt_len": FLAGS.prompt_len,
-                   "decode_tokens": FLAGS.decode_tokens, "repeats": FLAGS.repeats, "mode": "dense, all in DRAM"},
+                   "decode_tokens": FLAGS.decode_tokens, "repeats": FLAGS.repeats, "mode": "all weights in DRAM"},
         "load_seconds": load_s,
         "compile_seconds": compile_s,
         "compiled_programs": compiles,
-        "prefill_tokens_per_s": {k: (FLAGS.prompt_len / v if k != "n" else v) for k, v in summarize(prefill_s).items()},
-        "decode_ms_per_token": {k: (v * 1e3 if k != "n" else v) for k, v in step.items()},
-        "decode_tokens_per_s": decode_tps,
-        "decode_tokens_per_s_p10_p90": [1.0 / step["p90"], 1.0 / step["p10"]],
+        "results": results,
+        "decode_tokens_per_s": dense_tps,
         "bytes_per_token": touched,
         "memory_bandwidth": bw,
         "roofline_tokens_per_s": roofline_tps,
-        "fraction_of_roofline": decode_tps / roofline_tps,
-        "achieved_bytes_per_s": touched["total"] * decode_tps,
-        "peak_rss_bytes": af.engine.peak_rss_bytes(),
+        "fraction_of_roofline": dense_tps / roofline_tps,
+        "achieved_bytes_per_s": touched["total"] * dense_tps,
+        "peak_rss_bytes": peak_rss,
     }, FLAGS.output)
+    for r in results:
+        print(f"{r['setting']:>22}: {r['decode_tokens_per_s']:6.1f} tok/s decode "
+              f"({r['speedup_vs_dense']:.2f}x dense), prefill {r['prefill_tokens_per_s']['median']:.0f} tok/s",
+              file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -52,10 +52,9 @@ def token_nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
     return log_z - logits[np.arange(len(targets)), targets]
 
 
-def perplexity(logits_fn: Callable[[np.ndarray], np.ndarray], tokens: Sequence[int], *, ctx: int = 512,
-               max_windows: int | None = None, bos_id: int | None = None,
-               progress: bool = False) -> PerplexityResult:
-    """`logits_fn(window_ids) -> [ctx, V]` float32; see the module docstring for the protocol."""
+def eval_windows(tokens: Sequence[int], *, ctx: int, max_windows: int | None, bos_id: int | None) -> list[np.ndarray]:
+    """The protocol's windows: consecutive, `ctx` tokens each, first token replaced by BOS if the
+    tokenizer adds one. Validates ctx and max_windows."""
     if ctx < 4 or ctx % 2:
         raise InvalidArgumentError(f"ctx must be an even number >= 4, got {ctx}")
     tokens = np.asarray(tokens, np.int32)
@@ -66,26 +65,52 @@ def perplexity(logits_fn: Callable[[np.ndarray], np.ndarray], tokens: Sequence[i
         windows = min(windows, max_windows)
     if windows == 0:
         raise InvalidArgumentError(f"the text has {len(tokens)} tokens, fewer than one window of {ctx}")
-    first = ctx // 2
-    nlls = []
-    start = time.perf_counter()
-    iterator = range(windows)
-    if progress:
-        from tqdm import tqdm
-
-        iterator = tqdm(iterator, desc="perplexity", unit="window")
-    for w in iterator:
+    out = []
+    for w in range(windows):
         window = tokens[w * ctx:(w + 1) * ctx].copy()
         if bos_id is not None:
             window[0] = bos_id
+        out.append(window)
+    return out
+
+
+def scored_slice(ctx: int) -> slice:
+    """Positions whose logits are scored (they predict the token after them)."""
+    return slice(ctx // 2, ctx - 1)
+
+
+def engine_tokens(engine, path: str | os.PathLike, ctx: int) -> tuple[list[int], int | None]:
+    """(token ids of a text file, BOS id to put first in each window or None)."""
+    if engine.tokenizer is None:
+        raise InvalidArgumentError("the store has no tokenizer; cannot evaluate text")
+    if ctx > engine.config.max_context:
+        raise InvalidArgumentError(f"ctx={ctx} exceeds the model's context of {engine.config.max_context}")
+    tokens = engine.tokenizer.encode(read_text(path))
+    return tokens, (engine.tokenizer.bos_id if engine.tokenizer.add_bos else None)
+
+
+def perplexity(logits_fn: Callable[[np.ndarray], np.ndarray], tokens: Sequence[int], *, ctx: int = 512,
+               max_windows: int | None = None, bos_id: int | None = None,
+               progress: bool = False) -> PerplexityResult:
+    """`logits_fn(window_ids) -> [ctx, V]` float32; see the module docstring for the protocol."""
+    windows = eval_windows(tokens, ctx=ctx, max_windows=max_windows, bos_id=bos_id)
+    scored = scored_slice(ctx)
+    nlls = []
+    start = time.perf_counter()
+    iterator = windows
+    if progress:
+        from tqdm import tqdm
+
+        iterator = tqdm(windows, desc="perplexity", unit="window")
+    for window in iterator:
         logits = logits_fn(window)
-        nlls.append(token_nll(logits[first:ctx - 1], window[first + 1:ctx]))
+        nlls.append(token_nll(logits[scored], window[scored.start + 1:ctx]))
         if progress:
             iterator.set_postfix(ppl=f"{math.exp(np.concatenate(nlls).mean()):.3f}")
     nll = np.concatenate(nlls)
     mean = float(nll.mean())
     stderr = float(nll.std(ddof=1) / math.sqrt(len(nll))) if len(nll) > 1 else 0.0
-    return PerplexityResult(ppl=math.exp(mean), nll_mean=mean, windows=windows, scored_tokens=len(nll), ctx=ctx,
+    return PerplexityResult(ppl=math.exp(mean), nll_mean=mean, windows=len(windows), scored_tokens=len(nll), ctx=ctx,
                             file_tokens=len(tokens), seconds=time.perf_counter() - start,
                             ppl_stderr=math.exp(mean) * stderr)
 
@@ -93,11 +118,5 @@ def perplexity(logits_fn: Callable[[np.ndarray], np.ndarray], tokens: Sequence[i
 def engine_perplexity(engine, path: str | os.PathLike, *, ctx: int = 512, max_windows: int | None = None,
                       progress: bool = False) -> PerplexityResult:
     """Perplexity of a text file under an Engine (see module docstring for the protocol)."""
-    if engine.tokenizer is None:
-        raise InvalidArgumentError("the store has no tokenizer; cannot compute perplexity of text")
-    if ctx > engine.config.max_context:
-        raise InvalidArgumentError(f"ctx={ctx} exceeds the model's context of {engine.config.max_context}")
-    text = read_text(path)
-    tokens = engine.tokenizer.encode(text)
-    bos = engine.tokenizer.bos_id if engine.tokenizer.add_bos else None
+    tokens, bos = engine_tokens(engine, path, ctx)
     return perplexity(engine.logits, tokens, ctx=ctx, max_windows=max_windows, bos_id=bos, progress=progress)

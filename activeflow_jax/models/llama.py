@@ -19,7 +19,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from activeflow_jax.config import ModelConfig
+from activeflow_jax.config import OP_GROUPS, ModelConfig, PredictionConfig, SparsityConfig
+from activeflow_jax.sparse.kernels import sparse_linear
+from activeflow_jax.sparse.predictor import prediction_score, top_mask
 
 Params = dict[str, Any]  # nested pure dict of arrays, as produced by nnx.to_pure_dict
 
@@ -47,6 +49,32 @@ class KVCache(NamedTuple):
 
     def nbytes(self) -> int:
         return sum(a.nbytes for a in self.k + self.v)
+
+
+class LinearOps:
+    """How one layer runs its linear ops: dense, or sparse with per-group k and thresholds
+    (optionally restricted to predicted channel sets); can record each op group's input.
+    Lives only inside a trace; `DENSE` is the reference path."""
+
+    def __init__(self, sparse: SparsityConfig | None = None, ks: tuple[int, ...] = (),
+                 thresholds: jax.Array | None = None, restrict: dict[str, jax.Array] | None = None,
+                 taps: dict[str, jax.Array] | None = None):
+        self.sparse, self.ks, self.thresholds = sparse, ks, thresholds
+        self.restrict = restrict or {}
+        self.taps = taps
+
+    def __call__(self, group: str, x: jax.Array, w: jax.Array) -> jax.Array:
+        if self.taps is not None:
+            self.taps[group] = x
+        if self.sparse is None:
+            return x @ w
+        g = OP_GROUPS.index(group)
+        threshold = 0.0 if self.thresholds is None else self.thresholds[g]
+        return sparse_linear(x, w, k=self.ks[g], threshold=threshold, policy=self.sparse.policy,
+                             kernel=self.sparse.kernel, restrict=self.restrict.get(group))
+
+
+DENSE = LinearOps()
 
 
 def _param(rngs: nnx.Rngs, shape: tuple[int, ...], scale: float) -> nnx.Param:
@@ -83,14 +111,14 @@ class Attention(nnx.Module):
         self.wo = _param(rngs, (cfg.q_dim, d), cfg.q_dim**-0.5)  # [H*hd, d]
         self.cfg = cfg
 
-    def __call__(self, x, k_cache, v_cache, start_pos, mask_bias, *, attn_len: int):
+    def __call__(self, x, k_cache, v_cache, start_pos, mask_bias, *, attn_len: int, ops: LinearOps = DENSE):
         """x: [T, d] normed input. Writes K/V at [start_pos, start_pos+T) and attends over the
         first `attn_len` cache positions only (cost follows the filled length, not the buffer).
         mask_bias: [T, attn_len] additive causal mask, shared by all layers."""
         cfg = self.cfg
         t = x.shape[0]
         positions = start_pos + jnp.arange(t)
-        qkv = x @ self.wqkv[...]
+        qkv = ops("qkv", x, self.wqkv[...])
         q = qkv[:, :cfg.q_dim].reshape(t, cfg.num_heads, cfg.head_dim)
         k = qkv[:, cfg.q_dim:cfg.q_dim + cfg.kv_dim].reshape(t, cfg.num_kv_heads, cfg.head_dim)
         v = qkv[:, cfg.q_dim + cfg.kv_dim:].reshape(t, cfg.num_kv_heads, cfg.head_dim)
@@ -104,7 +132,7 @@ class Attention(nnx.Module):
         probs = jnp.exp(scores - jnp.max(scores, axis=-1, keepdims=True))
         probs = probs / jnp.sum(probs, axis=-1, keepdims=True)
         out = jnp.einsum("tkgs,skd->tkgd", probs, values).reshape(t, cfg.q_dim)
-        return out @ self.wo[...], k_cache, v_cache
+        return ops("o", out, self.wo[...]), k_cache, v_cache
 
 
 class MLP(nnx.Module):
@@ -115,10 +143,10 @@ class MLP(nnx.Module):
         self.w_gate_up = _param(rngs, (d, 2 * f), d**-0.5)  # [d, 2*ff]
         self.w_down = _param(rngs, (f, d), f**-0.5)  # [ff, d]
 
-    def __call__(self, x):
-        gate_up = x @ self.w_gate_up[...]
+    def __call__(self, x, ops: LinearOps = DENSE):
+        gate_up = ops("gate_up", x, self.w_gate_up[...])
         f = gate_up.shape[-1] // 2
-        return (jax.nn.silu(gate_up[:, :f]) * gate_up[:, f:]) @ self.w_down[...]
+        return ops("down", jax.nn.silu(gate_up[:, :f]) * gate_up[:, f:], self.w_down[...])
 
 
 class DecoderLayer(nnx.Module):
@@ -128,13 +156,13 @@ class DecoderLayer(nnx.Module):
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = MLP(cfg, rngs)
 
-    def __call__(self, x, k_cache, v_cache, start_pos, mask_bias, *, attn_len: int):
+    def __call__(self, x, k_cache, v_cache, start_pos, mask_bias, *, attn_len: int, ops: LinearOps = DENSE):
         with jax.named_scope("attention"):
             h, k_cache, v_cache = self.attn(self.attn_norm(x), k_cache, v_cache, start_pos, mask_bias,
-                                            attn_len=attn_len)
+                                            attn_len=attn_len, ops=ops)
         x = x + h
         with jax.named_scope("mlp"):
-            x = x + self.mlp(self.mlp_norm(x))
+            x = x + self.mlp(self.mlp_norm(x), ops=ops)
         return x, k_cache, v_cache
 
 
@@ -153,19 +181,48 @@ class LlamaModel(nnx.Module):
             return jnp.einsum("td,vd->tv", x, self.embed[...])
         return x @ self.lm_head[...]
 
-    def __call__(self, tokens, cache: KVCache, start_pos, n_valid, *, attn_len: int, all_logits: bool):
+    def __call__(self, tokens, cache: KVCache, start_pos, n_valid, *, attn_len: int, all_logits: bool,
+                 sparse: SparsityConfig | None = None, thresholds: jax.Array | None = None,
+                 predict: PredictionConfig | None = None, taps: list | None = None):
         """tokens: [T] (first n_valid are real) at positions [start_pos, start_pos+T).
-        Returns (logits [T, V] if all_logits else [1, V] for the last real token, new cache)."""
+        Returns (logits [T, V] if all_logits else [1, V] for the last real token, new cache).
+
+        sparse/thresholds ([L, 4], OP_GROUPS order) switch on contextual sparsity; predict
+        restricts the residual-stream groups to predicted sets; taps (a list) receives, per layer,
+        the input of each op group and the residual entering the layer."""
         x = jnp.take(self.embed[...], tokens, axis=0)  # [T, d]
         positions = start_pos + jnp.arange(tokens.shape[0])
         mask_bias = jnp.where(jnp.arange(attn_len)[None, :] <= positions[:, None], 0.0, -1e30)  # [T, S]
         ks, vs = list(cache.k), list(cache.v)
+        residuals = []
         for i, layer in enumerate(self.layers):
+            residuals.append(x)
+            ops = self._layer_ops(i, residuals, sparse, thresholds, predict, taps)
             with jax.named_scope(f"layer{i}"):
-                x, ks[i], vs[i] = layer(x, ks[i], vs[i], start_pos, mask_bias, attn_len=attn_len)
+                x, ks[i], vs[i] = layer(x, ks[i], vs[i], start_pos, mask_bias, attn_len=attn_len, ops=ops)
         if not all_logits:
             x = jax.lax.dynamic_slice_in_dim(x, n_valid - 1, 1, axis=0)
         return self.head(x), KVCache(tuple(ks), tuple(vs))
+
+    def _layer_ops(self, i: int, residuals: list, sparse, thresholds, predict, taps) -> LinearOps:
+        layer_taps = None
+        if taps is not None:
+            layer_taps = {"residual": residuals[i]}
+            taps.append(layer_taps)
+        if sparse is None or not sparse.is_sparse_layer(i):
+            return LinearOps(taps=layer_taps) if taps is not None else DENSE
+        ks = sparse.ks(self.cfg)
+        restrict = None
+        if predict is not None and i - predict.distance >= 0:
+            src = i - predict.distance
+            source, target = self.layers[src], self.layers[i]
+            restrict = {}
+            for group, norm_t, norm_s in (("qkv", target.attn_norm, source.attn_norm),
+                                          ("gate_up", target.mlp_norm, source.mlp_norm)):
+                n = min(self.cfg.d_model, round(predict.superset * ks[OP_GROUPS.index(group)]))
+                score = prediction_score(residuals[src], norm_t.weight[...], norm_s.weight[...], predict.score)
+                restrict[group] = top_mask(score, n)
+        return LinearOps(sparse, ks, None if thresholds is None else thresholds[i], restrict, layer_taps)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -221,12 +278,35 @@ def flatten_params(params: Params, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "attn_len", "all_logits"), donate_argnames=("cache",))
-def forward(params: Params, cache: KVCache, tokens, start_pos, n_valid, *, cfg: ModelConfig, attn_len: int,
-            all_logits: bool):
-    """One chunk of tokens through the model (prefill when T > 1, decode when T == 1)."""
+def merge_params(cfg: ModelConfig, params: Params) -> LlamaModel:
+    """The NNX module holding `params` (call inside a trace: cheap there, costly outside)."""
     graphdef, abstract_state = abstract_model(cfg)
     state = jax.tree.map(lambda x: x, abstract_state)
     nnx.replace_by_pure_dict(state, params)
-    model = nnx.merge(graphdef, state)
-    return model(tokens, cache, start_pos, n_valid, attn_len=attn_len, all_logits=all_logits)
+    return nnx.merge(graphdef, state)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "attn_len", "all_logits", "sparse", "predict"),
+                   donate_argnames=("cache",))
+def forward(params: Params, cache: KVCache, tokens, start_pos, n_valid, thresholds=None, *, cfg: ModelConfig,
+            attn_len: int, all_logits: bool, sparse: SparsityConfig | None = None,
+            predict: PredictionConfig | None = None):
+    """One chunk of tokens through the model (prefill when T > 1, decode when T == 1).
+    sparse=None is the dense reference path."""
+    model = merge_params(cfg, params)
+    return model(tokens, cache, start_pos, n_valid, attn_len=attn_len, all_logits=all_logits, sparse=sparse,
+                 thresholds=thresholds, predict=predict)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "sparse"))
+def forward_with_taps(params: Params, tokens, thresholds=None, *, cfg: ModelConfig,
+                      sparse: SparsityConfig | None = None):
+    """Full-sequence forward from an empty cache that also returns, stacked over layers, each op
+    group's input and the residual entering each layer: {name: [L, T, dim]}, plus logits [T, V]."""
+    model = merge_params(cfg, params)
+    t = tokens.shape[0]
+    cache = KVCache.zeros(cfg, t)
+    taps: list = []
+    logits, _ = model(tokens, cache, 0, t, attn_len=t, all_logits=True, sparse=sparse, thresholds=thresholds,
+                      taps=taps)
+    return logits, {name: jnp.stack([layer[name] for layer in taps]) for name in taps[0]}

@@ -4,6 +4,8 @@ A store is a directory:
     manifest.json            format, layout version, model config, tokenizer, storage dtype,
                              per-tensor shape and chunking, source checksum; written last
     tensors/<name>/          one zarr3 array per parameter (TensorStore)
+    calibration.json         optional: sparsity thresholds per (layer, op group) and level,
+                             written atomically by `activeflow calibrate`; never touches tensors
 
 Every 2-D weight is stored channel-major, [in, out], so one input channel is one contiguous row
 (the embedding is [vocab, d]: one token per row). Arrays are sharded: a shard file holds
@@ -20,6 +22,8 @@ FORMAT_NAME = "activeflow-store"
 LAYOUT_VERSION = 1
 MANIFEST = "manifest.json"
 TENSOR_DIR = "tensors"
+CALIBRATION = "calibration.json"
+CALIBRATION_VERSION = 1
 STORAGE_DTYPES = ("float32", "float16")
 TARGET_CHUNK_BYTES = 8 << 10  # inner chunk: small, so sparse row reads fetch little extra
 TARGET_SHARD_BYTES = 2 << 20  # shard file: large, so dense reads are few big reads

@@ -1,0 +1,171 @@
+"""Quality of sparse settings against the dense model on the same windows.
+
+For every window of the perplexity protocol (eval/perplexity.py) the dense logits are computed
+once, then each setting's logits; on the scored positions we report perplexity, mean
+KL(P_dense || P_sparse) of the next-token distributions, and top-1 agreement with dense. All
+settings see the same tokens, so their differences are paired and far more precise than the
+perplexity's own standard error suggests.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import time
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+
+from activeflow_jax.config import OP_GROUPS, PredictionConfig, SparsityConfig
+from activeflow_jax.eval.perplexity import engine_tokens, eval_windows, scored_slice, token_nll
+
+
+@dataclasses.dataclass(frozen=True)
+class QualitySetting:
+    """One evaluated configuration; sparsity 0 is the dense model."""
+
+    label: str
+    sparsity: float = 0.0
+    policy: str = "threshold"
+    prediction: PredictionConfig | None = None
+
+
+@dataclasses.dataclass
+class QualityRow:
+    label: str
+    sparsity: float
+    policy: str
+    prediction: dict[str, Any] | None
+    ppl: float
+    ppl_stderr: float
+    ppl_increase_pct: float  # relative to dense on the same windows
+    kl_mean: float  # mean KL(P_dense || P_setting), nats per token
+    top1_agreement: float  # share of positions where the argmax equals dense's
+    kept_fraction: dict[str, float] | None  # mean share of input channels active, per op group
+    seconds: float
+
+
+@dataclasses.dataclass
+class QualityReport:
+    rows: list[QualityRow]
+    text: str
+    ctx: int
+    windows: int
+    scored_tokens: int
+
+    def table(self) -> str:
+        lines = ["| setting | sparsity | PPL | vs dense | KL(dense‖·) | top-1 agree | kept qkv/o/gate_up/down |",
+                 "|---|---|---|---|---|---|---|"]
+        for r in self.rows:
+            kept = "/".join(f"{r.kept_fraction[g]:.2f}" for g in OP_GROUPS) if r.kept_fraction else "1"
+            lines.append(f"| {r.label} | {r.sparsity:.0%} | {r.ppl:.3f} ± {r.ppl_stderr:.2f} | "
+                         f"{r.ppl_increase_pct:+.1f}% | {r.kl_mean:.4f} | {r.top1_agreement:.3f} | {kept} |")
+        return "\n".join(lines)
+
+
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    x = logits.astype(np.float64)
+    x -= x.max(axis=-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
+
+def kept_fraction(engine, window: np.ndarray) -> dict[str, float] | None:
+    """Mean share of channels the current sparse setting keeps per op group (sparse layers only)."""
+    from activeflow_jax.models.llama import forward_with_taps
+    from activeflow_jax.sparse.kernels import active_mask
+
+    sp = engine.sparsity
+    if sp is None:
+        return None
+    _, taps = forward_with_taps(engine.params, jnp.asarray(window), engine._thresholds, cfg=engine.config, sparse=sp)
+    ks = sp.ks(engine.config)
+    layers = range(sp.dense_layers, engine.config.num_layers)
+    out = {}
+    for g, name in enumerate(OP_GROUPS):
+        kept = [float(np.mean(active_mask(taps[name][i], ks[g],
+                                          0.0 if engine._thresholds is None else engine._thresholds[i, g],
+                                          sp.policy))) for i in layers]
+        out[name] = float(np.mean(kept)) if kept else 1.0
+    return out
+
+
+def evaluate_quality(engine, text_path: str | os.PathLike, settings: list[QualitySetting], *, ctx: int = 512,
+                     max_windows: int | None = 16, progress: bool = False) -> QualityReport:
+    """Evaluates `settings` against the dense model on the first `max_windows` windows."""
+    tokens, bos = engine_tokens(engine, text_path, ctx)
+    windows = eval_windows(tokens, ctx=ctx, max_windows=max_windows, bos_id=bos)
+    scored = scored_slice(ctx)
+    sums = {s.label: {"nll": [], "kl": 0.0, "agree": 0, "seconds": 0.0} for s in settings}
+    kept: dict[str, Any] = {}
+    iterator = windows
+    if progress:
+        from tqdm import tqdm
+
+        iterator = tqdm(windows, desc="quality", unit="window")
+    with engine.sparsity_scope():
+        for wi, window in enumerate(iterator):
+            engine.configure_sparsity(None)
+            dense = engine.logits(window)[scored]
+            dense_logp = _log_softmax(dense)
+            targets = window[scored.start + 1:ctx]
+            for s in settings:
+                t0 = time.perf_counter()
+                _configure(engine, s)
+                logits = dense if s.sparsity == 0 and s.prediction is None else engine.logits(window)[scored]
+                acc = sums[s.label]
+                acc["nll"].append(token_nll(logits, targets))
+                logp = _log_softmax(logits)
+                acc["kl"] += float((np.exp(dense_logp) * (dense_logp - logp)).sum())
+                acc["agree"] += int((logits.argmax(-1) == dense.argmax(-1)).sum())
+                if wi == 0:
+                    kept[s.label] = kept_fraction(engine, window)
+                acc["seconds"] += time.perf_counter() - t0
+    n = len(windows) * (scored.stop - scored.start)
+    dense_nll = None
+    rows = []
+    for s in settings:
+        acc = sums[s.label]
+        nll = np.concatenate(acc["nll"])
+        mean = float(nll.mean())
+        if dense_nll is None and s.sparsity == 0 and s.prediction is None:
+            dense_nll = mean
+        ppl = math.exp(mean)
+        rows.append(QualityRow(
+            label=s.label, sparsity=s.sparsity, policy=s.policy,
+            prediction=dataclasses.asdict(s.prediction) if s.prediction else None,
+            ppl=ppl, ppl_stderr=ppl * float(nll.std(ddof=1) / math.sqrt(len(nll))),
+            ppl_increase_pct=0.0, kl_mean=acc["kl"] / n, top1_agreement=acc["agree"] / n,
+            kept_fraction=kept.get(s.label), seconds=acc["seconds"],
+        ))
+    if dense_nll is not None:
+        for r in rows:
+            r.ppl_increase_pct = 100.0 * (r.ppl / math.exp(dense_nll) - 1.0)
+    return QualityReport(rows=rows, text=os.path.basename(os.fspath(text_path)), ctx=ctx, windows=len(windows),
+                         scored_tokens=n)
+
+
+def _configure(engine, s: QualitySetting) -> None:
+    if s.sparsity == 0:
+        engine.configure_sparsity(None)
+    else:
+        engine.configure_sparsity(s.sparsity, policy=s.policy, prediction=s.prediction)
+
+
+def default_settings(sparsities=(0.3, 0.4, 0.5, 0.6, 0.7), policies=("threshold",),
+                     prediction: PredictionConfig | None = None) -> list[QualitySetting]:
+    """Dense, then each sparsity for each policy ("threshold" is TEAL), then with predicted sets."""
+    settings = [QualitySetting("dense")]
+    names = {"threshold": "TEAL", "topk": "top-k"}
+    for p in policies:
+        for s in sparsities:
+            settings.append(QualitySetting(f"{names[p]} {s:.0%}", s, p))
+    if prediction is not None:
+        for s in sparsities:
+            settings.append(QualitySetting(f"{names[policies[0]]} {s:.0%} predicted", s, policies[0], prediction))
+    return settings
+
+
+__all__ = ["QualitySetting", "QualityRow", "QualityReport", "evaluate_quality", "default_settings",
+           "SparsityConfig"]

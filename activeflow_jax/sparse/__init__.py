@@ -1,0 +1,1 @@
+"""Contextual sparsity: calibrated top-k masks, gather kernels, cross-layer prediction."""

@@ -1,0 +1,211 @@
+"""Contextual sparsity on tiny models: kernels equal masked dense, calibration, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import activeflow_jax as af
+from activeflow_jax.config import OP_GROUPS, PredictionConfig, SparsityConfig, op_input_dims
+from activeflow_jax.errors import InvalidArgumentError, StoreError
+from activeflow_jax.models import llama
+from activeflow_jax.sparse import kernels
+from activeflow_jax.sparse.calibrate import calibrate, read_calibration
+
+PROSE = ("The river runs past the old mill and under the stone bridge, where children fish in summer "
+         "and the baker sells bread to travellers. In 1874 a flood carried the wooden bridge away; "
+         "the town rebuilt it in stone within two years. ") * 12
+
+
+@pytest.fixture(scope="module")
+def calibrated(tmp_path_factory):
+    from activeflow_jax.testing import make_tiny_store
+
+    tiny = make_tiny_store(tmp_path_factory.mktemp("sparse"))
+    text = tmp_path_factory.mktemp("text") / "calib.txt"
+    text.write_text(PROSE)
+    engine = af.Engine.load(tiny.store_path)
+    calib = calibrate(engine, str(text), levels=(0.3, 0.5, 0.7), progress=False)
+    return tiny, engine, calib, text
+
+
+@pytest.mark.parametrize("policy", ["topk", "threshold"])
+def test_gather_kernel_equals_masked_dense(policy):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((1, 96)).astype(np.float32)
+    w = rng.standard_normal((96, 40)).astype(np.float32)
+    k, thr = 48, 0.5
+    got = np.asarray(kernels.gather_linear(jnp.asarray(x), jnp.asarray(w), k, thr, policy))
+    a = np.abs(x[0])
+    keep = a >= np.sort(a)[::-1][k - 1]
+    if policy == "threshold":
+        keep &= a >= thr
+    want = (x * keep) @ w  # an independent masked dense product in NumPy
+    assert keep.sum() <= k
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_active_mask_counts():
+    x = jnp.asarray(np.random.default_rng(1).standard_normal((7, 50)), jnp.float32)
+    assert (np.asarray(kernels.active_mask(x, 20, 0.0, "topk")).sum(-1) == 20).all()
+    m = np.asarray(kernels.active_mask(x, 20, 1.0, "threshold"))
+    assert (m.sum(-1) <= 20).all() and (np.abs(np.asarray(x))[m] >= 1.0).all()
+
+
+@pytest.mark.parametrize("policy", ["topk", "threshold"])
+def test_sparse_decode_gather_equals_mask_kernel(calibrated, policy):
+    tiny, engine, calib, _ = calibrated
+    cfg = engine.config
+    thresholds = jnp.asarray(calib.thresholds(0.5))
+    prompt = np.arange(3, 40, dtype=np.int32)
+    outs = {}
+    for kernel in ("gather", "mask"):
+        sparse = SparsityConfig(0.5, policy=policy, kernel=kernel)
+        cache = llama.KVCache.zeros(cfg, 64)
+        _, cache = llama.forward(engine.params, cache, jnp.asarray(prompt), 0, len(prompt), thresholds, cfg=cfg,
+                                 attn_len=64, all_logits=False, sparse=sparse)
+        steps = []
+        for i, tok in enumerate([5, 77, 123]):
+            logits, cache = llama.forward(engine.params, cache, jnp.asarray([tok], jnp.int32), len(prompt) + i, 1,
+                                          thresholds, cfg=cfg, attn_len=64, all_logits=False, sparse=sparse)
+            steps.append(np.asarray(logits))
+        outs[kernel] = np.concatenate(steps)
+    np.testing.assert_allclose(outs["gather"], outs["mask"], rtol=1e-5, atol=1e-5 * np.abs(outs["mask"]).max())
+
+
+def test_sparsity_zero_is_exactly_dense(calibrated):
+    _, engine, _, _ = calibrated
+    ids = np.arange(5, 45)
+    dense = engine.logits(ids)
+    engine.configure_sparsity(0.0)
+    try:
+        assert engine.sparsity is None
+        np.testing.assert_array_equal(engine.logits(ids), dense)
+    finally:
+        engine.configure_sparsity(None)
+
+
+def test_sparse_prefill_then_decode_equals_full_sparse_forward(calibrated):
+    # the decode path (gather kernel) must continue exactly what the masked full forward computes
+    _, engine, _, _ = calibrated
+    engine.configure_sparsity(0.5)
+    try:
+        prompt = list(range(10, 30))
+        generated = list(engine.generate_ids(prompt, max_new_tokens=10, stop_ids=frozenset()))
+        full = engine.logits(prompt + generated[:-1])
+        assert full[len(prompt) - 1:].argmax(-1).tolist() == generated
+    finally:
+        engine.configure_sparsity(None)
+
+
+def test_sparsity_changes_the_function_and_more_sparsity_moves_further(calibrated):
+    _, engine, _, _ = calibrated
+    ids = np.arange(5, 60)
+    dense = engine.logits(ids)
+    diffs = []
+    for s in (0.3, 0.7):
+        engine.configure_sparsity(s)
+        diffs.append(np.abs(engine.logits(ids) - dense).mean())
+    engine.configure_sparsity(None)
+    assert 0 < diffs[0] < diffs[1]
+
+
+def test_calibrated_thresholds_hit_the_target_fraction(calibrated):
+    tiny, engine, calib, _ = calibrated
+    ids = np.asarray(engine.tokenizer.encode(PROSE)[:512], np.int32)
+    _, taps = llama.forward_with_taps(engine.params, jnp.asarray(ids), cfg=engine.config)
+    for s in (0.3, 0.5, 0.7):
+        thr = calib.thresholds(s)
+        for g, name in enumerate(OP_GROUPS):
+            a = np.abs(np.asarray(taps[name]))  # [L, T, d]
+            below = (a < thr[:, g, None, None]).mean()
+            assert abs(below - s) < 0.05, (s, name, below)
+    assert (calib.thresholds(0.3) <= calib.thresholds(0.5)).all()
+    assert (calib.thresholds(0.5) <= calib.thresholds(0.7)).all()
+
+
+def test_calibration_is_saved_atomically_and_merged(calibrated, tmp_path):
+    tiny, engine, _, text = calibrated
+    again = calibrate(engine, str(text), levels=(0.4,), progress=False)
+    assert again.available == [0.3, 0.4, 0.5, 0.7]
+    loaded = read_calibration(tiny.store_path, engine.config)
+    assert loaded.available == [0.3, 0.4, 0.5, 0.7]
+    np.testing.assert_allclose(loaded.thresholds(0.5), again.thresholds(0.5))
+    assert loaded.source["tokens"] >= 1024
+
+
+def test_predicted_superset_covering_everything_is_exact(calibrated):
+    _, engine, _, _ = calibrated
+    ids = np.arange(5, 60)
+    engine.configure_sparsity(0.5)
+    exact = engine.logits(ids)
+    engine.configure_sparsity(0.5, prediction=PredictionConfig(distance=1, superset=2.0))  # 2 x k = all channels
+    assert np.array_equal(engine.logits(ids), exact)
+    engine.configure_sparsity(0.5, prediction=PredictionConfig(distance=1, superset=1.0))
+    assert not np.allclose(engine.logits(ids), exact)
+    engine.configure_sparsity(None)
+
+
+def test_ks_are_static_per_op_group():
+    from activeflow_jax.config import tiny_config
+
+    cfg = tiny_config()
+    ks = SparsityConfig(0.5).ks(cfg)
+    assert ks == tuple(round(d / 2) for d in op_input_dims(cfg))
+
+
+# ------------------------------------------------------------------------------------------------
+# Bad input
+
+
+@pytest.mark.parametrize("bad", [-0.1, 0.96, 1.0, "0.5", True, float("nan")])
+def test_sparsity_out_of_range(bad):
+    with pytest.raises(InvalidArgumentError, match="sparsity must be"):
+        SparsityConfig(bad)
+
+
+def test_store_without_thresholds(tmp_path):
+    from activeflow_jax.testing import make_tiny_store
+
+    tiny = make_tiny_store(tmp_path)
+    with pytest.raises(InvalidArgumentError, match="activeflow calibrate"):
+        af.Engine.load(tiny.store_path, sparsity=0.5)
+    engine = af.Engine.load(tiny.store_path, sparsity=0.5, policy="topk")  # top-k needs no thresholds
+    assert engine.sparsity.sparsity == 0.5
+
+
+def test_uncalibrated_level_lists_the_available_ones(calibrated):
+    tiny, _, _, _ = calibrated
+    with pytest.raises(InvalidArgumentError, match=r"calibrated levels: 0\.3, .*0\.5.*calibrate"):
+        af.Engine.load(tiny.store_path, sparsity=0.65)
+
+
+def test_calibration_text_too_short(calibrated, tmp_path):
+    _, engine, _, _ = calibrated
+    short = tmp_path / "short.txt"
+    short.write_text("Too short to calibrate anything.")
+    with pytest.raises(InvalidArgumentError, match="too short"):
+        calibrate(engine, str(short), progress=False)
+    with pytest.raises(InvalidArgumentError, match="levels"):
+        calibrate(engine, str(short), levels=(0.0,), progress=False)
+    with pytest.raises(InvalidArgumentError, match="not found"):
+        calibrate(engine, str(tmp_path / "missing.txt"), progress=False)
+
+
+def test_damaged_calibration_file_is_a_clear_error(tmp_path):
+    from activeflow_jax.store import layout
+    from activeflow_jax.testing import make_tiny_store
+
+    tiny = make_tiny_store(tmp_path)
+    path = f"{tiny.store_path}/{layout.CALIBRATION}"
+    with open(path, "w") as f:
+        f.write('{"version": 1, "op_groups": ["qkv"')
+    with pytest.raises(StoreError, match="damaged.*calibrate again"):
+        af.Engine.load(tiny.store_path, sparsity=0.5)
+    with open(path, "w") as f:
+        json.dump({"version": 1, "op_groups": list(OP_GROUPS), "levels": {"0.5": [[1.0]]}}, f)
+    with pytest.raises(StoreError, match="damaged"):
+        af.Engine.load(tiny.store_path, sparsity=0.5)
