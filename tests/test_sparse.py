@@ -209,3 +209,61 @@ def test_damaged_calibration_file_is_a_clear_error(tmp_path):
         json.dump({"version": 1, "op_groups": list(OP_GROUPS), "levels": {"0.5": [[1.0]]}}, f)
     with pytest.raises(StoreError, match="damaged"):
         af.Engine.load(tiny.store_path, sparsity=0.5)
+
+
+def test_kth_largest_is_exact():
+    rng = np.random.default_rng(3)
+    a = np.abs(rng.standard_normal((9, 301))).astype(np.float32)
+    a[0, :5] = 0.0
+    a[1] = 2.5  # all tied
+    for k in (1, 7, 150, 301):
+        got = np.asarray(kernels.kth_largest(jnp.asarray(a), k))
+        np.testing.assert_array_equal(got, -np.sort(-a, axis=-1)[:, k - 1])
+
+
+def test_ties_pick_lowest_indices_in_both_kernels():
+    x = jnp.asarray(np.array([[1.0, -2.0, 2.0, 2.0, 0.5, -2.0]], np.float32))
+    w = jnp.asarray(np.arange(36, dtype=np.float32).reshape(6, 6))
+    mask = np.asarray(kernels.active_mask(x, 3, 0.0, "topk"))
+    assert mask.tolist() == [[False, True, True, True, False, False]]
+    np.testing.assert_allclose(np.asarray(kernels.gather_linear(x, w, 3, 0.0, "topk")),
+                               np.asarray(kernels.masked_linear(x, w, mask)))
+
+
+def test_quality_harness_pairs_settings_with_dense(calibrated, tmp_path):
+    from activeflow_jax.eval.quality import QualitySetting, default_settings, evaluate_quality
+
+    _, engine, _, text = calibrated
+    settings = default_settings((0.3, 0.7), ("threshold", "topk"), PredictionConfig(distance=1, superset=1.5))
+    report = evaluate_quality(engine, str(text), settings, ctx=64, max_windows=3)
+    rows = {r.label: r for r in report.rows}
+    dense = rows["dense"]
+    assert dense.kl_mean == 0 and dense.top1_agreement == 1 and dense.ppl_increase_pct == 0
+    assert rows["TEAL 70%"].kl_mean > rows["TEAL 30%"].kl_mean > 0
+    assert rows["top-k 70%"].kl_mean > rows["top-k 30%"].kl_mean > 0
+    # the threshold policy keeps at most k, usually fewer; top-k keeps exactly k
+    kept = rows["TEAL 30%"].kept_fraction
+    assert all(0 < v <= 0.7 + 1e-6 for v in kept.values())
+    assert abs(rows["top-k 30%"].kept_fraction["down"] - 0.7) < 0.01
+    assert rows["TEAL 30% predicted"].kl_mean >= rows["TEAL 30%"].kl_mean
+    assert engine.sparsity is None  # settings restored
+    assert "| TEAL 70% |" in report.table()
+    # the same windows as the perplexity protocol: dense PPL equals engine_perplexity's
+    from activeflow_jax.eval.perplexity import engine_perplexity
+
+    assert abs(engine_perplexity(engine, str(text), ctx=64, max_windows=3).ppl - dense.ppl) < 1e-6 * dense.ppl
+    assert isinstance(settings[0], QualitySetting)
+
+
+def test_predictor_measurement_on_tiny_model(calibrated):
+    from activeflow_jax.sparse.predictor import measure_prediction
+
+    _, engine, _, text = calibrated
+    result = measure_prediction(engine, str(text), sparsity=0.5, distances=(1,), supersets=(1.0, 2.0), ctx=64,
+                                max_windows=2, warmup_tokens=4)
+    rows = result["rows"]
+    assert {r["group"] for r in rows} == set(OP_GROUPS)
+    for r in rows:
+        assert 0.0 <= r["recall"] <= 1.0
+        if r["superset"] == 2.0 and r["group"] in ("qkv", "gate_up"):
+            assert r["recall"] == pytest.approx(1.0)  # 2 x k covers every channel at 50%

@@ -1,28 +1,58 @@
 """Top-k channel selection and sparse linear kernels (pure jnp, traced inside the model's jit).
 
 For y = x @ W with W stored [in, out], input channel j contributes only through row j of W. A
-sparse op keeps k channels (static) of x; the decode kernel gathers those k rows and multiplies a
-[k] vector by a [k, out] matrix, so it reads k/in of the weight bytes. Prefill (T > 1) and the
-evaluation path use the masked dense product, which computes the same function.
+sparse op keeps at most k channels (k static) of x; the decode kernel gathers those k rows and
+multiplies a [k] vector by a [k, out] matrix, so it reads k/in of the weight bytes. Prefill
+(T > 1) and the evaluation path use the masked dense product, which computes the same function.
+
+Selection does not use `lax.top_k` (or a sort): on XLA:CPU that costs ~85 ms for a [512, 1536]
+array. The k-th largest |x| is found instead by bisection on the float's bit pattern (31 passes
+of compare-and-count, exact, ~14 ms for the same array), and the active indices come out of
+`nonzero(size=k)` already in ascending order, so the row gather walks memory forwards.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax import lax
+
+
+def kth_largest(a: jax.Array, k: int) -> jax.Array:
+    """The k-th largest value along the last axis of a non-negative float32 array ([...]).
+
+    Non-negative IEEE floats order like their int32 bit patterns, so we bisect on the integer:
+    the largest t with count(bits >= t) >= k is the bit pattern of the k-th largest value."""
+    bits = lax.bitcast_convert_type(a, jnp.int32)
+
+    def step(_, bounds):
+        lo, hi = bounds
+        mid = lo + (hi - lo + 1) // 2
+        enough = jnp.sum(bits >= mid[..., None], axis=-1) >= k
+        return jnp.where(enough, mid, lo), jnp.where(enough, hi, mid - 1)
+
+    lo = jnp.zeros(a.shape[:-1], jnp.int32)
+    lo, _ = lax.fori_loop(0, 31, step, (lo, jnp.max(bits, axis=-1)))
+    return lax.bitcast_convert_type(lo, jnp.float32)
+
+
+def selection_cut(x: jax.Array, k: int, threshold: jax.Array | float, policy: str) -> jax.Array:
+    """Per-token cut [..., 1]: channels with |x| >= cut are candidates."""
+    a = jnp.abs(x)
+    cut = kth_largest(a, k)[..., None] if k < x.shape[-1] else jnp.zeros_like(a[..., :1])
+    if policy == "threshold":
+        cut = jnp.maximum(cut, threshold)
+    return cut
 
 
 def active_mask(x: jax.Array, k: int, threshold: jax.Array | float, policy: str) -> jax.Array:
-    """Boolean mask [..., in] of the active channels of x: the top-k by |x|, and with the
-    "threshold" policy only those with |x| >= threshold (so at most k, maybe fewer)."""
-    a = jnp.abs(x)
+    """Boolean mask [..., in] of the active channels of x: |x| >= the k-th largest |x| (and, with
+    the "threshold" policy, >= the calibrated threshold), at most k of them: among channels tied at
+    the cut the lowest indices win, exactly as the decode kernel's nonzero(size=k) picks them."""
+    candidates = jnp.abs(x) >= selection_cut(x, k, threshold, policy)
     if k >= x.shape[-1]:
-        cut = jnp.zeros_like(a[..., :1])
-    else:
-        cut = jax.lax.top_k(a, k)[0][..., -1:]
-    if policy == "threshold":
-        cut = jnp.maximum(cut, threshold)
-    return a >= cut
+        return candidates
+    return candidates & (jnp.cumsum(candidates, axis=-1) <= k)
 
 
 def masked_linear(x: jax.Array, w: jax.Array, mask: jax.Array) -> jax.Array:
@@ -30,13 +60,13 @@ def masked_linear(x: jax.Array, w: jax.Array, mask: jax.Array) -> jax.Array:
 
 
 def gather_linear(x: jax.Array, w: jax.Array, k: int, threshold: jax.Array | float, policy: str) -> jax.Array:
-    """Decode kernel for one token: x [1, in], w [in, out] -> [1, out], reading k rows of w."""
-    values, idx = jax.lax.top_k(jnp.abs(x[0]), k)
-    idx = jnp.sort(idx)  # ascending rows: the gather walks memory forwards
-    xk = x[0, idx]
-    if policy == "threshold":
-        xk = jnp.where(jnp.abs(xk) >= threshold, xk, 0.0)
-    rows = w.at[idx].get(mode="promise_in_bounds", indices_are_sorted=True, unique_indices=True)
+    """Decode kernel for one token: x [1, in], w [in, out] -> [1, out], reading at most k rows of w."""
+    x0 = x[0]
+    candidates = jnp.abs(x0) >= selection_cut(x0, k, threshold, policy)[0]
+    idx = jnp.nonzero(candidates, size=k, fill_value=0)[0]  # ascending; padded with row 0
+    valid = jnp.arange(k) < jnp.sum(candidates)
+    xk = jnp.where(valid, x0[idx], 0.0)
+    rows = w.at[idx].get(mode="promise_in_bounds", indices_are_sorted=True)
     return (xk @ rows)[None]
 
 

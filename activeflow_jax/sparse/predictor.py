@@ -36,8 +36,9 @@ def top_mask(score: jax.Array, n: int) -> jax.Array:
     """Boolean mask [..., d] of the n largest entries along the last axis."""
     if n >= score.shape[-1]:
         return jnp.ones(score.shape, bool)
-    cut = jax.lax.top_k(score, n)[0][..., -1:]
-    return score >= cut
+    from activeflow_jax.sparse.kernels import kth_largest
+
+    return score >= kth_largest(score, n)[..., None]
 
 
 # ------------------------------------------------------------------------------------------------
