@@ -65,3 +65,29 @@ def test_readme_first_command_answers(real_store):
     proc = run_cli("generate", "--chat", "What is the capital of France?")
     assert proc.returncode == 0, proc.stderr
     assert "Paris" in proc.stdout
+
+
+def test_calibrate_then_generate_sparse(tiny_model, tmp_path):
+    from activeflow_jax.testing import write_tiny_gguf
+
+    gguf = tmp_path / "m.gguf"
+    write_tiny_gguf(gguf, seed=3)
+    store = tmp_path / "store"
+    assert run_cli("convert", gguf, store).returncode == 0
+    # no thresholds yet: a clear error that says how to calibrate
+    assert_clean_error(run_cli("generate", "hi", "--store", store, "--sparsity", "0.5"), "activeflow calibrate")
+    assert_clean_error(run_cli("generate", "hi", "--store", store, "--sparsity", "0.99"), "sparsity must be")
+    text = tmp_path / "calib.txt"
+    text.write_text("A short story about a lighthouse keeper and the sea birds he counted every morning. " * 30)
+    proc = run_cli("calibrate", "--store", store, "--text", text, "--levels", "0.5")
+    assert proc.returncode == 0, proc.stderr
+    assert "calibrated 0.5" in proc.stdout
+    proc = run_cli("generate", "hi", "--store", store, "--sparsity", "0.5", "--max-new-tokens", "4")
+    assert proc.returncode == 0, proc.stderr
+    assert_clean_error(run_cli("generate", "hi", "--store", store, "--sparsity", "0.6"), "calibrated levels: 0.5")
+    short = tmp_path / "short.txt"
+    short.write_text("tiny")
+    assert_clean_error(run_cli("calibrate", "--store", store, "--text", short), "too short")
+    proc = run_cli("eval", text, "--store", store, "--sparsities", "0.5", "--ctx", "64", "--max-windows", "2")
+    assert proc.returncode == 0, proc.stderr
+    assert "| TEAL 50% |" in proc.stdout
