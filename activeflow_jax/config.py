@@ -82,7 +82,7 @@ def tiny_config(**overrides: Any) -> ModelConfig:
 OP_GROUPS = ("qkv", "o", "gate_up", "down")
 MAX_SPARSITY = 0.95
 MASK_POLICIES = ("threshold", "topk")
-DECODE_KERNELS = ("gather", "mask")
+DECODE_KERNELS = ("auto", "native", "gather", "mask")
 
 
 def op_input_dims(cfg: ModelConfig) -> tuple[int, ...]:
@@ -98,14 +98,16 @@ class SparsityConfig:
                  k = round((1 - sparsity) * in_dim) channels, so shapes never change.
     policy       "threshold": the top-k channels, minus those under the calibrated per-(layer, op)
                  threshold (TEAL's rule, capped at k); "topk": exactly the top-k by |x|.
-    kernel       decode kernel: "gather" (gather the k active rows inside the jitted step) or
-                 "mask" (dense matmul on the masked input; same result, dense cost).
+    kernel       decode kernel: "native" (FFI CPU kernel reading the k active rows in place),
+                 "gather" (XLA gathers the k rows, then multiplies), "mask" (dense matmul on the
+                 masked input: same result, dense cost), or "auto" (native where it builds on the
+                 CPU backend, else gather; resolved by the engine).
     dense_layers how many leading layers stay dense (the paper keeps layer 0 dense).
     """
 
     sparsity: float
     policy: str = "threshold"
-    kernel: str = "gather"
+    kernel: str = "auto"
     dense_layers: int = 1
 
     def __post_init__(self) -> None:
@@ -121,6 +123,17 @@ class SparsityConfig:
             raise InvalidArgumentError(f"kernel must be one of {DECODE_KERNELS}, got {self.kernel!r}")
         if not isinstance(self.dense_layers, int) or self.dense_layers < 0:
             raise InvalidArgumentError(f"dense_layers must be an int >= 0, got {self.dense_layers!r}")
+
+    def resolved(self) -> "SparsityConfig":
+        """This config with kernel "auto" replaced by the kernel that will run here."""
+        if self.kernel != "auto":
+            return self
+        import jax
+
+        from activeflow_jax.sparse import native
+
+        kernel = "native" if jax.default_backend() == "cpu" and native.available() else "gather"
+        return dataclasses.replace(self, kernel=kernel)
 
     def ks(self, cfg: ModelConfig) -> tuple[int, ...]:
         """Channels kept per op group (OP_GROUPS order)."""

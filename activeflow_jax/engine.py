@@ -105,7 +105,7 @@ class Engine:
 
     @classmethod
     def load(cls, store_path: str | os.PathLike, *, sparsity: float | None = None, policy: str = "threshold",
-             kernel: str = "gather", dense_layers: int = 1) -> "Engine":
+             kernel: str = "auto", dense_layers: int = 1) -> "Engine":
         """Loads every weight of a store into DRAM (all-in-DRAM engine). `sparsity` (0..0.95)
         switches on contextual sparsity with the store's calibrated thresholds; see
         `configure_sparsity`."""
@@ -129,7 +129,7 @@ class Engine:
         engine.stats.load_seconds = time.perf_counter() - start
         return engine
 
-    def configure_sparsity(self, sparsity: float | None, *, policy: str = "threshold", kernel: str = "gather",
+    def configure_sparsity(self, sparsity: float | None, *, policy: str = "threshold", kernel: str = "auto",
                            dense_layers: int = 1, prediction: PredictionConfig | None = None) -> None:
         """Switches contextual sparsity on (0 < sparsity <= 0.95) or off (None or 0) for later
         calls. The "threshold" policy needs the store's calibration for that level."""
@@ -140,7 +140,7 @@ class Engine:
             if sparsity == 0:
                 SparsityConfig(0.0, policy=policy, kernel=kernel, dense_layers=dense_layers)  # validates
         else:
-            config = SparsityConfig(sparsity, policy=policy, kernel=kernel, dense_layers=dense_layers)
+            config = SparsityConfig(sparsity, policy=policy, kernel=kernel, dense_layers=dense_layers).resolved()
         thresholds = None
         if config is not None and config.policy == "threshold":
             calibration = read_calibration(self.store_path, self.config) if self.store_path else None
@@ -328,3 +328,13 @@ class Engine:
         if ids.size and (ids.min() < 0 or ids.max() >= self.config.vocab_size):
             raise InvalidArgumentError(f"token ids must be in [0, {self.config.vocab_size}); got {ids.min()}..{ids.max()}")
         return ids.astype(np.int32)
+
+    def score_continuations(self, context_ids: Sequence[int] | np.ndarray,
+                            continuations: Sequence[Sequence[int] | np.ndarray]) -> list[np.ndarray]:
+        """Log-probs (float64) of each continuation's tokens after `context_ids`: entry j, token t
+        is log P(continuations[j][t] | context, continuations[j][:t]). The context is evaluated
+        once and its KV cache reused for every continuation (batched; see eval/scoring.py, which
+        also scores many contexts per call for task evaluation)."""
+        from activeflow_jax.eval.scoring import score_requests
+
+        return score_requests(self, [(context_ids, continuations)])[0]

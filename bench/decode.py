@@ -31,7 +31,7 @@ flags.DEFINE_integer("decode_tokens", 64, "tokens decoded per repeat")
 flags.DEFINE_integer("repeats", 5, "timed repeats (after one warm-up)")
 flags.DEFINE_integer("seed", 0, "seed of the random prompt")
 flags.DEFINE_list("sparsity", [], "sparsity levels to measure next to dense, e.g. 0.3,0.5,0.7")
-flags.DEFINE_list("kernels", ["gather"], "sparse decode kernels to measure: gather, mask")
+flags.DEFINE_list("kernels", ["native", "gather"], "sparse decode kernels to measure: native, gather, mask")
 flags.DEFINE_enum("policy", "topk", ["topk", "threshold"], "mask policy (threshold needs a calibrated store)")
 flags.DEFINE_string("output", None, "append the JSON record to this file as well (JSON lines)")
 

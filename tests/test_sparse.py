@@ -48,6 +48,24 @@ def test_gather_kernel_equals_masked_dense(policy):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
+def test_native_kernel_builds_and_matches():
+    from activeflow_jax.sparse import native
+
+    assert native.available(), "the native kernel should build wherever a C++ compiler exists (CI has one)"
+    rng = np.random.default_rng(5)
+    w = rng.standard_normal((300, 70)).astype(np.float32)
+    rows = np.sort(rng.choice(300, 37, replace=False)).astype(np.int32)
+    xk = rng.standard_normal(37).astype(np.float32)
+    xk[-3:] = 0.0  # padding entries contribute nothing
+    got = np.asarray(native.gather_matvec(jnp.asarray(xk), jnp.asarray(rows), jnp.asarray(w)))
+    np.testing.assert_allclose(got, xk @ w[rows], rtol=1e-5, atol=1e-5)
+    big = rng.standard_normal((576, 3072)).astype(np.float32)  # large enough to use the thread pool
+    rows = np.arange(0, 576, 2, dtype=np.int32)
+    xk = rng.standard_normal(288).astype(np.float32)
+    np.testing.assert_allclose(np.asarray(native.gather_matvec(jnp.asarray(xk), jnp.asarray(rows), jnp.asarray(big))),
+                               xk @ big[rows], rtol=1e-4, atol=1e-4)
+
+
 def test_active_mask_counts():
     x = jnp.asarray(np.random.default_rng(1).standard_normal((7, 50)), jnp.float32)
     assert (np.asarray(kernels.active_mask(x, 20, 0.0, "topk")).sum(-1) == 20).all()
@@ -61,8 +79,11 @@ def test_sparse_decode_gather_equals_mask_kernel(calibrated, policy):
     cfg = engine.config
     thresholds = jnp.asarray(calib.thresholds(0.5))
     prompt = np.arange(3, 40, dtype=np.int32)
+    from activeflow_jax.sparse import native
+
     outs = {}
-    for kernel in ("gather", "mask"):
+    kernels_to_test = ("gather", "mask") + (("native",) if native.available() else ())
+    for kernel in kernels_to_test:
         sparse = SparsityConfig(0.5, policy=policy, kernel=kernel)
         cache = llama.KVCache.zeros(cfg, 64)
         _, cache = llama.forward(engine.params, cache, jnp.asarray(prompt), 0, len(prompt), thresholds, cfg=cfg,
@@ -73,7 +94,8 @@ def test_sparse_decode_gather_equals_mask_kernel(calibrated, policy):
                                           thresholds, cfg=cfg, attn_len=64, all_logits=False, sparse=sparse)
             steps.append(np.asarray(logits))
         outs[kernel] = np.concatenate(steps)
-    np.testing.assert_allclose(outs["gather"], outs["mask"], rtol=1e-5, atol=1e-5 * np.abs(outs["mask"]).max())
+    for kernel in kernels_to_test:
+        np.testing.assert_allclose(outs[kernel], outs["mask"], rtol=1e-5, atol=1e-5 * np.abs(outs["mask"]).max())
 
 
 def test_sparsity_zero_is_exactly_dense(calibrated):

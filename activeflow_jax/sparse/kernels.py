@@ -59,13 +59,24 @@ def masked_linear(x: jax.Array, w: jax.Array, mask: jax.Array) -> jax.Array:
     return jnp.where(mask, x, 0.0) @ w
 
 
-def gather_linear(x: jax.Array, w: jax.Array, k: int, threshold: jax.Array | float, policy: str) -> jax.Array:
-    """Decode kernel for one token: x [1, in], w [in, out] -> [1, out], reading at most k rows of w."""
-    x0 = x[0]
+def select_rows(x0: jax.Array, k: int, threshold: jax.Array | float, policy: str) -> tuple[jax.Array, jax.Array]:
+    """(active row indices [k] ascending, their input values [k]) for one token x0 [in]; when
+    fewer than k are active the tail is padded with row 0 and value 0."""
     candidates = jnp.abs(x0) >= selection_cut(x0, k, threshold, policy)[0]
-    idx = jnp.nonzero(candidates, size=k, fill_value=0)[0]  # ascending; padded with row 0
+    idx = jnp.nonzero(candidates, size=k, fill_value=0)[0]
     valid = jnp.arange(k) < jnp.sum(candidates)
-    xk = jnp.where(valid, x0[idx], 0.0)
+    return idx, jnp.where(valid, x0[idx], 0.0)
+
+
+def gather_linear(x: jax.Array, w: jax.Array, k: int, threshold: jax.Array | float, policy: str,
+                  native: bool = False) -> jax.Array:
+    """Decode kernel for one token: x [1, in], w [in, out] -> [1, out], reading at most k rows of w.
+    native=True uses the FFI kernel (sparse/native.py), which reads the rows in place."""
+    if native:
+        from activeflow_jax.sparse.native import topk_matvec
+
+        return topk_matvec(x[0], w, k, threshold, policy == "threshold")[None]
+    idx, xk = select_rows(x[0], k, threshold, policy)
     rows = w.at[idx].get(mode="promise_in_bounds", indices_are_sorted=True)
     return (xk @ rows)[None]
 
@@ -74,8 +85,8 @@ def sparse_linear(x: jax.Array, w: jax.Array, *, k: int, threshold: jax.Array | 
                   kernel: str, restrict: jax.Array | None = None) -> jax.Array:
     """y = x @ w over the active channels of x. `restrict` ([..., in] bool) limits which channels
     may be active (a predicted set whose misses are dropped)."""
-    if restrict is None and kernel == "gather" and x.shape[0] == 1 and k < x.shape[-1]:
-        return gather_linear(x, w, k, threshold, policy)
+    if restrict is None and kernel in ("gather", "native") and x.shape[0] == 1 and k < x.shape[-1]:
+        return gather_linear(x, w, k, threshold, policy, native=kernel == "native")
     if restrict is not None:
         x = jnp.where(restrict, x, 0.0)
     return masked_linear(x, w, active_mask(x, k, threshold, policy))

@@ -1,0 +1,99 @@
+"""The native CPU decode kernel: a sparse matrix-vector product over selected rows (XLA FFI).
+
+On XLA:CPU a row gather is a copy into a temporary at ~5 GB/s, so "gather k rows, then multiply"
+costs more than the dense product it replaces (bench/kernels.py). `gather_matvec.cc` streams the
+selected rows straight from the weight instead, split over a small persistent thread pool.
+
+It is compiled on first use with the system C++ compiler against the FFI headers that ship with
+jaxlib (`jax.ffi.include_dir()`), cached under `activeflow_home()/native/`, and registered as an
+FFI target for the CPU. Where no compiler is found the engine falls back to the pure-XLA gather
+kernel (same results), and says so once.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+
+import jax
+import jax.numpy as jnp
+
+from activeflow_jax.paths import activeflow_home
+
+TARGET = "activeflow_gather_matvec"
+TOPK_TARGET = "activeflow_topk_matvec"
+SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "native", "gather_matvec.cc")
+log = logging.getLogger(__name__)
+
+
+def _cpu_key() -> str:
+    flags = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        pass
+    return hashlib.sha256(f"{platform.machine()}|{platform.processor()}|{flags}".encode()).hexdigest()[:10]
+
+
+def _build(out_path: str) -> None:
+    compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
+    if compiler is None:
+        raise RuntimeError("no C++ compiler found (set CXX)")
+    flags = ["-O3", "-std=c++17", "-shared", "-fPIC", "-w", "-march=native"]
+    if platform.system() == "Darwin":
+        flags += ["-undefined", "dynamic_lookup"]
+    tmp = f"{out_path}.tmp-{os.getpid()}"
+    cmd = [compiler, *flags, f"-I{jax.ffi.include_dir()}", SOURCE, "-o", tmp, "-lpthread"]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode:
+        raise RuntimeError(f"`{' '.join(cmd)}` failed:\n{proc.stderr[-2000:]}")
+    os.replace(tmp, out_path)  # atomic: a concurrent process never loads a half-written library
+
+
+@functools.lru_cache(maxsize=1)
+def available() -> bool:
+    """True once the kernel is built, loaded and registered (tries once per process)."""
+    if os.environ.get("ACTIVEFLOW_NATIVE", "1") == "0":
+        return False
+    try:
+        with open(SOURCE, "rb") as f:
+            digest = hashlib.sha256(f.read() + jax.__version__.encode()).hexdigest()[:12]
+        directory = os.path.join(activeflow_home(), "native")
+        os.makedirs(directory, exist_ok=True)
+        path = os.path.join(directory, f"gather_matvec-{digest}-{_cpu_key()}.so")
+        if not os.path.exists(path):
+            _build(path)
+        lib = ctypes.cdll.LoadLibrary(path)
+        jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.AfGatherMatvec), platform="cpu")
+        jax.ffi.register_ffi_target(TOPK_TARGET, jax.ffi.pycapsule(lib.AfTopkMatvec), platform="cpu")
+        return True
+    except Exception as exc:  # any failure means: use the XLA kernel instead
+        log.warning("native sparse kernel unavailable, using the XLA gather kernel: %s", exc)
+        return False
+
+
+def gather_matvec(xk: jax.Array, rows: jax.Array, w: jax.Array) -> jax.Array:
+    """y = xk @ w[rows] without materializing w[rows]. xk [k] f32, rows [k] int32 ascending in
+    range, w [in, out] f32 -> [out]. Call `available()` first (outside the trace)."""
+    return jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((w.shape[1],), jnp.float32))(
+        xk.astype(jnp.float32), rows.astype(jnp.int32), w)
+
+
+
+
+def topk_matvec(x0: jax.Array, w: jax.Array, k: int, threshold: jax.Array | float, use_threshold: bool) -> jax.Array:
+    """Decode product with the selection done natively: x0 [in] -> [out], over the active channels
+    (|x| >= max(k-th largest |x|, threshold), at most k, lowest indices first among ties)."""
+    import numpy as np
+
+    thr = jnp.asarray(threshold, jnp.float32).reshape(1)
+    return jax.ffi.ffi_call(TOPK_TARGET, jax.ShapeDtypeStruct((w.shape[1],), jnp.float32))(
+        x0.astype(jnp.float32), thr, w, k=np.int64(k), use_threshold=np.int64(bool(use_threshold)))
+
