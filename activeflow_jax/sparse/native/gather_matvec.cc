@@ -7,11 +7,10 @@
 // by a dot, which costs more than the dense product it replaces. Here each selected row is
 // streamed once, straight from W, as an axpy into the output.
 #include <algorithm>
+#include <atomic>
 #include <cmath>
-#include <condition_variable>
+#include <cstdlib>
 #include <cstdint>
-#include <functional>
-#include <mutex>
 #include <thread>
 #include <vector>
 
@@ -21,86 +20,91 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-// y[col0:col1] = sum_j xk[j] * W[rows[j], col0:col1], four rows per pass so y is loaded and
-// stored a quarter as often.
+// y[col0:col1] = sum_j xk[j] * W[rows[j], col0:col1]. Eight rows per pass: eight independent
+// memory streams keep enough cache-line fills in flight for scattered rows, and y (in L1) is
+// loaded and stored an eighth as often. The next block's rows are touched ahead of time so that
+// their TLB walks and first line fills overlap this block's work.
 void AxpyRows(const float* __restrict__ xk, const int32_t* __restrict__ rows, int64_t k,
               const float* __restrict__ w, int64_t out, int64_t col0, int64_t col1, float* __restrict__ y) {
+  constexpr int B = 8;
   float* __restrict__ yc = y + col0;
   const int64_t n = col1 - col0;
   std::fill(yc, yc + n, 0.0f);
+  auto row = [&](int64_t j) { return w + static_cast<int64_t>(rows[j]) * out + col0; };
   int64_t j = 0;
-  for (; j + 4 <= k; j += 4) {
+  for (; j + B <= k; j += B) {
+    for (int64_t p = j + B; p < std::min(k, j + 2 * B); ++p) {
+      const float* r = row(p);
+      for (int64_t o = 0; o < n; o += 1024) __builtin_prefetch(r + o);  // one touch per 4 KiB page
+    }
     const float a0 = xk[j], a1 = xk[j + 1], a2 = xk[j + 2], a3 = xk[j + 3];
-    const float* __restrict__ r0 = w + static_cast<int64_t>(rows[j]) * out + col0;
-    const float* __restrict__ r1 = w + static_cast<int64_t>(rows[j + 1]) * out + col0;
-    const float* __restrict__ r2 = w + static_cast<int64_t>(rows[j + 2]) * out + col0;
-    const float* __restrict__ r3 = w + static_cast<int64_t>(rows[j + 3]) * out + col0;
-    for (int64_t o = 0; o < n; ++o) yc[o] += a0 * r0[o] + a1 * r1[o] + a2 * r2[o] + a3 * r3[o];
+    const float a4 = xk[j + 4], a5 = xk[j + 5], a6 = xk[j + 6], a7 = xk[j + 7];
+    const float *__restrict__ r0 = row(j), *__restrict__ r1 = row(j + 1), *__restrict__ r2 = row(j + 2),
+                *__restrict__ r3 = row(j + 3), *__restrict__ r4 = row(j + 4), *__restrict__ r5 = row(j + 5),
+                *__restrict__ r6 = row(j + 6), *__restrict__ r7 = row(j + 7);
+    for (int64_t o = 0; o < n; ++o)
+      yc[o] += (a0 * r0[o] + a1 * r1[o]) + (a2 * r2[o] + a3 * r3[o]) + (a4 * r4[o] + a5 * r5[o]) +
+               (a6 * r6[o] + a7 * r7[o]);
   }
   for (; j < k; ++j) {
     const float a = xk[j];
-    const float* __restrict__ r = w + static_cast<int64_t>(rows[j]) * out + col0;
+    const float* __restrict__ r = row(j);
     for (int64_t o = 0; o < n; ++o) yc[o] += a * r[o];
   }
 }
 
-// A small persistent pool: spawning threads per call would cost more than the product itself.
-class Pool {
- public:
-  static Pool& Get() {
-    static Pool* pool = new Pool(std::max(1u, std::thread::hardware_concurrency()));
-    return *pool;
+// Runs fn(0..parts-1): part 0 on the calling thread, the others on XLA's own intra-op thread
+// pool (its threads are awake while the step runs; a private pool had to wait for a core).
+template <typename F>
+void ParallelFor(ffi::ThreadPool& pool, int parts, F&& fn) {
+  std::atomic<int> remaining{parts - 1};
+  for (int t = 1; t < parts; ++t) {
+    pool.Schedule([&fn, &remaining, t] {
+      fn(t);
+      remaining.fetch_sub(1, std::memory_order_release);
+    });
   }
-  int size() const { return static_cast<int>(workers_.size()) + 1; }
+  fn(0);
+  for (int spins = 0; remaining.load(std::memory_order_acquire) > 0; ++spins) {
+    if (spins > 4096) std::this_thread::yield();
+  }
+}
 
-  // Runs fn(0..n-1), fn(0) on the calling thread; returns when all are done.
-  void Run(int n, const std::function<void(int)>& fn) {
-    std::lock_guard<std::mutex> serial(run_mutex_);
-    n = std::min(n, size());
-    {
-      std::lock_guard<std::mutex> lock(mutex_);
-      task_ = &fn;
-      active_ = n - 1;
-      pending_ = n - 1;
-      ++generation_;
-    }
-    wake_.notify_all();
-    fn(0);
-    std::unique_lock<std::mutex> lock(mutex_);
-    done_.wait(lock, [&] { return pending_ == 0; });
-  }
+int Parts(ffi::ThreadPool& pool, int64_t bytes) {
+  static const int cap = [] {
+    const char* env = std::getenv("ACTIVEFLOW_NATIVE_THREADS");
+    const int n = env ? std::atoi(env) : 0;
+    return n >= 1 ? n : 8;
+  }();
+  // below ~128 KiB of rows a second thread costs more than it saves
+  if (bytes < (128 << 10)) return 1;
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(cap, pool.num_threads())));
+}
 
- private:
-  explicit Pool(unsigned threads) {
-    for (unsigned i = 1; i < threads; ++i) workers_.emplace_back([this, i] { Loop(static_cast<int>(i)); });
-    for (auto& t : workers_) t.detach();
+// Rows are split between parts (each streams whole rows: long contiguous reads), each into its
+// own partial output; the partials are summed at the end (out floats per part: cheap).
+void SparseMatvec(ffi::ThreadPool& pool, const float* xk, const int32_t* rows, int64_t n, const float* w,
+                  int64_t out, float* y) {
+  const int parts = Parts(pool, n * out * 4);
+  if (parts == 1) {
+    AxpyRows(xk, rows, n, w, out, 0, out, y);
+    return;
   }
-  void Loop(int index) {
-    int64_t seen = 0;
-    for (;;) {
-      const std::function<void(int)>* task;
-      {
-        std::unique_lock<std::mutex> lock(mutex_);
-        wake_.wait(lock, [&] { return generation_ != seen; });
-        seen = generation_;
-        if (index > active_) continue;
-        task = task_;
-      }
-      (*task)(index);
-      std::lock_guard<std::mutex> lock(mutex_);
-      if (--pending_ == 0) done_.notify_one();
-    }
+  thread_local std::vector<float> partial;
+  partial.assign(static_cast<size_t>(parts - 1) * out, 0.0f);
+  float* extra = partial.data();
+  ParallelFor(pool, parts, [&](int t) {
+    const int64_t r0 = n * t / parts, r1 = n * (t + 1) / parts;
+    AxpyRows(xk + r0, rows + r0, r1 - r0, w, out, 0, out, t == 0 ? y : extra + (t - 1) * out);
+  });
+  for (int t = 1; t < parts; ++t) {
+    const float* p = extra + (t - 1) * out;
+    for (int64_t o = 0; o < out; ++o) y[o] += p[o];
   }
-  std::vector<std::thread> workers_;
-  std::mutex run_mutex_, mutex_;
-  std::condition_variable wake_, done_;
-  const std::function<void(int)>* task_ = nullptr;
-  int64_t generation_ = 0;
-  int active_ = 0, pending_ = 0;
-};
+}
 
-ffi::Error GatherMatvecImpl(ffi::Buffer<ffi::F32> xk, ffi::Buffer<ffi::S32> rows, ffi::Buffer<ffi::F32> w,
-                            ffi::ResultBuffer<ffi::F32> y) {
+ffi::Error GatherMatvecImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xk, ffi::Buffer<ffi::S32> rows,
+                            ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> y) {
   auto wd = w.dimensions();
   if (wd.size() != 2) return ffi::Error::InvalidArgument("w must be 2-D [in, out]");
   const int64_t in = wd[0], out = wd[1];
@@ -111,30 +115,15 @@ ffi::Error GatherMatvecImpl(ffi::Buffer<ffi::F32> xk, ffi::Buffer<ffi::S32> rows
   for (int64_t j = 0; j < k; ++j) {
     if (r[j] < 0 || r[j] >= in) return ffi::Error::InvalidArgument("row index out of range");
   }
-  const float* x = xk.typed_data();
-  const float* wp = w.typed_data();
-  float* yp = y->typed_data();
-  Pool& pool = Pool::Get();
-  // below ~128 KiB of rows a second thread costs more than it saves
-  const int threads = (k * out * 4 < (128 << 10)) ? 1 : pool.size();
-  if (threads == 1) {
-    AxpyRows(x, r, k, wp, out, 0, out, yp);
-    return ffi::Error::Success();
-  }
-  // columns split in multiples of 16 floats (a 64-byte line), so threads never share a line of y
-  const int64_t per = ((out + threads - 1) / threads + 15) / 16 * 16;
-  pool.Run(threads, [&](int t) {
-    const int64_t c0 = std::min(out, t * per), c1 = std::min(out, (t + 1) * per);
-    if (c0 < c1) AxpyRows(x, r, k, wp, out, c0, c1, yp);
-  });
+  SparseMatvec(pool, xk.typed_data(), r, k, w.typed_data(), out, y->typed_data());
   return ffi::Error::Success();
 }
 
 // Selection + product in one call, for decode: the active rows of x are the channels with
 // |x| >= max(k-th largest |x|, threshold) (threshold only if use_threshold), at most k of them,
 // lowest indices first among ties -- the same rule as kernels.active_mask.
-ffi::Error TopkMatvecImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> threshold, ffi::Buffer<ffi::F32> w,
-                          ffi::ResultBuffer<ffi::F32> y, int64_t k, int64_t use_threshold) {
+ffi::Error TopkMatvecImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> threshold,
+                          ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> y, int64_t k, int64_t use_threshold) {
   auto wd = w.dimensions();
   if (wd.size() != 2) return ffi::Error::InvalidArgument("w must be 2-D [in, out]");
   const int64_t in = wd[0], out = wd[1];
@@ -159,31 +148,8 @@ ffi::Error TopkMatvecImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> thresho
       xk.push_back(xp[i]);
     }
   }
-  const int64_t n = static_cast<int64_t>(rows.size());
-  float* yp = y->typed_data();
-  Pool& pool = Pool::Get();
-  const int threads = (n * out * 4 < (128 << 10)) ? 1 : pool.size();
-  if (threads == 1) {
-    AxpyRows(xk.data(), rows.data(), n, w.typed_data(), out, 0, out, yp);
-    return ffi::Error::Success();
-  }
-  // Rows are split between threads (each streams whole rows: long contiguous reads), each into
-  // its own partial output; the partials are summed at the end (out floats per thread: cheap).
-  static std::vector<std::vector<float>> partials;
-  if (static_cast<int>(partials.size()) < threads) partials.resize(threads);
-  for (int t = 1; t < threads; ++t) partials[t].resize(out);
-  const float* wp = w.typed_data();
-  const float* xkp = xk.data();
-  const int32_t* rp = rows.data();
-  pool.Run(threads, [&](int t) {
-    const int64_t r0 = n * t / threads, r1 = n * (t + 1) / threads;
-    float* dst = t == 0 ? yp : partials[t].data();
-    AxpyRows(xkp + r0, rp + r0, r1 - r0, wp, out, 0, out, dst);
-  });
-  for (int t = 1; t < threads; ++t) {
-    const float* p = partials[t].data();
-    for (int64_t o = 0; o < out; ++o) yp[o] += p[o];
-  }
+  SparseMatvec(pool, xk.data(), rows.data(), static_cast<int64_t>(rows.size()), w.typed_data(), out,
+               y->typed_data());
   return ffi::Error::Success();
 }
 
@@ -191,6 +157,7 @@ ffi::Error TopkMatvecImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> thresho
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(AfTopkMatvec, TopkMatvecImpl,
                               ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
@@ -200,6 +167,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(AfTopkMatvec, TopkMatvecImpl,
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(AfGatherMatvec, GatherMatvecImpl,
                               ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
