@@ -119,9 +119,8 @@ class Engine:
             from activeflow_jax.errors import StoreError
 
             raise StoreError(f"store {reader.path} lacks tensors {missing[:3]}...; re-convert it")
-        host = reader.read_many(shapes)
-        params = llama.params_from_flat(cfg, {k: jnp.asarray(v) for k, v in host.items()})
-        del host
+        # one tensor at a time onto the device, so the host never holds a second copy of the model
+        params = llama.params_from_flat(cfg, {name: jax.device_put(arr) for name, arr in reader.iter_many(shapes)})
         tokenizer = Tokenizer.from_spec(reader.tokenizer_spec) if reader.tokenizer_spec else None
         engine = cls(cfg, params, tokenizer, store_path=reader.path)
         if sparsity:

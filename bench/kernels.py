@@ -5,7 +5,9 @@
 For each op shape of the default model (SmolLM2-135M: qkv 576x960, o 576x576, gate_up 576x3072,
 down 1536x576) a chain of 30 layers with distinct weights (so nothing stays in cache) is timed:
   dense         x @ W                                  reads all rows
-  gather        select k channels, gather k rows in jit, then [k] @ [k, out]
+  native        the FFI kernel (sparse/native.py): selects the k channels and streams their rows in
+                place, split over XLA's intra-op threads
+  gather        select k channels, gather k rows in jit, then [k] @ [k, out] (pure XLA)
   pregathered   [k] @ B with B a [k, out] buffer that already holds the active rows (what the
                 swapping runtime's slot buffers give the compute; filling them is the loader's job)
 Medians over repeats, interleaved round-robin; ratios are against dense in the same run.
@@ -47,8 +49,11 @@ def _chain(op, layers: int):
 
 def main(argv):
     del argv
+    from activeflow_jax.sparse import native
     from activeflow_jax.sparse.kernels import gather_linear
     from common import emit
+
+    have_native = native.available()
 
     rng = np.random.default_rng(0)
     results = []
@@ -59,6 +64,9 @@ def main(argv):
         for s in (float(v) for v in FLAGS.sparsity):
             k = max(1, round((1 - s) * din))
             pre = [jnp.asarray(np.asarray(w)[:k]) for w in ws]
+            if have_native:
+                variants[f"native {s:g}"] = (
+                    _chain(lambda w, x, k=k: native.topk_matvec(x, w, k, 0.0, False), FLAGS.layers), ws)
             variants[f"gather {s:g}"] = (
                 _chain(lambda w, x, k=k: gather_linear(x[None], w, k, 0.0, "topk")[0], FLAGS.layers), ws)
             variants[f"pregathered {s:g}"] = (_chain(lambda b, x, k=k: x[:k] @ b, FLAGS.layers), pre)

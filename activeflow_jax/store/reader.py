@@ -7,9 +7,11 @@ tracebacks.
 
 from __future__ import annotations
 
+import collections
+
 import json
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -131,16 +133,26 @@ class StoreReader:
         return self.read_many([name])[name]
 
     def read_many(self, names: Iterable[str]) -> dict[str, np.ndarray]:
-        """Whole tensors as float32, with all reads in flight at once."""
+        """Whole tensors as float32, with reads in flight concurrently."""
+        return dict(self.iter_many(names))
+
+    def iter_many(self, names: Iterable[str], *, in_flight: int = 8) -> Iterator[tuple[str, np.ndarray]]:
+        """Yields (name, float32 array) in order with at most `in_flight` reads outstanding, so a
+        caller that moves each tensor elsewhere holds only a few host copies at a time."""
         names = list(names)
-        futures = {name: self._array(name).read() for name in names}
-        out = {}
-        for name, future in futures.items():
-            try:
-                out[name] = np.asarray(future.result(), dtype=np.float32)
-            except Exception as exc:
-                raise self._wrap(exc, name, None) from None
-        return out
+        pending: collections.deque = collections.deque()
+        for name in names:
+            pending.append((name, self._array(name).read()))
+            if len(pending) >= in_flight:
+                yield self._finish(*pending.popleft())
+        while pending:
+            yield self._finish(*pending.popleft())
+
+    def _finish(self, name: str, future) -> tuple[str, np.ndarray]:
+        try:
+            return name, np.asarray(future.result(), dtype=np.float32)
+        except Exception as exc:
+            raise self._wrap(exc, name, None) from None
 
     def read_rows(self, name: str, rows: Sequence[int] | np.ndarray) -> np.ndarray:
         """Rows (input channels) of a 2-D tensor as float32 [len(rows), out]; rows sorted ascending."""
