@@ -3,9 +3,13 @@
 Public API:
     af.fetch_default_model() -> store path       af.convert(gguf, store, dtype=...)
     af.Engine.load(store)                         engine.generate / stream / logits / stats
+    af.calibrate(store, levels=[0.5])             sparsity thresholds into the store
+    af.Engine.load(store, sparsity=0.5)           contextual sparsity (TEAL thresholds, top-k kernels)
+    af.evaluate_quality(engine, text, settings)   PPL / KL / top-1 agreement of sparse settings vs dense
+    af.evaluate_tasks(engine, "piqa,arc_easy")    task accuracy (lm-eval-harness conventions, offline)
 """
 
-from activeflow_jax.config import ModelConfig
+from activeflow_jax.config import ModelConfig, PredictionConfig, SparsityConfig
 from activeflow_jax.engine import Engine, EngineStats
 from activeflow_jax.errors import (
     ActiveFlowError,
@@ -18,14 +22,19 @@ from activeflow_jax.errors import (
     UnsupportedModelError,
 )
 from activeflow_jax.eval.perplexity import PerplexityResult, engine_perplexity
+from activeflow_jax.eval.quality import QualityReport, QualitySetting, evaluate_quality
+from activeflow_jax.eval.tasks import TaskReport, TaskResult, evaluate_tasks
 from activeflow_jax.fetch import fetch_default_model
 from activeflow_jax.sampling import SamplingParams
+from activeflow_jax.sparse.calibrate import Calibration, calibrate
 from activeflow_jax.store.writer import convert
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Calibration", "PredictionConfig", "QualityReport", "QualitySetting", "SparsityConfig", "calibrate",
+    "evaluate_quality",
     "ActiveFlowError", "Engine", "EngineStats", "FetchError", "GGUFError", "InvalidArgumentError", "ModelConfig",
-    "PerplexityResult", "PromptTooLongError", "SamplingParams", "StoreCorruptError", "StoreError",
-    "UnsupportedModelError", "convert", "engine_perplexity", "fetch_default_model",
+    "PerplexityResult", "PromptTooLongError", "SamplingParams", "StoreCorruptError", "StoreError", "TaskReport",
+    "TaskResult", "UnsupportedModelError", "convert", "engine_perplexity", "evaluate_tasks", "fetch_default_model",
 ]

@@ -115,6 +115,24 @@ def cmd_ppl(args) -> int:
     return 0
 
 
+def cmd_tasks(args) -> int:
+    from activeflow_jax.eval.tasks import check_limit_shots, evaluate_tasks, parse_task_names
+
+    names = parse_task_names(args.tasks)  # bad input fails before the model loads
+    check_limit_shots(args.limit, args.shots)
+    engine = _load_engine(args)
+    report = evaluate_tasks(engine, names, limit=args.limit, shots=args.shots, progress=True, quiet=False)
+    if args.output:
+        with open(args.output, "w") as f:
+            json.dump(report.to_json(), f, indent=1)
+    if args.json:
+        print(json.dumps(report.to_json()))
+    else:
+        print(f"{report.model}: {report.shots}-shot, first {report.limit or 'all'} items of each validation set")
+        print(report.table())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="activeflow", description="ActiveFlow LLM inference on JAX/XLA.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -171,6 +189,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-windows", type=int, default=16)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("tasks", help="multiple-choice task accuracy (lm-eval-harness conventions, offline)")
+    p.add_argument("--store", help="store directory (default: the default model)")
+    p.add_argument("--tasks", default="piqa,arc_easy,arc_challenge,hellaswag,winogrande",
+                   help="comma-separated: piqa, arc_easy, arc_challenge, hellaswag, winogrande")
+    p.add_argument("--limit", type=int, default=None, help="evaluate the first N items of each set (default: all)")
+    p.add_argument("--shots", type=int, default=0, help="few-shot examples per item (from the same split)")
+    p.add_argument("--json", action="store_true", help="print one JSON record instead of the table")
+    p.add_argument("--output", help="also write the JSON record to this file")
+    _add_sparsity_flags(p)
+    p.set_defaults(func=cmd_tasks)
     return parser
 
 

@@ -125,15 +125,22 @@ class SparsityConfig:
             raise InvalidArgumentError(f"dense_layers must be an int >= 0, got {self.dense_layers!r}")
 
     def resolved(self) -> "SparsityConfig":
-        """This config with kernel "auto" replaced by the kernel that will run here."""
-        if self.kernel != "auto":
+        """This config with kernel "auto" replaced by the kernel that will run here; "native" is
+        built and registered now (it must be, before a program using it is compiled)."""
+        if self.kernel not in ("auto", "native"):
             return self
         import jax
 
+        from activeflow_jax.errors import InvalidArgumentError
         from activeflow_jax.sparse import native
 
-        kernel = "native" if jax.default_backend() == "cpu" and native.available() else "gather"
-        return dataclasses.replace(self, kernel=kernel)
+        usable = jax.default_backend() == "cpu" and native.available()
+        if self.kernel == "native" and not usable:
+            raise InvalidArgumentError(
+                "the native sparse kernel is unavailable here (it needs the CPU backend and a C++ compiler; "
+                "see the log warning); use kernel='gather' or 'auto'"
+            )
+        return dataclasses.replace(self, kernel="native" if usable else "gather")
 
     def ks(self, cfg: ModelConfig) -> tuple[int, ...]:
         """Channels kept per op group (OP_GROUPS order)."""

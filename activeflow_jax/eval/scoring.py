@@ -15,8 +15,8 @@ context is prefilled once and its KV cache is the starting point of every choice
 Both passes call `llama.forward`, the engine's own forward (the same sparse settings apply), so
 the result equals full-sequence scoring up to float32 rounding. Padding is harmless: context
 padding sits at positions the choices overwrite (and the causal mask hides), choice padding only
-follows the real tokens. Items are grouped by bucket and batched up to a token budget, so a run
-compiles a handful of programs, not one per item.
+follows the real tokens. Requests are sorted by length and batched up to a token budget, so a
+run compiles a few dozen programs at most, not one per item.
 """
 
 from __future__ import annotations
@@ -24,29 +24,25 @@ from __future__ import annotations
 import functools
 import time
 import weakref
-from collections import defaultdict
 from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from activeflow_jax.engine import MIN_PREFILL_BUCKET, _pow2_at_least, peak_rss_bytes
 from activeflow_jax.errors import InvalidArgumentError, PromptTooLongError
 from activeflow_jax.models import llama
 
-MIN_CONTEXT_BUCKET = 16
-MIN_CHOICE_BUCKET = 4
-DEFAULT_TOKEN_BUDGET = 2048  # padded tokens per program call (contexts + choices)
+MIN_CONTEXT_BUCKET = MIN_PREFILL_BUCKET
+MIN_CHOICE_BUCKET = 4  # >= 2: one-token decode kernels (gather, native FFI) never run under vmap
+DEFAULT_TOKEN_BUDGET = 1024  # padded tokens per program call (contexts + choices)
 MAX_ITEMS_PER_CALL = 32
 
 # engine -> {shape key: compiled program}; kept apart from the engine's own program cache
-_PROGRAMS: "weakref.WeakKeyDictionary[object, dict]" = weakref.WeakKeyDictionary()
+_PROGRAMS: weakref.WeakKeyDictionary[object, dict] = weakref.WeakKeyDictionary()
 
 Request = tuple[Sequence[int], Sequence[Sequence[int]]]  # (context ids, [continuation ids, ...])
-
-
-def _pow2_at_least(n: int, floor: int) -> int:
-    return max(floor, 1 << max(0, int(n - 1).bit_length()))
 
 
 def validate_requests(engine, requests: Sequence[Request]) -> list[tuple[np.ndarray, list[np.ndarray]]]:
@@ -100,9 +96,7 @@ def _program(engine, b: int, tc: int, c: int, tk: int):
         first = jnp.broadcast_to(last[:, None], (b, c, 1, last.shape[-1]))
         pred = jnp.concatenate([first, logits[:, :, :-1]], axis=2)  # row j predicts choice token j
         logp = jax.nn.log_softmax(pred.astype(jnp.float32), axis=-1)
-        token_logp = jnp.take_along_axis(logp, cont_tokens[..., None], axis=-1)[..., 0]
-        greedy = jnp.argmax(pred, axis=-1) == cont_tokens
-        return token_logp, greedy
+        return jnp.take_along_axis(logp, cont_tokens[..., None], axis=-1)[..., 0]
 
     args = _abstract_args(engine, b, tc, c, tk)
     t0 = time.perf_counter()
@@ -120,35 +114,46 @@ def _abstract_args(engine, b, tc, c, tk):
 
 
 def _plan(requests, token_budget: int, max_items: int) -> list[tuple[tuple[int, int, int, int], list[int]]]:
-    """Groups request indices by shape bucket and cuts each group into calls of at most
-    `token_budget` padded tokens; B is a power of two (the last call of a group is padded)."""
-    groups: dict[tuple[int, int, int], list[int]] = defaultdict(list)
-    for i, (ctx, conts) in enumerate(requests):
-        tc = _pow2_at_least(len(ctx), MIN_CONTEXT_BUCKET)
-        c = _pow2_at_least(len(conts), 1)
-        tk = _pow2_at_least(max(len(x) for x in conts), MIN_CHOICE_BUCKET)
-        groups[(tc, c, tk)].append(i)
+    """Cuts the requests into program calls: ((B, Tc, C, Tk), request indices).
+
+    Requests are sorted by (choices, choice bucket, context bucket), longest first, and taken
+    in order while the call stays within `token_budget` padded tokens, so neighbours of similar
+    length share a call; B is a power of two (full calls) or the next power of two above the
+    rest of a run of equal choice counts (padded with dummy rows)."""
+    keys = []
+    for ctx, conts in requests:
+        keys.append((len(conts), _pow2_at_least(max(len(x) for x in conts), MIN_CHOICE_BUCKET),
+                     _pow2_at_least(len(ctx), MIN_CONTEXT_BUCKET)))
+    order = sorted(range(len(requests)), key=lambda i: keys[i], reverse=True)
     plan = []
-    for (tc, c, tk), idx in sorted(groups.items()):
-        per_item = tc + c * tk
-        b = max(1, min(max_items, token_budget // per_item))
-        b = 1 << (b.bit_length() - 1)  # power of two at most the budget
-        b = min(b, _pow2_at_least(len(idx), 1))  # no wider than the group needs
-        for start in range(0, len(idx), b):
-            plan.append(((b, tc, c, tk), idx[start:start + b]))
+    pos = 0
+    while pos < len(order):
+        c, tk, tc = keys[order[pos]]
+        take = 1
+        while pos + take < len(order) and take < max_items:
+            c_next, _, tc_next = keys[order[pos + take]]
+            if c_next != c or (take + 1) * (max(tc, tc_next) + c * tk) > token_budget:
+                break
+            tc = max(tc, tc_next)
+            take += 1
+        end_of_run = pos + take == len(order) or keys[order[pos + take]][0] != c
+        if not end_of_run:
+            take = 1 << (take.bit_length() - 1)  # full calls: a power of two
+        idx = order[pos:pos + take]
+        tc = max(keys[i][2] for i in idx)
+        plan.append(((_pow2_at_least(take, 1), tc, c, tk), idx))
+        pos += take
     return plan
 
 
 def score_requests(engine, requests: Sequence[Request], *, token_budget: int = DEFAULT_TOKEN_BUDGET,
-                   max_items: int = MAX_ITEMS_PER_CALL, with_greedy: bool = False):
+                   max_items: int = MAX_ITEMS_PER_CALL) -> list[list[np.ndarray]]:
     """Per-token log-probs of every continuation of every request, the context evaluated once
-    per request: a list (per request) of lists (per continuation) of float64 arrays. With
-    `with_greedy`, also whether each continuation is the greedy one (lm-eval's is_greedy)."""
+    per request: a list (per request) of lists (per continuation) of float64 arrays."""
     reqs = validate_requests(engine, requests)
-    if not isinstance(token_budget, int) or token_budget < 1:
+    if isinstance(token_budget, bool) or not isinstance(token_budget, int) or token_budget < 1:
         raise InvalidArgumentError(f"token_budget must be an int >= 1, got {token_budget!r}")
     results: list = [None] * len(reqs)
-    greedy: list = [None] * len(reqs)
     with engine._lock:
         for (b, tc, c, tk), idx in _plan(reqs, token_budget, max_items):
             ctx_tokens = np.zeros((b, tc), np.int32)
@@ -162,17 +167,15 @@ def score_requests(engine, requests: Sequence[Request], *, token_budget: int = D
                     cont_tokens[row, j, :len(cont)] = cont
             program = _program(engine, b, tc, c, tk)
             t0 = time.perf_counter()
-            logp, is_greedy = program(engine.params, engine._thresholds, jnp.asarray(ctx_tokens),
-                                      jnp.asarray(ctx_len), jnp.asarray(cont_tokens))
-            logp, is_greedy = np.asarray(logp, np.float64), np.asarray(is_greedy)
-            n_tokens = sum(len(reqs[i][0]) + sum(len(x) for x in reqs[i][1]) for i in idx)
-            engine.stats.prefill_tokens += n_tokens
+            logp = program(engine.params, engine._thresholds, jnp.asarray(ctx_tokens), jnp.asarray(ctx_len),
+                           jnp.asarray(cont_tokens))
+            logp = np.asarray(logp, np.float64)
+            engine.stats.prefill_tokens += sum(len(reqs[i][0]) + sum(len(x) for x in reqs[i][1]) for i in idx)
             engine.stats.prefill_seconds += time.perf_counter() - t0
             for row, i in enumerate(idx):
-                conts = reqs[i][1]
-                results[i] = [logp[row, j, :len(cont)] for j, cont in enumerate(conts)]
-                greedy[i] = [bool(is_greedy[row, j, :len(cont)].all()) for j, cont in enumerate(conts)]
-    return (results, greedy) if with_greedy else results
+                results[i] = [logp[row, j, :len(cont)] for j, cont in enumerate(reqs[i][1])]
+        engine.stats.peak_rss_bytes = peak_rss_bytes()
+    return results
 
 
 def score_naive(engine, requests: Sequence[Request]) -> list[list[np.ndarray]]:
