@@ -6,10 +6,12 @@ Public API:
     af.calibrate(store, levels=[0.5])             sparsity thresholds into the store
     af.Engine.load(store, sparsity=0.5)           contextual sparsity (TEAL thresholds, top-k kernels)
     af.evaluate_quality(engine, text, settings)   PPL / KL / top-1 agreement of sparse settings vs dense
+    af.distill(store, out, af.DistillConfig(...)) sparsity-aware self-distillation into a new store
     af.evaluate_tasks(engine, "piqa,arc_easy")    task accuracy (lm-eval-harness conventions, offline)
 """
 
 from activeflow_jax.config import ModelConfig, PredictionConfig, SparsityConfig
+from activeflow_jax.distill import DistillConfig, DistillResult, distill
 from activeflow_jax.engine import Engine, EngineStats
 from activeflow_jax.errors import (
     ActiveFlowError,
@@ -32,7 +34,7 @@ from activeflow_jax.store.writer import convert
 __version__ = "0.1.0"
 
 __all__ = [
-    "Calibration", "PredictionConfig", "QualityReport", "QualitySetting", "SparsityConfig", "calibrate",
+    "Calibration", "DistillConfig", "DistillResult", "distill", "PredictionConfig", "QualityReport", "QualitySetting", "SparsityConfig", "calibrate",
     "evaluate_quality",
     "ActiveFlowError", "Engine", "EngineStats", "FetchError", "GGUFError", "InvalidArgumentError", "ModelConfig",
     "PerplexityResult", "PromptTooLongError", "SamplingParams", "StoreCorruptError", "StoreError", "TaskReport",

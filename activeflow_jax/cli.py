@@ -81,6 +81,19 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_distill(args) -> int:
+    from activeflow_jax.distill import DistillConfig, distill
+
+    cfg = DistillConfig(sparsity=args.sparsity, policy=args.policy, steps=args.steps, batch_size=args.batch_size,
+                        seq_len=args.seq_len, lr=args.lr, warmup_steps=args.warmup_steps, ce_weight=args.ce_weight,
+                        trainable=args.trainable, save_every=args.save_every, seed=args.seed)
+    result = distill(_store_or_default(args), args.out, cfg, text_path=args.text, checkpoint_dir=args.checkpoint_dir,
+                     overwrite=args.overwrite)
+    print(f"distilled {result.steps} steps ({'resumed from ' + str(result.resumed_from) if result.resumed_from else 'fresh'}"
+          f", final KL {result.final_kl:.4f}, {result.tokens_per_s:.0f} tok/s) -> {result.out_store}")
+    return 0
+
+
 def cmd_generate(args) -> int:
     engine = _load_engine(args)
     pieces = engine.stream(args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
@@ -176,6 +189,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--levels", default="0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9", help="sparsity levels to save")
     p.add_argument("--max-tokens", type=int, default=32768, help="use at most this many tokens of the text")
     p.set_defaults(func=cmd_calibrate)
+
+    p = sub.add_parser("distill", help="sparsity-aware self-distillation into a new store (resumable)")
+    p.add_argument("--store", help="source store (default: the default model); never modified")
+    p.add_argument("--out", required=True, help="directory of the distilled store to create")
+    p.add_argument("--sparsity", type=float, default=0.5)
+    p.add_argument("--policy", default="threshold", choices=["threshold", "topk"])
+    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--lr", type=float, default=5e-5)
+    p.add_argument("--warmup-steps", type=int, default=10)
+    p.add_argument("--ce-weight", type=float, default=0.0, help="add this times cross-entropy on the text to the KL")
+    p.add_argument("--trainable", default="all", choices=["all", "norms"])
+    p.add_argument("--text", default=None, help="training text (default: the shipped corpus; never the eval text)")
+    p.add_argument("--checkpoint-dir", default=None, help="Orbax checkpoints (default: OUT.ckpt); resumes from it")
+    p.add_argument("--save-every", type=int, default=25)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
+    p.set_defaults(func=cmd_distill)
 
     p = sub.add_parser("eval", help="quality of sparse settings vs dense: PPL, KL, top-1 agreement")
     p.add_argument("file", help="evaluation text (e.g. WikiText-2 test)")

@@ -109,6 +109,7 @@ class SparsityConfig:
     policy: str = "threshold"
     kernel: str = "auto"
     dense_layers: int = 1
+    straight_through: bool = False  # training only: mask in the forward pass, identity backward
 
     def __post_init__(self) -> None:
         from activeflow_jax.errors import InvalidArgumentError

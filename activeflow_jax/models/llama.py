@@ -71,7 +71,8 @@ class LinearOps:
         g = OP_GROUPS.index(group)
         threshold = 0.0 if self.thresholds is None else self.thresholds[g]
         return sparse_linear(x, w, k=self.ks[g], threshold=threshold, policy=self.sparse.policy,
-                             kernel=self.sparse.kernel, restrict=self.restrict.get(group))
+                             kernel=self.sparse.kernel, restrict=self.restrict.get(group),
+                             straight_through=self.sparse.straight_through)
 
 
 DENSE = LinearOps()
@@ -296,6 +297,16 @@ def forward(params: Params, cache: KVCache, tokens, start_pos, n_valid, threshol
     model = merge_params(cfg, params)
     return model(tokens, cache, start_pos, n_valid, attn_len=attn_len, all_logits=all_logits, sparse=sparse,
                  thresholds=thresholds, predict=predict)
+
+
+def sequence_logits(params: Params, tokens: jax.Array, thresholds=None, *, cfg: ModelConfig,
+                    sparse: SparsityConfig | None = None) -> jax.Array:
+    """Logits [T, V] of one sequence from an empty cache (traceable, differentiable: training)."""
+    model = merge_params(cfg, params)
+    t = tokens.shape[0]
+    logits, _ = model(tokens, KVCache.zeros(cfg, t), 0, t, attn_len=t, all_logits=True, sparse=sparse,
+                      thresholds=thresholds)
+    return logits
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "sparse"))

@@ -82,9 +82,13 @@ def gather_linear(x: jax.Array, w: jax.Array, k: int, threshold: jax.Array | flo
 
 
 def sparse_linear(x: jax.Array, w: jax.Array, *, k: int, threshold: jax.Array | float, policy: str,
-                  kernel: str, restrict: jax.Array | None = None) -> jax.Array:
+                  kernel: str, restrict: jax.Array | None = None, straight_through: bool = False) -> jax.Array:
     """y = x @ w over the active channels of x. `restrict` ([..., in] bool) limits which channels
-    may be active (a predicted set whose misses are dropped)."""
+    may be active (a predicted set whose misses are dropped). straight_through: the forward pass
+    is x * mask, the backward pass treats the mask as identity (sparsity-aware distillation)."""
+    if straight_through:
+        mask = active_mask(jax.lax.stop_gradient(x), k, threshold, policy)
+        return (x + jax.lax.stop_gradient(jnp.where(mask, x, 0.0) - x)) @ w
     if restrict is None and kernel in ("gather", "native") and x.shape[0] == 1 and k < x.shape[-1]:
         return gather_linear(x, w, k, threshold, policy, native=kernel == "native")
     if restrict is not None:

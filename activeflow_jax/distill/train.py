@@ -1,0 +1,322 @@
+"""Self-distillation of a sparse student towards its dense teacher, on a JAX mesh, resumable.
+
+Objective: forward KL(P_teacher || P_student) of next-token distributions (optionally plus
+cross-entropy on the text). The student runs every linear op on its top-k / thresholded input
+channels with a straight-through estimator (forward x * mask, backward identity), using the
+thresholds calibrated in the source store. Trainable: all decoder-layer weights (default) or the
+norms only; the tied embedding / head stays frozen. optax AdamW with linear warm-up and cosine
+decay.
+
+Data: the shipped calibration corpus (text the dense model wrote itself, never the evaluation
+text), cut into fixed-length windows; batch i of the run is a pure function of (seed, i), so a
+resumed run sees exactly the batches the killed one would have.
+
+Scale-out: the step is jitted over a `jax.sharding.Mesh` with a "data" axis: the batch is split
+over the devices, parameters and optimizer state are replicated (data parallel). On several
+hosts, call `jax.distributed.initialize()` first (BUILD.md).
+
+Checkpoints: Orbax CheckpointManager (keep the last few, save every N steps). At the end the
+distilled weights go into a *new* store (the source store is never written), and thresholds are
+calibrated again for it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from activeflow_jax.config import SparsityConfig
+from activeflow_jax.errors import InvalidArgumentError, StoreError
+
+TRAINABLE = ("all", "norms")
+
+
+@dataclasses.dataclass(frozen=True)
+class DistillConfig:
+    sparsity: float = 0.5
+    policy: str = "threshold"
+    steps: int = 100
+    batch_size: int = 2
+    seq_len: int = 256
+    lr: float = 5e-5
+    warmup_steps: int = 10
+    weight_decay: float = 0.0
+    ce_weight: float = 0.0  # weight of cross-entropy on the text, added to the KL
+    trainable: str = "all"
+    save_every: int = 25
+    keep_checkpoints: int = 3
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        SparsityConfig(self.sparsity, policy=self.policy)  # validates sparsity and policy
+        for name in ("steps", "batch_size", "seq_len", "save_every", "keep_checkpoints"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise InvalidArgumentError(f"{name} must be an int >= 1, got {value!r}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise InvalidArgumentError(f"lr must be a positive number, got {self.lr!r}")
+        if self.trainable not in TRAINABLE:
+            raise InvalidArgumentError(f"trainable must be one of {TRAINABLE}, got {self.trainable!r}")
+        if self.ce_weight < 0:
+            raise InvalidArgumentError(f"ce_weight must be >= 0, got {self.ce_weight!r}")
+
+
+@dataclasses.dataclass
+class DistillResult:
+    out_store: str
+    steps: int
+    resumed_from: int | None
+    final_loss: float
+    final_kl: float
+    seconds: float
+    tokens_per_s: float
+    history: list[dict[str, float]]
+
+
+# ------------------------------------------------------------------------------------------------
+# Parameters: which part trains.
+
+def split_trainable(params: dict, mode: str) -> tuple[dict, dict]:
+    """(trainable, frozen) subtrees of the model's pure-dict params."""
+    frozen = {k: v for k, v in params.items() if k != "layers"}
+    if mode == "all":
+        return {"layers": params["layers"]}, frozen
+    trainable_layers, frozen_layers = {}, {}
+    for i, layer in params["layers"].items():
+        trainable_layers[i] = {k: v for k, v in layer.items() if k.endswith("_norm")}
+        frozen_layers[i] = {k: v for k, v in layer.items() if not k.endswith("_norm")}
+    frozen["layers"] = frozen_layers
+    return {"layers": trainable_layers}, frozen
+
+
+def merge_trees(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = merge_trees(base[key], value) if isinstance(value, dict) and key in base else value
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Data.
+
+def make_windows(ids: np.ndarray, seq_len: int, batch_size: int) -> np.ndarray:
+    """Non-overlapping windows [N, seq_len + 1] (inputs and their next tokens)."""
+    n = (len(ids) - 1) // seq_len
+    if n < batch_size:
+        raise InvalidArgumentError(
+            f"too little text for one batch: {len(ids)} tokens give {n} windows of {seq_len}, a batch needs "
+            f"{batch_size}; lower --batch-size/--seq-len or give more text"
+        )
+    return np.stack([ids[i * seq_len:(i + 1) * seq_len + 1] for i in range(n)]).astype(np.int32)
+
+
+def batch_for_step(windows: np.ndarray, step: int, batch_size: int, seed: int) -> np.ndarray:
+    """Batch `step` (0-based): a fresh permutation of the windows per epoch, seeded by (seed, epoch)."""
+    n = len(windows)
+    rows = []
+    for i in range(step * batch_size, (step + 1) * batch_size):
+        epoch, pos = divmod(i, n)
+        perm = np.random.default_rng([seed, epoch]).permutation(n)
+        rows.append(windows[perm[pos]])
+    return np.stack(rows)
+
+
+# ------------------------------------------------------------------------------------------------
+# The step.
+
+def make_optimizer(cfg: DistillConfig):
+    import optax
+
+    schedule = optax.warmup_cosine_decay_schedule(0.0, cfg.lr, min(cfg.warmup_steps, cfg.steps),
+                                                  max(cfg.steps, cfg.warmup_steps + 1), end_value=cfg.lr * 0.1)
+    return optax.adamw(schedule, weight_decay=cfg.weight_decay)
+
+
+def make_train_step(model_cfg, dcfg: DistillConfig, frozen: dict, teacher: dict, thresholds, mesh=None):
+    """A jitted step: (trainable, opt_state, batch [B, T+1]) -> (trainable, opt_state, metrics)."""
+    from activeflow_jax.models.llama import sequence_logits
+
+    sparse = SparsityConfig(dcfg.sparsity, policy=dcfg.policy, kernel="mask", straight_through=True)
+    tx = make_optimizer(dcfg)
+
+    def loss_fn(trainable, batch):
+        inputs, targets = batch[:, :-1], batch[:, 1:]
+        student = merge_trees(frozen, trainable)
+        s_logits = jax.vmap(lambda t: sequence_logits(student, t, thresholds, cfg=model_cfg, sparse=sparse))(inputs)
+        t_logits = jax.lax.stop_gradient(jax.vmap(lambda t: sequence_logits(teacher, t, cfg=model_cfg))(inputs))
+        s_logp = jax.nn.log_softmax(s_logits, axis=-1)
+        t_logp = jax.nn.log_softmax(t_logits, axis=-1)
+        kl = jnp.mean(jnp.sum(jnp.exp(t_logp) * (t_logp - s_logp), axis=-1))
+        ce = -jnp.mean(jnp.take_along_axis(s_logp, targets[..., None], axis=-1))
+        return kl + dcfg.ce_weight * ce, (kl, ce)
+
+    def step(trainable, opt_state, batch):
+        import optax
+
+        (loss, (kl, ce)), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable, batch)
+        updates, opt_state = tx.update(grads, opt_state, trainable)
+        trainable = optax.apply_updates(trainable, updates)
+        return trainable, opt_state, {"loss": loss, "kl": kl, "ce": ce}
+
+    if mesh is None:
+        return jax.jit(step, donate_argnums=(0, 1)), tx
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    replicated, data = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+    return jax.jit(step, in_shardings=(replicated, replicated, data), out_shardings=(replicated, replicated,
+                                                                                       replicated),
+                   donate_argnums=(0, 1)), tx
+
+
+def data_mesh(devices=None):
+    """A 1-D mesh over all (or the given) devices, axis "data"."""
+    devices = devices if devices is not None else jax.devices()
+    return jax.sharding.Mesh(np.asarray(devices), ("data",))
+
+
+# ------------------------------------------------------------------------------------------------
+# The run.
+
+def _run_fingerprint(store_path: str, dcfg: DistillConfig) -> str:
+    from activeflow_jax.store.reader import read_manifest
+
+    manifest = read_manifest(store_path)
+    record = {"source": manifest.get("source", {}), "config": dataclasses.asdict(dcfg)}
+    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
+
+
+def distill(store_path: str, out_path: str, dcfg: DistillConfig | None = None, *, text_path: str | None = None,
+            checkpoint_dir: str | None = None, overwrite: bool = False, progress: bool = True,
+            stop_after: int | None = None, recalibrate: bool = True) -> DistillResult:
+    """Distills the sparse model of `store_path` and writes it to the new store `out_path`.
+
+    checkpoint_dir (default: out_path + ".ckpt") holds Orbax checkpoints; a run started again
+    with the same store and settings resumes from the latest. stop_after (tests) stops after that
+    many steps without writing the output, as a killed run would."""
+    import orbax.checkpoint as ocp
+
+    from activeflow_jax.engine import Engine
+    from activeflow_jax.models.llama import flatten_params
+    from activeflow_jax.sparse.calibrate import calibrate, default_calibration_text, read_calibration
+    from activeflow_jax.store.writer import write_store
+
+    dcfg = dcfg or DistillConfig()
+    store_path, out_path = os.path.abspath(store_path), os.path.abspath(out_path)
+    if out_path == store_path:
+        raise InvalidArgumentError("the output store must differ from the source store (which is never modified)")
+    if os.path.exists(out_path) and not overwrite:
+        raise InvalidArgumentError(f"{out_path} exists; pass overwrite=True (--overwrite) or choose another path")
+    engine = Engine.load(store_path)
+    cfg = engine.config
+    calibration = read_calibration(store_path, cfg)
+    if dcfg.policy == "threshold":
+        if calibration is None:
+            raise InvalidArgumentError(f"the store {store_path} has no calibrated thresholds; run "
+                                       f"`activeflow calibrate --store {store_path}` first")
+        thresholds = jnp.asarray(calibration.thresholds(dcfg.sparsity))
+    else:
+        thresholds = None
+    text_path = text_path or default_calibration_text()
+    from activeflow_jax.eval.perplexity import read_text
+
+    ids = np.asarray(engine.tokenizer.encode(read_text(text_path)), np.int32)
+    windows = make_windows(ids, dcfg.seq_len, dcfg.batch_size)
+
+    mesh = data_mesh()
+    if dcfg.batch_size % mesh.size:
+        raise InvalidArgumentError(f"batch_size {dcfg.batch_size} must be a multiple of the {mesh.size} devices")
+    teacher = engine.params
+    trainable, frozen = split_trainable(teacher, dcfg.trainable)
+    trainable = jax.tree.map(jnp.copy, trainable)  # the student's own copy; the teacher stays intact
+    step_fn, tx = make_train_step(cfg, dcfg, frozen, teacher, thresholds, mesh)
+    opt_state = tx.init(trainable)
+
+    checkpoint_dir = os.path.abspath(checkpoint_dir or out_path + ".ckpt")
+    os.makedirs(checkpoint_dir, exist_ok=True)
+    fingerprint = _run_fingerprint(store_path, dcfg)
+    meta_path = os.path.join(checkpoint_dir, "run.json")
+    if os.path.exists(meta_path):
+        try:
+            with open(meta_path) as f:
+                meta = json.load(f)
+        except (OSError, ValueError) as exc:
+            raise StoreError(f"{meta_path} is damaged ({exc}); delete {checkpoint_dir} to start over") from None
+        if meta.get("fingerprint") != fingerprint:
+            raise InvalidArgumentError(
+                f"the checkpoints in {checkpoint_dir} belong to another run (different store or settings); "
+                "use another --checkpoint-dir or delete it"
+            )
+    else:
+        with open(meta_path, "w") as f:
+            json.dump({"fingerprint": fingerprint, "store": store_path, "config": dataclasses.asdict(dcfg)}, f)
+    manager = ocp.CheckpointManager(checkpoint_dir, options=ocp.CheckpointManagerOptions(
+        max_to_keep=dcfg.keep_checkpoints, save_interval_steps=dcfg.save_every, create=True))
+    start, resumed_from = 0, None
+    latest = manager.latest_step()
+    if latest is not None:
+        target = {"trainable": trainable, "opt_state": opt_state}
+        try:
+            restored = manager.restore(latest, args=ocp.args.StandardRestore(target))
+        except Exception as exc:
+            raise StoreError(f"checkpoint {latest} in {checkpoint_dir} cannot be restored ({type(exc).__name__}: "
+                             f"{str(exc).splitlines()[0][:200]}); delete that step's directory to resume from an "
+                             "earlier one, or the whole directory to start over") from None
+        trainable, opt_state = restored["trainable"], restored["opt_state"]
+        start = resumed_from = int(latest)
+
+    history = []
+    t0 = time.perf_counter()
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=dcfg.steps, initial=start, desc="distill", unit="step")
+    end = dcfg.steps if stop_after is None else min(dcfg.steps, start + stop_after)
+    for step in range(start, end):
+        batch = jnp.asarray(batch_for_step(windows, step, dcfg.batch_size, dcfg.seed))
+        trainable, opt_state, metrics = step_fn(trainable, opt_state, batch)
+        metrics = {k: float(v) for k, v in metrics.items()}
+        history.append({"step": step + 1, **metrics})
+        manager.save(step + 1, args=ocp.args.StandardSave({"trainable": trainable, "opt_state": opt_state}))
+        if bar is not None:
+            elapsed = time.perf_counter() - t0
+            bar.set_postfix(loss=f"{metrics['loss']:.4f}", kl=f"{metrics['kl']:.4f}",
+                            tok_s=f"{len(history) * dcfg.batch_size * dcfg.seq_len / elapsed:.0f}")
+            bar.update(1)
+    manager.wait_until_finished()
+    if bar is not None:
+        bar.close()
+    seconds = time.perf_counter() - t0
+    tokens = len(history) * dcfg.batch_size * dcfg.seq_len
+    if stop_after is not None and end < dcfg.steps:
+        manager.close()
+        return DistillResult(out_store="", steps=end, resumed_from=resumed_from,
+                             final_loss=history[-1]["loss"] if history else float("nan"),
+                             final_kl=history[-1]["kl"] if history else float("nan"), seconds=seconds,
+                             tokens_per_s=tokens / seconds if seconds else 0.0, history=history)
+    manager.close()
+
+    params = merge_trees(frozen, trainable)
+    from activeflow_jax.store.reader import StoreReader
+
+    reader = StoreReader(store_path)
+    flat = {k: np.asarray(v, np.float32) for k, v in flatten_params(params).items()}
+    write_store(out_path, cfg, reader.tokenizer_spec, iter(flat.items()), dtype=reader.manifest["storage_dtype"],
+                source={**reader.manifest.get("source", {}), "distilled_from": store_path,
+                        "distill": dataclasses.asdict(dcfg), "distill_steps": dcfg.steps},
+                overwrite=True, progress=progress, total=len(flat))
+    if recalibrate and calibration is not None:
+        calibrate(out_path, text_path, levels=calibration.available, progress=progress)
+    return DistillResult(out_store=out_path, steps=dcfg.steps, resumed_from=resumed_from,
+                         final_loss=history[-1]["loss"] if history else float("nan"),
+                         final_kl=history[-1]["kl"] if history else float("nan"), seconds=seconds,
+                         tokens_per_s=tokens / seconds if seconds else 0.0, history=history)

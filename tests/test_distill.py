@@ -1,0 +1,201 @@
+"""Sparsity-aware self-distillation on a tiny model: STE, loss goes down, resume, mesh, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import activeflow_jax as af
+from activeflow_jax.distill import DistillConfig, distill
+from activeflow_jax.errors import InvalidArgumentError, StoreError
+from activeflow_jax.sparse import kernels
+
+TEXT = ("The lighthouse keeper counted the sea birds every morning and wrote the numbers in a blue book. "
+        "In winter the storms came from the north, and the ships waited in the harbour for days. ") * 20
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    from activeflow_jax.testing import make_tiny_store
+
+    root = tmp_path_factory.mktemp("distill")
+    tiny = make_tiny_store(root)
+    text = root / "text.txt"
+    text.write_text(TEXT)
+    af.calibrate(tiny.store_path, str(text), levels=(0.5,), progress=False)
+    return tiny.store_path, str(text), root
+
+
+SMALL = dict(sparsity=0.5, steps=4, batch_size=2, seq_len=32, lr=3e-3, warmup_steps=1, save_every=1)
+
+
+def _tensors(store):
+    from activeflow_jax.store.reader import StoreReader
+
+    reader = StoreReader(store)
+    return reader.read_many(reader.tensor_names)
+
+
+def test_straight_through_mask_forward_masks_backward_passes():
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((3, 16)), jnp.float32)
+    w = jnp.asarray(np.random.default_rng(1).standard_normal((16, 5)), jnp.float32)
+
+    def f(x, ste):
+        return jnp.sum(kernels.sparse_linear(x, w, k=6, threshold=0.0, policy="topk", kernel="mask",
+                                             straight_through=ste))
+
+    mask = kernels.active_mask(x, 6, 0.0, "topk")
+    np.testing.assert_allclose(f(x, True), jnp.sum(jnp.where(mask, x, 0.0) @ w), rtol=1e-6)
+    grad = jax.grad(f)(x, True)
+    np.testing.assert_allclose(grad, jnp.broadcast_to(w.sum(1), x.shape), rtol=1e-6)  # identity through the mask
+    assert not np.allclose(jax.grad(f)(x, False), grad)  # without STE, masked channels get no gradient
+
+
+def test_distillation_lowers_kl_and_writes_a_new_calibrated_store(source, tmp_path):
+    store, text, _ = source
+    before = {k: v.copy() for k, v in _tensors(store).items()}
+    cfg = DistillConfig(**{**SMALL, "steps": 12, "lr": 1e-3})
+    result = distill(store, tmp_path / "out", cfg, text_path=text, progress=False)
+
+    assert len(result.history) == 12 and all(np.isfinite(h["loss"]) for h in result.history)
+    out = _tensors(result.out_store)
+    assert not np.allclose(out["layers.1.mlp.w_down"], before["layers.1.mlp.w_down"])
+    np.testing.assert_array_equal(out["embed"], before["embed"])  # frozen
+    for name, value in _tensors(store).items():  # the source store is never modified
+        np.testing.assert_array_equal(value, before[name])
+    engine = af.Engine.load(result.out_store, sparsity=0.5)  # recalibrated thresholds came with it
+    assert engine.sparsity.sparsity == 0.5
+
+
+def test_train_step_lowers_kl_on_a_batch(source):
+    from activeflow_jax.distill.train import batch_for_step, make_train_step, make_windows, split_trainable
+    from activeflow_jax.sparse.calibrate import read_calibration
+
+    store, text, _ = source
+    engine = af.Engine.load(store)
+    thresholds = jnp.asarray(read_calibration(store, engine.config).thresholds(0.5))
+    cfg = DistillConfig(**{**SMALL, "steps": 15, "lr": 1e-3})
+    windows = make_windows(np.asarray(engine.tokenizer.encode(TEXT), np.int32), cfg.seq_len, cfg.batch_size)
+    batch = jnp.asarray(batch_for_step(windows, 0, cfg.batch_size, 0))
+    trainable, frozen = split_trainable(engine.params, "all")
+    trainable = jax.tree.map(jnp.copy, trainable)
+    step, tx = make_train_step(engine.config, cfg, frozen, engine.params, thresholds)
+    opt = tx.init(trainable)
+    kls = []
+    for _ in range(15):
+        trainable, opt, metrics = step(trainable, opt, batch)
+        kls.append(float(metrics["kl"]))
+    assert kls[-1] < 0.7 * kls[0], kls
+
+
+def test_killed_run_resumes_without_lost_or_repeated_steps(source, tmp_path):
+    store, text, _ = source
+    cfg = DistillConfig(**SMALL)
+    straight = distill(store, tmp_path / "a", cfg, text_path=text, progress=False)
+    partial = distill(store, tmp_path / "b", cfg, text_path=text, progress=False, stop_after=3)
+    assert partial.steps == 3 and partial.out_store == ""
+    resumed = distill(store, tmp_path / "b", cfg, text_path=text, progress=False)
+    assert resumed.resumed_from == 3 and [h["step"] for h in resumed.history] == [4]
+    np.testing.assert_allclose(resumed.history[-1]["loss"], straight.history[-1]["loss"], rtol=1e-5)
+    a, b = _tensors(straight.out_store), _tensors(resumed.out_store)
+    for name in a:
+        np.testing.assert_allclose(a[name], b[name], rtol=1e-5, atol=1e-6)
+
+
+SHARDED_SCRIPT = r"""
+import json, sys
+import jax, jax.numpy as jnp, numpy as np
+import activeflow_jax as af
+from activeflow_jax.distill.train import (DistillConfig, make_train_step, split_trainable, data_mesh,
+                                          make_windows, batch_for_step)
+store, text = sys.argv[1], sys.argv[2]
+assert jax.device_count() == 2, jax.devices()
+e = af.Engine.load(store)
+cfg = DistillConfig(sparsity=0.5, steps=3, batch_size=2, seq_len=32, lr=3e-3, warmup_steps=1)
+thr = jnp.asarray(af.calibrate.__globals__["read_calibration"](store, e.config).thresholds(0.5))
+ids = np.asarray(e.tokenizer.encode(open(text).read()), np.int32)
+windows = make_windows(ids, cfg.seq_len, cfg.batch_size)
+out = {}
+for name, devices in (("single", jax.devices()[:1]), ("sharded", jax.devices())):
+    trainable, frozen = split_trainable(e.params, cfg.trainable)
+    trainable = jax.tree.map(jnp.copy, trainable)
+    step, tx = make_train_step(e.config, cfg, frozen, e.params, thr, data_mesh(devices))
+    opt = tx.init(trainable)
+    losses = []
+    for s in range(3):
+        trainable, opt, m = step(trainable, opt, jnp.asarray(batch_for_step(windows, s, 2, 0)))
+        losses.append(float(m["loss"]))
+    out[name] = (losses, np.asarray(trainable["layers"][1]["mlp"]["w_down"]))
+diff = float(np.max(np.abs(out["single"][1] - out["sharded"][1])))
+print(json.dumps({"single": out["single"][0], "sharded": out["sharded"][0], "max_param_diff": diff}))
+"""
+
+
+def test_sharded_step_equals_single_device_step(source, tmp_path):
+    store, text, _ = source
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, "-c", SHARDED_SCRIPT, store, text], capture_output=True, text=True,
+                          env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = json.loads(proc.stdout.strip().splitlines()[-1])
+    np.testing.assert_allclose(record["sharded"], record["single"], rtol=1e-5)
+    assert record["max_param_diff"] < 1e-5
+
+
+# ------------------------------------------------------------------------------------------------
+# Bad input
+
+
+def test_bad_inputs(source, tmp_path):
+    store, text, root = source
+    cfg = DistillConfig(**SMALL)
+    exists = tmp_path / "exists"
+    exists.mkdir()
+    with pytest.raises(InvalidArgumentError, match="exists"):
+        distill(store, exists, cfg, text_path=text, progress=False)
+    with pytest.raises(InvalidArgumentError, match="differ from the source"):
+        distill(store, store, cfg, text_path=text, progress=False)
+    short = tmp_path / "short.txt"
+    short.write_text("too short")
+    with pytest.raises(InvalidArgumentError, match="too little text"):
+        distill(store, tmp_path / "o1", cfg, text_path=str(short), progress=False)
+    with pytest.raises(InvalidArgumentError, match="steps"):
+        DistillConfig(steps=0)
+    with pytest.raises(InvalidArgumentError, match="no thresholds|calibrated levels"):
+        distill(store, tmp_path / "o2", DistillConfig(**{**SMALL, "sparsity": 0.7}), text_path=text, progress=False)
+
+
+def test_store_without_thresholds(tmp_path):
+    from activeflow_jax.testing import make_tiny_store
+
+    tiny = make_tiny_store(tmp_path / "raw")
+    text = tmp_path / "t.txt"
+    text.write_text(TEXT)
+    with pytest.raises(InvalidArgumentError, match="activeflow calibrate"):
+        distill(tiny.store_path, tmp_path / "o", DistillConfig(**SMALL), text_path=str(text), progress=False)
+
+
+def test_mismatched_or_corrupt_checkpoint(source, tmp_path):
+    store, text, _ = source
+    ckpt = tmp_path / "ckpt"
+    distill(store, tmp_path / "a", DistillConfig(**SMALL), text_path=text, checkpoint_dir=str(ckpt), progress=False,
+            stop_after=2)
+    other = DistillConfig(**{**SMALL, "lr": 1e-3})
+    with pytest.raises(InvalidArgumentError, match="another run"):
+        distill(store, tmp_path / "a", other, text_path=text, checkpoint_dir=str(ckpt), progress=False)
+    # damage the latest checkpoint's files
+    step_dir = max((p for p in ckpt.iterdir() if p.name.isdigit()), key=lambda p: int(p.name))
+    for root, _, files in os.walk(step_dir):
+        for name in files:
+            with open(os.path.join(root, name), "wb") as f:
+                f.write(b"garbage")
+    with pytest.raises(StoreError, match="cannot be restored"):
+        distill(store, tmp_path / "a", DistillConfig(**SMALL), text_path=text, checkpoint_dir=str(ckpt),
+                progress=False)
