@@ -239,6 +239,10 @@ def distill(store_path: str, out_path: str, dcfg: DistillConfig | None = None, *
     trainable = jax.tree.map(jnp.copy, trainable)  # the student's own copy; the teacher stays intact
     step_fn, tx = make_train_step(cfg, dcfg, frozen, teacher, thresholds, mesh)
     opt_state = tx.init(trainable)
+    # placed as the step's outputs will be, so the second step does not compile again
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    trainable, opt_state = jax.device_put((trainable, opt_state), replicated)
 
     checkpoint_dir = os.path.abspath(checkpoint_dir or out_path + ".ckpt")
     os.makedirs(checkpoint_dir, exist_ok=True)
@@ -270,7 +274,7 @@ def distill(store_path: str, out_path: str, dcfg: DistillConfig | None = None, *
             raise StoreError(f"checkpoint {latest} in {checkpoint_dir} cannot be restored ({type(exc).__name__}: "
                              f"{str(exc).splitlines()[0][:200]}); delete that step's directory to resume from an "
                              "earlier one, or the whole directory to start over") from None
-        trainable, opt_state = restored["trainable"], restored["opt_state"]
+        trainable, opt_state = jax.device_put((restored["trainable"], restored["opt_state"]), replicated)
         start = resumed_from = int(latest)
 
     history = []
@@ -282,7 +286,7 @@ def distill(store_path: str, out_path: str, dcfg: DistillConfig | None = None, *
         bar = tqdm(total=dcfg.steps, initial=start, desc="distill", unit="step")
     end = dcfg.steps if stop_after is None else min(dcfg.steps, start + stop_after)
     for step in range(start, end):
-        batch = jnp.asarray(batch_for_step(windows, step, dcfg.batch_size, dcfg.seed))
+        batch = jax.device_put(batch_for_step(windows, step, dcfg.batch_size, dcfg.seed), batch_sharding)
         trainable, opt_state, metrics = step_fn(trainable, opt_state, batch)
         metrics = {k: float(v) for k, v in metrics.items()}
         history.append({"step": step + 1, **metrics})
