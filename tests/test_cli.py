@@ -91,3 +91,23 @@ def test_calibrate_then_generate_sparse(tiny_model, tmp_path):
     proc = run_cli("eval", text, "--store", store, "--sparsities", "0.5", "--ctx", "64", "--max-windows", "2")
     assert proc.returncode == 0, proc.stderr
     assert "| TEAL 50% |" in proc.stdout
+
+
+def test_distill_command(tmp_path):
+    from activeflow_jax.testing import write_tiny_gguf
+
+    gguf = tmp_path / "m.gguf"
+    write_tiny_gguf(gguf, seed=4)
+    store = tmp_path / "store"
+    assert run_cli("convert", gguf, store).returncode == 0
+    text = tmp_path / "t.txt"
+    text.write_text("The harbour master logged every ship that came in before the storm. " * 40)
+    assert run_cli("calibrate", "--store", store, "--text", text, "--levels", "0.5").returncode == 0
+    out = tmp_path / "distilled"
+    args = ("distill", "--store", store, "--text", text, "--out", out, "--steps", "2", "--seq-len", "32",
+            "--save-every", "1")
+    proc = run_cli(*args)
+    assert proc.returncode == 0, proc.stderr
+    assert "distilled 2 steps" in proc.stdout and (out / "manifest.json").exists()
+    assert_clean_error(run_cli(*args), "exists")  # no --overwrite
+    assert run_cli("generate", "hi", "--store", out, "--sparsity", "0.5", "--max-new-tokens", "2").returncode == 0
