@@ -8,6 +8,8 @@
 // streamed once, straight from W, as an axpy into the output.
 #include <algorithm>
 #include <atomic>
+#include <functional>
+#include <memory>
 #include <cmath>
 #include <cstdlib>
 #include <cstdint>
@@ -19,6 +21,8 @@
 namespace ffi = xla::ffi;
 
 namespace {
+
+constexpr int kMaxParts = 8;
 
 // y[col0:col1] = sum_j xk[j] * W[rows[j], col0:col1]. Eight rows per pass: eight independent
 // memory streams keep enough cache-line fills in flight for scattered rows, and y (in L1) is
@@ -53,19 +57,35 @@ void AxpyRows(const float* __restrict__ xk, const int32_t* __restrict__ rows, in
   }
 }
 
-// Runs fn(0..parts-1): part 0 on the calling thread, the others on XLA's own intra-op thread
-// pool (its threads are awake while the step runs; a private pool had to wait for a core).
-template <typename F>
-void ParallelFor(ffi::ThreadPool& pool, int parts, F&& fn) {
-  std::atomic<int> remaining{parts - 1};
+// Runs fn(0..parts-1): part 0 on the calling thread, the others offered to XLA's own intra-op
+// thread pool (its threads are awake while the step runs; a private pool had to wait for a
+// core). A part no pool thread has started by the time the caller is done with its own is run by
+// the caller, so a descheduled pool thread (another process on the core) never stalls the step.
+struct ParallelState {
+  std::atomic<bool> claimed[kMaxParts];
+  std::atomic<int> finished{0};
+  const std::function<void(int)>* fn = nullptr;
+};
+
+void ParallelFor(ffi::ThreadPool& pool, int parts, const std::function<void(int)>& fn) {
+  auto state = std::make_shared<ParallelState>();
+  for (int t = 0; t < parts; ++t) state->claimed[t].store(false, std::memory_order_relaxed);
+  state->fn = &fn;
   for (int t = 1; t < parts; ++t) {
-    pool.Schedule([&fn, &remaining, t] {
-      fn(t);
-      remaining.fetch_sub(1, std::memory_order_release);
+    pool.Schedule([state, t] {
+      if (state->claimed[t].exchange(true, std::memory_order_acq_rel)) return;  // the caller took it
+      (*state->fn)(t);
+      state->finished.fetch_add(1, std::memory_order_release);
     });
   }
   fn(0);
-  for (int spins = 0; remaining.load(std::memory_order_acquire) > 0; ++spins) {
+  for (int t = 1; t < parts; ++t) {
+    if (!state->claimed[t].exchange(true, std::memory_order_acq_rel)) {
+      fn(t);
+      state->finished.fetch_add(1, std::memory_order_release);
+    }
+  }
+  for (int spins = 0; state->finished.load(std::memory_order_acquire) < parts - 1; ++spins) {
     if (spins > 4096) std::this_thread::yield();
   }
 }
@@ -74,7 +94,7 @@ int Parts(ffi::ThreadPool& pool, int64_t bytes) {
   static const int cap = [] {
     const char* env = std::getenv("ACTIVEFLOW_NATIVE_THREADS");
     const int n = env ? std::atoi(env) : 0;
-    return n >= 1 ? n : 8;
+    return n >= 1 ? std::min(n, kMaxParts) : kMaxParts;
   }();
   // below ~128 KiB of rows a second thread costs more than it saves
   if (bytes < (128 << 10)) return 1;
