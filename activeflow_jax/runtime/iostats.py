@@ -1,0 +1,53 @@
+"""Honest flash measurements: drop a store's pages from the page cache, and count the bytes the
+process really read from the block device (`read_bytes` of /proc/self/io), next to the bytes it
+asked for. A run whose reads were served from DRAM must be labelled warm (DESIGN.md section 5)."""
+
+from __future__ import annotations
+
+import os
+
+from activeflow_jax.errors import InvalidArgumentError
+
+
+def process_read_bytes() -> int | None:
+    """Bytes this process caused to be fetched from storage so far (Linux), None elsewhere."""
+    try:
+        with open("/proc/self/io") as f:
+            for line in f:
+                if line.startswith("read_bytes:"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def drop_page_cache(path: str | os.PathLike) -> dict[str, int]:
+    """Asks the kernel to evict every file under `path` from the page cache
+    (posix_fadvise(POSIX_FADV_DONTNEED)), so the next reads come from the device. Dirty pages are
+    written first (fdatasync), otherwise they could not be dropped. Returns files and bytes
+    advised. Not available on macOS (no posix_fadvise): raises InvalidArgumentError there."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise InvalidArgumentError(f"cannot drop the page cache of {path}: it does not exist")
+    if not hasattr(os, "posix_fadvise"):
+        raise InvalidArgumentError("posix_fadvise is not available on this OS; cold runs need O_DIRECT reads here")
+    files = nbytes = 0
+    paths = [path] if os.path.isfile(path) else [os.path.join(root, name) for root, _, names in os.walk(path)
+                                                   for name in names]
+    for file_path in paths:
+        try:
+            fd = os.open(file_path, os.O_RDONLY)
+        except OSError:
+            continue  # vanished or unreadable: nothing of it to evict
+        try:
+            try:
+                os.fdatasync(fd)
+            except OSError:
+                pass
+            size = os.fstat(fd).st_size
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            files += 1
+            nbytes += size
+        finally:
+            os.close(fd)
+    return {"files": files, "bytes": nbytes}
