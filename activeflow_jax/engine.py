@@ -132,7 +132,7 @@ class Engine:
                            dense_layers: int = 1, prediction: PredictionConfig | None = None) -> None:
         """Switches contextual sparsity on (0 < sparsity <= 0.95) or off (None or 0) for later
         calls. The "threshold" policy needs the store's calibration for that level."""
-        from activeflow_jax.sparse.calibrate import read_calibration
+        from activeflow_jax.sparse.calibrate import store_thresholds
 
         if sparsity is None or sparsity == 0:
             config = None
@@ -142,13 +142,7 @@ class Engine:
             config = SparsityConfig(sparsity, policy=policy, kernel=kernel, dense_layers=dense_layers).resolved()
         thresholds = None
         if config is not None and config.policy == "threshold":
-            calibration = read_calibration(self.store_path, self.config) if self.store_path else None
-            if calibration is None:
-                raise InvalidArgumentError(
-                    f"the store {self.store_path} has no calibrated thresholds; run `activeflow calibrate "
-                    f"--store {self.store_path}` (or af.calibrate(store)) first, or use policy='topk'"
-                )
-            thresholds = jnp.asarray(calibration.thresholds(config.sparsity))
+            thresholds = jnp.asarray(store_thresholds(self.store_path, self.config, config.sparsity))
         with self._lock:
             self.sparsity, self._thresholds = config, thresholds
             self.prediction = prediction if config is not None else None

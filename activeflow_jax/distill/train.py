@@ -28,7 +28,6 @@ import json
 import math
 import os
 import time
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -206,7 +205,7 @@ def distill(store_path: str, out_path: str, dcfg: DistillConfig | None = None, *
 
     from activeflow_jax.engine import Engine
     from activeflow_jax.models.llama import flatten_params
-    from activeflow_jax.sparse.calibrate import calibrate, default_calibration_text, read_calibration
+    from activeflow_jax.sparse.calibrate import calibrate, default_calibration_text, read_calibration, store_thresholds
     from activeflow_jax.store.writer import write_store
 
     dcfg = dcfg or DistillConfig()
@@ -217,14 +216,8 @@ def distill(store_path: str, out_path: str, dcfg: DistillConfig | None = None, *
         raise InvalidArgumentError(f"{out_path} exists; pass overwrite=True (--overwrite) or choose another path")
     engine = Engine.load(store_path)
     cfg = engine.config
-    calibration = read_calibration(store_path, cfg)
-    if dcfg.policy == "threshold":
-        if calibration is None:
-            raise InvalidArgumentError(f"the store {store_path} has no calibrated thresholds; run "
-                                       f"`activeflow calibrate --store {store_path}` first")
-        thresholds = jnp.asarray(calibration.thresholds(dcfg.sparsity))
-    else:
-        thresholds = None
+    calibration = read_calibration(store_path, cfg)  # its levels are calibrated again for the output
+    thresholds = jnp.asarray(store_thresholds(store_path, cfg, dcfg.sparsity)) if dcfg.policy == "threshold" else None
     text_path = text_path or default_calibration_text()
     from activeflow_jax.eval.perplexity import read_text
 

@@ -170,6 +170,18 @@ def write_calibration(store_dir: str, calibration: Calibration, counts: np.ndarr
     os.replace(tmp, path)
 
 
+def store_thresholds(store_dir: str | None, cfg: ModelConfig, sparsity: float) -> np.ndarray:
+    """Thresholds [L, G] the store holds for `sparsity`; a clear error if it holds none (or not
+    that level). The one place every user of the threshold policy gets them from."""
+    calibration = read_calibration(store_dir, cfg) if store_dir else None
+    if calibration is None:
+        raise InvalidArgumentError(
+            f"the store {store_dir} has no calibrated thresholds; run `activeflow calibrate "
+            f"--store {store_dir}` (or af.calibrate(store)) first, or use policy='topk'"
+        )
+    return calibration.thresholds(sparsity)
+
+
 def read_calibration(store_dir: str, cfg: ModelConfig) -> Calibration | None:
     """The store's calibration, or None if it has none. A damaged file is a clear error."""
     path = os.path.join(store_dir, layout.CALIBRATION)

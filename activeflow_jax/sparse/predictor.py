@@ -72,18 +72,14 @@ def measure_prediction(engine, text_path, *, sparsity: float = 0.5, policy: str 
     from activeflow_jax.config import OP_GROUPS, SparsityConfig
     from activeflow_jax.eval.perplexity import engine_tokens, eval_windows
     from activeflow_jax.models.llama import flatten_params, forward_with_taps
-    from activeflow_jax.sparse.calibrate import read_calibration
+    from activeflow_jax.sparse.calibrate import store_thresholds
 
     cfg = engine.config
     sp = SparsityConfig(sparsity, policy=policy)
     ks = sp.ks(cfg)
     thresholds = np.zeros((cfg.num_layers, len(OP_GROUPS)), np.float32)
     if policy == "threshold":
-        thresholds = read_calibration(engine.store_path, cfg).thresholds(sparsity) if engine.store_path else None
-        if thresholds is None:
-            from activeflow_jax.errors import InvalidArgumentError
-
-            raise InvalidArgumentError("the store has no calibration; run `activeflow calibrate` first")
+        thresholds = store_thresholds(engine.store_path, cfg, sparsity)
     flat = flatten_params(engine.params)
     gains = {"qkv": np.stack([np.asarray(flat[f"layers.{i}.attn_norm.weight"]) for i in range(cfg.num_layers)]),
              "gate_up": np.stack([np.asarray(flat[f"layers.{i}.mlp_norm.weight"]) for i in range(cfg.num_layers)])}

@@ -123,14 +123,29 @@ void SparseMatvec(ffi::ThreadPool& pool, const float* xk, const int32_t* rows, i
   }
 }
 
+// Shapes shared by both products: w [in, out], y [out elements]. Returns false (with `error` set) if not.
+bool CheckProduct(const ffi::Buffer<ffi::F32>& w, int64_t y_count, int64_t* in, int64_t* out, ffi::Error* error) {
+  auto wd = w.dimensions();
+  if (wd.size() != 2) {
+    *error = ffi::Error::InvalidArgument("w must be 2-D [in, out]");
+    return false;
+  }
+  *in = wd[0];
+  *out = wd[1];
+  if (y_count != *out) {
+    *error = ffi::Error::InvalidArgument("y must have `out` elements");
+    return false;
+  }
+  return true;
+}
+
 ffi::Error GatherMatvecImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xk, ffi::Buffer<ffi::S32> rows,
                             ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> y) {
-  auto wd = w.dimensions();
-  if (wd.size() != 2) return ffi::Error::InvalidArgument("w must be 2-D [in, out]");
-  const int64_t in = wd[0], out = wd[1];
+  int64_t in, out;
+  ffi::Error error = ffi::Error::Success();
+  if (!CheckProduct(w, y->element_count(), &in, &out, &error)) return error;
   const int64_t k = rows.element_count();
   if (xk.element_count() != k) return ffi::Error::InvalidArgument("xk and rows differ in length");
-  if (y->element_count() != out) return ffi::Error::InvalidArgument("y must have `out` elements");
   const int32_t* r = rows.typed_data();
   for (int64_t j = 0; j < k; ++j) {
     if (r[j] < 0 || r[j] >= in) return ffi::Error::InvalidArgument("row index out of range");
@@ -144,19 +159,18 @@ ffi::Error GatherMatvecImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xk, ffi:
 // lowest indices first among ties -- the same rule as kernels.active_mask.
 ffi::Error TopkMatvecImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> threshold,
                           ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> y, int64_t k, int64_t use_threshold) {
-  auto wd = w.dimensions();
-  if (wd.size() != 2) return ffi::Error::InvalidArgument("w must be 2-D [in, out]");
-  const int64_t in = wd[0], out = wd[1];
+  int64_t in, out;
+  ffi::Error error = ffi::Error::Success();
+  if (!CheckProduct(w, y->element_count(), &in, &out, &error)) return error;
   if (x.element_count() != in) return ffi::Error::InvalidArgument("x must have `in` elements");
-  if (y->element_count() != out) return ffi::Error::InvalidArgument("y must have `out` elements");
   if (k < 1 || k > in) return ffi::Error::InvalidArgument("k must be in [1, in]");
   const float* xp = x.typed_data();
-  thread_local std::vector<float> mags;
+  // per-thread buffers: no heap allocation per call on the decode path
+  thread_local std::vector<float> mags, scratch, xk;
   thread_local std::vector<int32_t> rows;
-  thread_local std::vector<float> xk;
   mags.resize(in);
   for (int64_t i = 0; i < in; ++i) mags[i] = std::fabs(xp[i]);
-  std::vector<float> scratch(mags);
+  scratch.assign(mags.begin(), mags.end());
   std::nth_element(scratch.begin(), scratch.begin() + (k - 1), scratch.end(), std::greater<float>());
   float cut = scratch[k - 1];
   if (use_threshold) cut = std::max(cut, threshold.typed_data()[0]);
