@@ -35,8 +35,27 @@ def cmd_convert(args) -> int:
 def _load_engine(args):
     from activeflow_jax.engine import Engine
 
-    return Engine.load(_store_or_default(args), sparsity=getattr(args, "sparsity", None) or None,
-                       policy=getattr(args, "policy", "threshold"))
+    budget = getattr(args, "dram_budget", None)
+    options = {}
+    if budget is not None:
+        options = dict(dram_budget=budget, kv_tokens=args.kv_tokens, cold=args.cold, direct_io=args.direct_io)
+        if args.group_size:
+            options["group_size"] = args.group_size
+    engine = Engine.load(_store_or_default(args), sparsity=getattr(args, "sparsity", None) or None,
+                         policy=getattr(args, "policy", "threshold"), **options)
+    if budget is not None and getattr(engine, "plan_explanation", "") and getattr(args, "stats", False):
+        print(engine.plan_explanation, file=sys.stderr)
+    return engine
+
+
+def _add_budget_flags(p) -> None:
+    p.add_argument("--dram-budget", default=None,
+                   help="run in this much DRAM, weights on flash: bytes, a size such as 200MB, or a fraction of "
+                        "the model such as 0.5 or 50%% (the planner picks sparsity and layer groups unless given)")
+    p.add_argument("--group-size", type=int, default=0, help="layers per preload group (0: the planner's choice)")
+    p.add_argument("--kv-tokens", type=int, default=512, help="KV cache positions the budget reserves")
+    p.add_argument("--cold", action="store_true", help="drop the store from the page cache first")
+    p.add_argument("--direct-io", action="store_true", help="read flash with O_DIRECT (bypass the page cache)")
 
 
 def _add_sparsity_flags(p) -> None:
@@ -107,6 +126,13 @@ def cmd_generate(args) -> int:
         print(f"[prefill {s.prefill_tokens} tok {s.prefill_tokens_per_s:.1f} tok/s | decode {s.decode_tokens} tok "
               f"{s.decode_tokens_per_s:.1f} tok/s | compile {s.compile_seconds:.1f} s ({s.compiles} programs) | "
               f"load {s.load_seconds:.1f} s | peak RSS {s.peak_rss_bytes / 2**20:.0f} MiB]", file=sys.stderr)
+        if s.memory:
+            m, lo = s.memory, s.loader or {}
+            print(f"[DRAM budget {m['budget'] / 1e6:.1f} MB: resident {m['resident'] / 1e6:.1f}, KV {m['kv'] / 1e6:.1f}, "
+                  f"staging {m['staging'] / 1e6:.1f}, pools {sum(m['pools'].values()) / 1e6:.1f} MB | hit rate "
+                  f"{lo.get('hit_rate', 0):.3f} | read {lo.get('bytes_requested', 0) / 1e6:.1f} MB requested, "
+                  f"{lo.get('device_read_bytes', 0) / 1e6:.1f} MB from the device | I/O hidden "
+                  f"{lo.get('io_hidden_share', 0):.2f}]", file=sys.stderr)
     return 0
 
 
@@ -172,6 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--stats", action="store_true", help="print speed and memory figures to stderr")
     _add_sparsity_flags(p)
+    _add_budget_flags(p)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("ppl", help="perplexity of a text file (llama.cpp protocol, see docs)")
@@ -181,6 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-windows", type=int, default=None, help="evaluate only the first N windows")
     p.add_argument("--json", action="store_true", help="print one JSON record")
     _add_sparsity_flags(p)
+    _add_budget_flags(p)
     p.set_defaults(func=cmd_ppl)
 
     p = sub.add_parser("calibrate", help="calibrate sparsity thresholds and save them into the store")

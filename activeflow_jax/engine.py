@@ -66,6 +66,8 @@ class EngineStats:
     compile_seconds: float = 0.0
     compiles: int = 0
     peak_rss_bytes: int = 0
+    memory: dict | None = None  # DRAM budget breakdown (bytes), swapping engines only
+    loader: dict | None = None  # flash loader counters (runtime.swap.SwapStats), swapping engines only
 
     @property
     def prefill_tokens_per_s(self) -> float:
@@ -76,9 +78,9 @@ class EngineStats:
         return self.decode_tokens / self.decode_seconds if self.decode_seconds else 0.0
 
     def reset(self) -> None:
-        keep = (self.load_seconds, self.weight_bytes)
+        keep = (self.load_seconds, self.weight_bytes, self.memory)
         self.__init__()
-        self.load_seconds, self.weight_bytes = keep
+        self.load_seconds, self.weight_bytes, self.memory = keep
 
     def as_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -102,14 +104,25 @@ class Engine:
         self.sparsity: SparsityConfig | None = None  # None: the dense reference path
         self.prediction: PredictionConfig | None = None
         self._thresholds: jax.Array | None = None
+        self.swap = None  # runtime.swap.SwapRuntime when the engine runs under a DRAM budget
 
     @classmethod
     def load(cls, store_path: str | os.PathLike, *, sparsity: float | None = None, policy: str = "threshold",
-             kernel: str = "auto", dense_layers: int = 1) -> "Engine":
-        """Loads every weight of a store into DRAM (all-in-DRAM engine). `sparsity` (0..0.95)
+             kernel: str = "auto", dense_layers: int = 1, dram_budget: Any = None, **budget_options) -> "Engine":
+        """Loads a store. Without `dram_budget` every weight goes into DRAM (all-in-DRAM engine);
+        with one (bytes, "200MB", or a fraction of the model such as 0.5) the weights stay on
+        flash and only active rows are swapped in: see `runtime.session.load_swapping` for the
+        options (group_size, kv_tokens, cold, direct_io, superset, ...). `sparsity` (0..0.95)
         switches on contextual sparsity with the store's calibrated thresholds; see
         `configure_sparsity`."""
         enable_compilation_cache()
+        if dram_budget is not None:
+            from activeflow_jax.runtime.session import load_swapping
+
+            return load_swapping(cls, store_path, dram_budget, sparsity=sparsity, policy=policy, kernel=kernel,
+                                 dense_layers=dense_layers, **budget_options)
+        if budget_options:
+            raise InvalidArgumentError(f"{sorted(budget_options)} only apply with dram_budget=...")
         start = time.perf_counter()
         reader = StoreReader(store_path)
         cfg = reader.config
@@ -134,6 +147,9 @@ class Engine:
         calls. The "threshold" policy needs the store's calibration for that level."""
         from activeflow_jax.sparse.calibrate import store_thresholds
 
+        if self.swap is not None:
+            raise InvalidArgumentError("this engine runs under a DRAM budget, which was planned for its sparsity; "
+                                       "load it again with Engine.load(store, dram_budget=..., sparsity=...)")
         if sparsity is None or sparsity == 0:
             config = None
             if sparsity == 0:
@@ -162,6 +178,11 @@ class Engine:
 
     def _forward(self, cache: llama.KVCache, tokens: np.ndarray, start_pos: int, n_valid: int,
                  attn_len: int, all_logits: bool):
+        if self.swap is not None:
+            out = self.swap.forward(cache, tokens, start_pos, n_valid, attn_len, all_logits)
+            self.stats.loader = self.swap.stats.as_dict()
+            self.stats.memory = self.swap.memory_breakdown()
+            return out
         key = (cache.max_len, tokens.shape[0], attn_len, all_logits, self.sparsity, self.prediction)
         args = (self.params, cache, jnp.asarray(tokens, jnp.int32), jnp.int32(start_pos), jnp.int32(n_valid),
                 self._thresholds)
@@ -176,8 +197,39 @@ class Engine:
         return compiled(*args)
 
     def _new_cache(self, length: int) -> llama.KVCache:
-        return llama.KVCache.zeros(self.config, min(_pow2_at_least(length, MIN_CACHE_LEN),
-                                                    _pow2_at_least(self.config.max_context, MIN_CACHE_LEN)))
+        floor = MIN_CACHE_LEN if self.swap is None else min(MIN_CACHE_LEN, self.swap.memory.kv_tokens)
+        size = min(_pow2_at_least(length, floor), _pow2_at_least(self.config.max_context, floor))
+        if self.swap is not None:
+            if size > self.swap.memory.kv_tokens:
+                raise PromptTooLongError(
+                    f"this request needs a KV cache of {size} positions but the DRAM budget reserves "
+                    f"{self.swap.memory.kv_tokens} (kv_tokens); shorten the prompt or max_new_tokens, or load "
+                    "with a larger kv_tokens")
+            self.swap.new_sequence()  # context-level cache: frequency counters restart per sequence
+        return llama.KVCache.zeros(self.config, size)
+
+    def set_dram_budget(self, dram_budget: Any) -> None:
+        """Re-plans the slot pools for a new budget between requests (no reload; the old pool
+        buffers are freed before the new ones are allocated)."""
+        if self.swap is None:
+            raise InvalidArgumentError("this engine holds the whole model in DRAM; load it with "
+                                       "Engine.load(store, dram_budget=...) to run under a budget")
+        from activeflow_jax.runtime.session import replan
+
+        with self._lock:
+            replan(self, dram_budget)
+            self.stats.memory = self.swap.memory_breakdown()
+
+    def close(self) -> None:
+        """Frees the engine's device buffers now (instead of when it is garbage collected)."""
+        with self._lock:
+            if self.swap is not None:
+                self.swap.close()
+            for leaf in jax.tree.leaves(self.params):
+                try:
+                    leaf.delete()
+                except Exception:
+                    pass
 
     def _prefill(self, token_ids: np.ndarray, cache: llama.KVCache, all_logits: bool):
         """Runs the prompt in chunks; returns (logits, cache). Logits are [T, V] or [1, V]."""

@@ -88,8 +88,24 @@ class RMSNorm(nnx.Module):
         self.eps = eps
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        variance = jnp.mean(x * x, axis=-1, keepdims=True)
-        return x * jax.lax.rsqrt(variance + self.eps) * self.weight[...]
+        return rms_norm(x, self.weight[...], self.eps)
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    variance = jnp.mean(x * x, axis=-1, keepdims=True)
+    return x * jax.lax.rsqrt(variance + eps) * weight
+
+
+def swiglu(gate_up: jax.Array) -> jax.Array:
+    """[T, 2*ff] (gate columns first) -> the down projection's input [T, ff]."""
+    f = gate_up.shape[-1] // 2
+    return jax.nn.silu(gate_up[:, :f]) * gate_up[:, f:]
+
+
+def causal_bias(start_pos, t: int, attn_len: int) -> jax.Array:
+    """Additive causal mask [T, attn_len] for tokens at positions [start_pos, start_pos+T)."""
+    positions = start_pos + jnp.arange(t)
+    return jnp.where(jnp.arange(attn_len)[None, :] <= positions[:, None], 0.0, -1e30)
 
 
 def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
@@ -100,6 +116,13 @@ def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
     cos, sin = jnp.cos(angles), jnp.sin(angles)
     x1, x2 = x[..., :half], x[..., half:]
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+def head_logits(x_normed: jax.Array, embed: jax.Array, lm_head: jax.Array | None) -> jax.Array:
+    """[T, d] final-normed -> logits [T, V]; a tied head multiplies by the embedding [V, d]."""
+    if lm_head is None:
+        return jnp.einsum("td,vd->tv", x_normed, embed)
+    return x_normed @ lm_head
 
 
 class Attention(nnx.Module):
@@ -116,24 +139,30 @@ class Attention(nnx.Module):
         """x: [T, d] normed input. Writes K/V at [start_pos, start_pos+T) and attends over the
         first `attn_len` cache positions only (cost follows the filled length, not the buffer).
         mask_bias: [T, attn_len] additive causal mask, shared by all layers."""
-        cfg = self.cfg
-        t = x.shape[0]
-        positions = start_pos + jnp.arange(t)
         qkv = ops("qkv", x, self.wqkv[...])
-        q = qkv[:, :cfg.q_dim].reshape(t, cfg.num_heads, cfg.head_dim)
-        k = qkv[:, cfg.q_dim:cfg.q_dim + cfg.kv_dim].reshape(t, cfg.num_kv_heads, cfg.head_dim)
-        v = qkv[:, cfg.q_dim + cfg.kv_dim:].reshape(t, cfg.num_kv_heads, cfg.head_dim)
-        q, k = rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta)
-        k_cache = jax.lax.dynamic_update_slice(k_cache, k, (start_pos, 0, 0))
-        v_cache = jax.lax.dynamic_update_slice(v_cache, v, (start_pos, 0, 0))
-        keys, values = k_cache[:attn_len], v_cache[:attn_len]  # [S, KV, hd]
-        group = cfg.num_heads // cfg.num_kv_heads
-        q = q.reshape(t, cfg.num_kv_heads, group, cfg.head_dim) * cfg.head_dim**-0.5
-        scores = jnp.einsum("tkgd,skd->tkgs", q, keys) + mask_bias[:, None, None, :]
-        probs = jnp.exp(scores - jnp.max(scores, axis=-1, keepdims=True))
-        probs = probs / jnp.sum(probs, axis=-1, keepdims=True)
-        out = jnp.einsum("tkgs,skd->tkgd", probs, values).reshape(t, cfg.q_dim)
+        out, k_cache, v_cache = attend(self.cfg, qkv, k_cache, v_cache, start_pos, mask_bias, attn_len)
         return ops("o", out, self.wo[...]), k_cache, v_cache
+
+
+def attend(cfg: ModelConfig, qkv, k_cache, v_cache, start_pos, mask_bias, attn_len: int):
+    """Everything of attention between the qkv and o projections: qkv [T, q+2kv] -> the o
+    projection's input [T, q_dim], with K/V written into the caches at start_pos."""
+    t = qkv.shape[0]
+    positions = start_pos + jnp.arange(t)
+    q = qkv[:, :cfg.q_dim].reshape(t, cfg.num_heads, cfg.head_dim)
+    k = qkv[:, cfg.q_dim:cfg.q_dim + cfg.kv_dim].reshape(t, cfg.num_kv_heads, cfg.head_dim)
+    v = qkv[:, cfg.q_dim + cfg.kv_dim:].reshape(t, cfg.num_kv_heads, cfg.head_dim)
+    q, k = rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta)
+    k_cache = jax.lax.dynamic_update_slice(k_cache, k, (start_pos, 0, 0))
+    v_cache = jax.lax.dynamic_update_slice(v_cache, v, (start_pos, 0, 0))
+    keys, values = k_cache[:attn_len], v_cache[:attn_len]  # [S, KV, hd]
+    group = cfg.num_heads // cfg.num_kv_heads
+    q = q.reshape(t, cfg.num_kv_heads, group, cfg.head_dim) * cfg.head_dim**-0.5
+    scores = jnp.einsum("tkgd,skd->tkgs", q, keys) + mask_bias[:, None, None, :]
+    probs = jnp.exp(scores - jnp.max(scores, axis=-1, keepdims=True))
+    probs = probs / jnp.sum(probs, axis=-1, keepdims=True)
+    out = jnp.einsum("tkgs,skd->tkgd", probs, values).reshape(t, cfg.q_dim)
+    return out, k_cache, v_cache
 
 
 class MLP(nnx.Module):
@@ -145,9 +174,7 @@ class MLP(nnx.Module):
         self.w_down = _param(rngs, (f, d), f**-0.5)  # [ff, d]
 
     def __call__(self, x, ops: LinearOps = DENSE):
-        gate_up = ops("gate_up", x, self.w_gate_up[...])
-        f = gate_up.shape[-1] // 2
-        return ops("down", jax.nn.silu(gate_up[:, :f]) * gate_up[:, f:], self.w_down[...])
+        return ops("down", swiglu(ops("gate_up", x, self.w_gate_up[...])), self.w_down[...])
 
 
 class DecoderLayer(nnx.Module):
@@ -177,10 +204,7 @@ class LlamaModel(nnx.Module):
 
     def head(self, x: jax.Array) -> jax.Array:
         """x: [T, d] -> logits [T, V]."""
-        x = self.final_norm(x)
-        if self.lm_head is None:
-            return jnp.einsum("td,vd->tv", x, self.embed[...])
-        return x @ self.lm_head[...]
+        return head_logits(self.final_norm(x), self.embed[...], None if self.lm_head is None else self.lm_head[...])
 
     def __call__(self, tokens, cache: KVCache, start_pos, n_valid, *, attn_len: int, all_logits: bool,
                  sparse: SparsityConfig | None = None, thresholds: jax.Array | None = None,
@@ -192,8 +216,7 @@ class LlamaModel(nnx.Module):
         restricts the residual-stream groups to predicted sets; taps (a list) receives, per layer,
         the input of each op group and the residual entering the layer."""
         x = jnp.take(self.embed[...], tokens, axis=0)  # [T, d]
-        positions = start_pos + jnp.arange(tokens.shape[0])
-        mask_bias = jnp.where(jnp.arange(attn_len)[None, :] <= positions[:, None], 0.0, -1e30)  # [T, S]
+        mask_bias = causal_bias(start_pos, tokens.shape[0], attn_len)  # [T, S]
         ks, vs = list(cache.k), list(cache.v)
         residuals = []
         for i, layer in enumerate(self.layers):

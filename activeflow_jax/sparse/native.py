@@ -28,6 +28,7 @@ from activeflow_jax.paths import activeflow_home
 
 TARGET = "activeflow_gather_matvec"
 TOPK_TARGET = "activeflow_topk_matvec"
+MASK_TARGET = "activeflow_active_mask"
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "native", "gather_matvec.cc")
 log = logging.getLogger(__name__)
 
@@ -73,6 +74,7 @@ def available() -> bool:
         lib = ctypes.cdll.LoadLibrary(path)
         jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.AfGatherMatvec), platform="cpu")
         jax.ffi.register_ffi_target(TOPK_TARGET, jax.ffi.pycapsule(lib.AfTopkMatvec), platform="cpu")
+        jax.ffi.register_ffi_target(MASK_TARGET, jax.ffi.pycapsule(lib.AfActiveMask), platform="cpu")
         return True
     except Exception as exc:  # any failure means: use the XLA kernel instead
         log.warning("native sparse kernel unavailable, using the XLA gather kernel: %s", exc)
@@ -97,3 +99,12 @@ def topk_matvec(x0: jax.Array, w: jax.Array, k: int, threshold: jax.Array | floa
     return jax.ffi.ffi_call(TOPK_TARGET, jax.ShapeDtypeStruct((w.shape[1],), jnp.float32))(
         x0.astype(jnp.float32), thr, w, k=np.int64(k), use_threshold=np.int64(bool(use_threshold)))
 
+
+def active_mask(x: jax.Array, k: int, threshold: jax.Array | float, use_threshold: bool) -> jax.Array:
+    """kernels.active_mask for x [T, in], computed natively (same rule, same ties): bool [T, in]."""
+    import numpy as np
+
+    thr = jnp.asarray(threshold, jnp.float32).reshape(1)
+    mask = jax.ffi.ffi_call(MASK_TARGET, jax.ShapeDtypeStruct(x.shape, jnp.float32))(
+        x.astype(jnp.float32), thr, k=np.int64(k), use_threshold=np.int64(bool(use_threshold)))
+    return mask > 0.5

@@ -1,0 +1,180 @@
+"""DRAM accounting of the swapping runtime: what a budget must hold and how it is split.
+
+This is the one place that turns a budget into sizes. Everything the engine holds counts:
+
+    baseline   the process before the model was loaded (Python, JAX, XLA's runtime); measured at
+               load time, because a budget the process cannot keep is no budget
+    resident   weights that stay in DRAM: embedding (also the tied lm_head: every token reads
+               all of it) and norms. Decoder layers, dense ones included, are streamed.
+    kv         the KV cache for `kv_tokens` positions
+    staging    host copies of rows in flight from flash: one layer group's preload plus one
+               op's on-demand rows
+    pools      one slot buffer per op group (qkv, o, gate_up, down), shared by all sparse layers;
+               a slot holds one row (one input channel of one layer). The slots beyond what the
+               current token needs are the context-level hot-weight cache.
+
+Every pool must hold the k rows one op computes with (a prefill chunk's larger union is computed
+in slices of k rows), and the predicted ops also one group's preloaded rows; that, with the
+resident weights, the KV cache and the staging memory, is the minimum working set. What is left is split between the pools in proportion to
+their op's total bytes, so every op keeps the same share of its rows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import numpy as np
+
+from activeflow_jax.config import OP_GROUPS, ModelConfig, op_input_dims
+from activeflow_jax.errors import InvalidArgumentError
+
+F32 = 4
+_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9, "t": 1e12, "tb": 1e12,
+          "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
+
+
+class BudgetTooSmallError(InvalidArgumentError):
+    """The DRAM budget is below the minimum working set."""
+
+
+def op_output_dims(cfg: ModelConfig) -> tuple[int, ...]:
+    """Row width (floats) of each op group's weight, OP_GROUPS order."""
+    return (cfg.q_dim + 2 * cfg.kv_dim, cfg.d_model, 2 * cfg.d_ff, cfg.d_model)
+
+
+def op_row_bytes(cfg: ModelConfig) -> tuple[int, ...]:
+    return tuple(out * F32 for out in op_output_dims(cfg))
+
+
+def layer_op_bytes(cfg: ModelConfig) -> tuple[int, ...]:
+    """Bytes of one layer's weight per op group."""
+    return tuple(i * r for i, r in zip(op_input_dims(cfg), op_row_bytes(cfg)))
+
+
+def model_weight_bytes(cfg: ModelConfig) -> int:
+    return cfg.num_params() * F32
+
+
+def resident_bytes(cfg: ModelConfig) -> int:
+    embed = cfg.vocab_size * cfg.d_model * F32
+    head = 0 if cfg.tie_embeddings else embed
+    norms = (2 * cfg.num_layers + 1) * cfg.d_model * F32
+    return embed + head + norms
+
+
+def kv_bytes(cfg: ModelConfig, tokens: int) -> int:
+    return 2 * cfg.num_layers * tokens * cfg.kv_dim * F32
+
+
+def parse_budget(value, cfg: ModelConfig) -> int:
+    """Bytes from 200_000_000, "200MB", "1.5GiB", or a fraction of the model's weight bytes
+    (0 < value <= 1, or "50%")."""
+    if isinstance(value, bool):
+        raise InvalidArgumentError(f"dram_budget must be bytes, a size such as '200MB' or a fraction; got {value!r}")
+    if isinstance(value, (int, np.integer)) and value > 1:
+        return int(value)
+    if isinstance(value, (float, int)):
+        if 0 < value <= 1:
+            return int(value * model_weight_bytes(cfg))
+        raise InvalidArgumentError(f"dram_budget as a number is a fraction in (0, 1] of the model or bytes > 1; "
+                                   f"got {value!r}")
+    if isinstance(value, str):
+        text = value.strip().lower().replace(" ", "")
+        if text.endswith("%"):
+            try:
+                return parse_budget(float(text[:-1]) / 100, cfg)
+            except ValueError:
+                pass
+        match = re.fullmatch(r"([0-9]*\.?[0-9]+)([a-z]*)", text)
+        if match and match.group(2) in _UNITS:
+            number = float(match.group(1))
+            if match.group(2) == "" and number <= 1:
+                return parse_budget(number, cfg)
+            return int(number * _UNITS[match.group(2)])
+    raise InvalidArgumentError(f"cannot read dram_budget {value!r}: give bytes, a size such as '200MB' or "
+                               "'1.5GiB', or a fraction of the model such as 0.5 or '50%'")
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryPlan:
+    """How a budget is spent (bytes). `pool_slots[g]` rows of op group g fit in its pool."""
+
+    budget: int
+    baseline: int
+    resident: int
+    kv: int
+    kv_tokens: int
+    staging: int
+    pool_slots: tuple[int, ...]
+    row_bytes: tuple[int, ...]
+    min_pool_slots: tuple[int, ...]
+
+    @property
+    def pools(self) -> int:
+        return sum(s * r for s, r in zip(self.pool_slots, self.row_bytes))
+
+    @property
+    def cache(self) -> int:
+        """Pool bytes beyond the minimum working set: the hot-weight cache."""
+        return sum((s - m) * r for s, m, r in zip(self.pool_slots, self.min_pool_slots, self.row_bytes))
+
+    @property
+    def total(self) -> int:
+        return self.baseline + self.resident + self.kv + self.staging + self.pools
+
+    def as_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        out.update(pools=self.pools, cache=self.cache, total=self.total,
+                   pool_bytes={g: s * r for g, s, r in zip(OP_GROUPS, self.pool_slots, self.row_bytes)})
+        return out
+
+
+def staging_bytes(cfg: ModelConfig, group_size: int, preload_channels: tuple[int, int], ks: tuple[int, ...]) -> int:
+    """Host memory for rows in flight: a group's preload of qkv and gate_up rows plus the largest
+    single on-demand read (k rows of one op: prefill reads its union in chunks of k rows)."""
+    rb = op_row_bytes(cfg)
+    preload = group_size * (preload_channels[0] * rb[0] + preload_channels[1] * rb[2])
+    return preload + max(k * r for k, r in zip(ks, rb))
+
+
+def min_pool_slots(cfg: ModelConfig, group_size: int, preload_channels: tuple[int, int],
+                   ks: tuple[int, ...]) -> tuple[int, ...]:
+    """Per op: the k rows an op computes with at once (dense layers run in slices of k rows), plus,
+    for the predicted ops, one group's preloaded rows (pinned until their layer has run)."""
+    layers = cfg.num_layers
+    slots = list(ks)
+    slots[OP_GROUPS.index("qkv")] += group_size * preload_channels[0]
+    slots[OP_GROUPS.index("gate_up")] += group_size * preload_channels[1]
+    return tuple(min(m, d * layers) for m, d in zip(slots, op_input_dims(cfg)))
+
+
+def plan_memory(cfg: ModelConfig, budget: int, *, baseline: int, kv_tokens: int,
+                group_size: int, preload_channels: tuple[int, int], ks: tuple[int, ...]) -> MemoryPlan:
+    """Splits `budget` bytes; raises BudgetTooSmallError (stating the minimum) if it cannot hold
+    the minimum working set. preload_channels: channels predicted per layer for (qkv, gate_up);
+    ks: channels each op computes with per token (op_input_dims for a dense model)."""
+    row_bytes = op_row_bytes(cfg)
+    total_rows = tuple(d * cfg.num_layers for d in op_input_dims(cfg))
+    min_slots = min_pool_slots(cfg, group_size, preload_channels, ks)
+    staging = staging_bytes(cfg, group_size, preload_channels, ks)
+    fixed = baseline + resident_bytes(cfg) + kv_bytes(cfg, kv_tokens) + staging
+    minimum = fixed + sum(m * r for m, r in zip(min_slots, row_bytes))
+    if budget < minimum:
+        raise BudgetTooSmallError(
+            f"a DRAM budget of {budget / 1e6:.1f} MB is below the minimum working set of {minimum / 1e6:.1f} MB "
+            f"for this model and setting (process baseline {baseline / 1e6:.0f} MB, resident embedding/norms"
+            f" {resident_bytes(cfg) / 1e6:.1f} MB, KV cache for {kv_tokens} tokens "
+            f"{kv_bytes(cfg, kv_tokens) / 1e6:.1f} MB, the active rows of one layer and one group's preload "
+            f"{(minimum - fixed + staging) / 1e6:.1f} MB); raise the budget, raise the sparsity, lower kv_tokens "
+            "or use a smaller layer group"
+        )
+    # the rest becomes cache, shared in proportion to each op's total bytes (same share of rows)
+    spare = budget - minimum
+    extra_rows = [t - m for t, m in zip(total_rows, min_slots)]
+    extra_bytes = sum(e * r for e, r in zip(extra_rows, row_bytes))
+    share = min(1.0, spare / extra_bytes) if extra_bytes else 0.0
+    slots = tuple(m + int(e * share) for m, e in zip(min_slots, extra_rows))
+    return MemoryPlan(budget=budget, baseline=baseline, resident=resident_bytes(cfg),
+                      kv=kv_bytes(cfg, kv_tokens), kv_tokens=kv_tokens, staging=staging, pool_slots=slots,
+                      row_bytes=row_bytes, min_pool_slots=min_slots)

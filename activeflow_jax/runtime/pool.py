@@ -1,0 +1,111 @@
+"""Slot pools: one fixed-size device buffer per op group holding weight rows of any sparse layer.
+
+A slot holds one row: input channel c of layer l of this op. The host keeps the maps
+(`slot_of[l, c]`, `owner[slot]`) and a context-level LFU counter per (layer, channel) — reset for
+every new sequence, as the paper's hot-weight cache — and picks victims among slots that are
+neither needed by the op being computed nor pinned for a layer group about to run. Rows enter by
+a jitted scatter into the donated buffer (in place, no copy of the pool); padding entries point
+at the pool's extra last row, which stays all-zero so padded gathers add nothing.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+import jax
+import jax.numpy as jnp
+
+from activeflow_jax.runtime import stages
+
+MIN_SCATTER = 8
+
+
+def pad_size(n: int, floor: int = MIN_SCATTER) -> int:
+    """Bucketed length (powers of two) so scatters compile a handful of programs."""
+    return max(floor, 1 << max(0, int(n - 1).bit_length()))
+
+
+class SlotPool:
+    def __init__(self, name: str, num_layers: int, in_dim: int, out_dim: int, slots: int):
+        self.name, self.in_dim, self.out_dim, self.slots = name, in_dim, out_dim, slots
+        self.trash = slots  # index of the all-zero padding row
+        self.buffer = jnp.zeros((slots + 1, out_dim), jnp.float32)
+        self.slot_of = np.full((num_layers, in_dim), -1, np.int32)
+        self.owner = np.full(slots, -1, np.int64)  # layer * in_dim + channel
+        self.pin_until = np.full(slots, -1, np.int32)  # protected while the current layer <= this
+        self.freq = np.zeros((num_layers, in_dim), np.int32)
+        self._free = list(range(slots - 1, -1, -1))
+
+    @property
+    def nbytes(self) -> int:
+        return (self.slots + 1) * self.out_dim * 4
+
+    @property
+    def resident_rows(self) -> int:
+        return self.slots - len(self._free)
+
+    def reset_counters(self) -> None:
+        """A new sequence: LFU counts restart (rows stay: they are still valid weights)."""
+        self.freq[:] = 0
+        self.pin_until[:] = -1
+
+    def lookup(self, layer: int, cols: np.ndarray) -> np.ndarray:
+        return self.slot_of[layer, cols]
+
+    def touch(self, layer: int, cols: np.ndarray) -> None:
+        self.freq[layer, cols] += 1
+
+    def _allocate(self, n: int, current_layer: int, protect: np.ndarray) -> np.ndarray:
+        take = min(n, len(self._free))
+        out = [self._free.pop() for _ in range(take)]
+        need = n - take
+        if need:
+            score = self.freq.ravel()[np.maximum(self.owner, 0)].astype(np.float64)
+            score[self.owner < 0] = np.inf  # free slots were all taken above
+            score[self.pin_until >= current_layer] = np.inf
+            score[protect] = np.inf
+            victims = np.argpartition(score, need - 1)[:need] if need < self.slots else np.arange(self.slots)
+            if np.isinf(score[victims]).any():
+                raise RuntimeError(f"{self.name} pool: {self.slots} slots cannot hold {n} more rows next to the "
+                                   "pinned ones (the budget planner should have prevented this)")
+            old = self.owner[victims]
+            self.slot_of.ravel()[old] = -1
+            self.owner[victims] = -1
+            out.extend(int(v) for v in victims)
+        return np.asarray(out, np.int32)
+
+    def install(self, layers: np.ndarray, cols: np.ndarray, rows: np.ndarray, *, current_layer: int,
+                protect: np.ndarray, pin_until: int = -1) -> np.ndarray:
+        """Puts rows [n, out] of (layers[n], cols[n]) into free or evicted slots; returns the slots."""
+        n = len(cols)
+        if n == 0:
+            return np.zeros(0, np.int32)
+        slots = self._allocate(n, current_layer, protect)
+        size = pad_size(n)
+        padded_slots = np.full(size, self.trash, np.int32)
+        padded_slots[:n] = slots
+        padded_rows = np.zeros((size, self.out_dim), np.float32)
+        padded_rows[:n] = rows
+        self.buffer = stages.scatter_rows(self.buffer, jnp.asarray(padded_slots), jnp.asarray(padded_rows))
+        self.slot_of[layers, cols] = slots
+        self.owner[slots] = layers.astype(np.int64) * self.in_dim + cols
+        self.pin_until[slots] = pin_until
+        return slots
+
+    def release(self) -> None:
+        """Frees the device buffer (the engine is being re-budgeted or closed)."""
+        try:
+            self.buffer.delete()
+        except Exception:
+            pass
+        self.buffer = None
+
+
+def padded_source(pool: SlotPool, cols: np.ndarray, slots: np.ndarray, size: int) -> dict:
+    """The stage's weight source for `cols` living in `slots`, padded to `size` entries."""
+    pc = np.zeros(size, np.int32)
+    ps = np.full(size, pool.trash, np.int32)
+    pc[:len(cols)] = cols
+    ps[:len(slots)] = slots
+    # numpy, not device_put: jit's C++ path takes host arrays ~10x faster than a device_put call
+    return {"pool": pool.buffer, "cols": pc, "slots": ps}

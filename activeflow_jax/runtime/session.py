@@ -1,0 +1,142 @@
+"""Loading an engine under a DRAM budget: plan, lay out the store for streaming, build the runtime.
+
+Kept apart from engine.py so that the all-in-DRAM engine does not import the runtime.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from typing import Any
+
+import numpy as np
+
+from activeflow_jax.config import SparsityConfig
+from activeflow_jax.errors import InvalidArgumentError
+from activeflow_jax.runtime import budget as budget_mod
+from activeflow_jax.store.reader import StoreReader
+
+DEFAULT_GROUP_SIZE = 4
+DEFAULT_KV_TOKENS = 512
+
+
+def _current_rss() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        return 0
+
+
+def op_ks(cfg, sparsity: SparsityConfig | None) -> tuple[int, ...]:
+    from activeflow_jax.config import op_input_dims
+
+    return sparsity.ks(cfg) if sparsity is not None else op_input_dims(cfg)
+
+
+def preload_channels(cfg, sparsity: SparsityConfig | None, superset: float) -> tuple[int, int]:
+    """Channels predicted per layer for (qkv, gate_up)."""
+    if sparsity is None:
+        return cfg.d_model, cfg.d_model
+    ks = sparsity.ks(cfg)
+    return tuple(min(cfg.d_model, int(round(superset * k))) for k in (ks[0], ks[2]))
+
+
+def load_swapping(engine_cls, store_path, dram_budget: Any, *, sparsity: float | None, policy: str, kernel: str,
+                  dense_layers: int, group_size: int | None = None, kv_tokens: int = DEFAULT_KV_TOKENS,
+                  superset: float = 1.5, cold: bool = False, direct_io: bool = False,
+                  budget_includes_process: bool = False, relayout: bool = True, plan: bool = True,
+                  progress: bool = True):
+    """An Engine whose weights stay on flash; see Engine.load.
+
+    group_size   layers per preload group (and the store's bundle layout); None: the planner's
+    kv_tokens    KV cache positions the budget reserves (longer requests are refused)
+    superset     channels preloaded per predicted op, as a multiple of k
+    cold         drop the store from the page cache first, so reads come from the device
+    direct_io    read with O_DIRECT (no page cache at all: what is read is really read)
+    budget_includes_process  count the process's memory before loading (Python, JAX) too
+    relayout     write the streaming layout for group_size if the store lacks it
+    plan         with sparsity None, let the planner pick sparsity and group size
+    """
+    from activeflow_jax.formats.tokenizer import Tokenizer
+    from activeflow_jax.runtime.swap import SwapRuntime
+    from activeflow_jax.sparse.calibrate import store_thresholds
+    from activeflow_jax.store import bundles
+
+    start = time.perf_counter()
+    reader = StoreReader(store_path)
+    cfg = reader.config
+    budget = budget_mod.parse_budget(dram_budget, cfg)
+    if not isinstance(kv_tokens, int) or kv_tokens < 16:
+        raise InvalidArgumentError(f"kv_tokens must be an int >= 16, got {kv_tokens!r}")
+    kv_tokens = 1 << (kv_tokens.bit_length() - 1)  # KV caches come in powers of two
+    if group_size is not None and (not isinstance(group_size, int) or group_size < 1):
+        raise InvalidArgumentError(f"group_size must be an int >= 1, got {group_size!r}")
+    baseline = _current_rss() if budget_includes_process else 0
+    chosen = _choose(reader, cfg, budget, sparsity, group_size, kv_tokens, superset, dense_layers, baseline,
+                     plan)
+    sparsity, group_size, explanation = chosen
+    config = None
+    if sparsity:
+        config = SparsityConfig(sparsity, policy=policy, kernel=kernel, dense_layers=dense_layers).resolved()
+    memory = budget_mod.plan_memory(cfg, budget, baseline=baseline, kv_tokens=kv_tokens,
+                                    group_size=group_size,
+                                    preload_channels=preload_channels(cfg, config, superset), ks=op_ks(cfg, config))
+    thresholds = None
+    if config is not None and config.policy == "threshold":
+        thresholds = np.asarray(store_thresholds(reader.path, cfg, config.sparsity))
+    info = bundles.bundle_info(reader.path)
+    if info is None or info.get("group_size") != group_size or info.get("first_layer") != 0:
+        if not relayout:
+            raise InvalidArgumentError(f"store {reader.path} has no streaming layout for groups of {group_size}; "
+                                       f"run `activeflow relayout --store {reader.path} --group-size {group_size}`")
+        if progress:
+            print(f"laying out {reader.path} for streaming in groups of {group_size} layers (once)", file=sys.stderr)
+        bundles.write_bundles(reader.path, group_size, first_layer=0, progress=progress)
+    if cold:
+        from activeflow_jax.runtime.iostats import drop_page_cache
+
+        drop_page_cache(reader.path)
+    runtime = SwapRuntime(reader.path, cfg, config, thresholds, memory, group_size=group_size, superset=superset,
+                          direct_io=direct_io)
+    tokenizer = Tokenizer.from_spec(reader.tokenizer_spec) if reader.tokenizer_spec else None
+    engine = engine_cls(cfg, {}, tokenizer, store_path=reader.path)
+    engine.swap = runtime
+    engine.sparsity, engine.plan_explanation = config, explanation
+    engine._swap_settings = dict(sparsity=sparsity, group_size=group_size, kv_tokens=kv_tokens, superset=superset,
+                                 dense_layers=dense_layers, baseline=baseline)
+    engine.stats.weight_bytes = runtime.resident_bytes
+    engine.stats.memory = runtime.memory_breakdown()
+    engine.stats.load_seconds = time.perf_counter() - start
+    return engine
+
+
+def _choose(reader, cfg, budget, sparsity, group_size, kv_tokens, superset, dense_layers, baseline, plan):
+    """(sparsity, group_size, explanation): the planner's choice where not given."""
+    if not plan or (sparsity is not None and group_size is not None):
+        return sparsity, group_size or DEFAULT_GROUP_SIZE, ""
+    try:
+        from activeflow_jax.runtime import planner
+        from activeflow_jax.runtime.bandwidth import get_bandwidths
+    except ImportError:  # planner not available: fixed defaults
+        return sparsity, group_size or DEFAULT_GROUP_SIZE, ""
+    from activeflow_jax.sparse.calibrate import read_calibration
+
+    calibration = read_calibration(reader.path, cfg)
+    levels = sorted(calibration.levels) if calibration is not None else []
+    chosen = planner.plan(cfg, budget, get_bandwidths(reader.path), levels=levels, dense_layers=dense_layers,
+                          kv_tokens=kv_tokens, superset=superset, sparsity=sparsity, group_size=group_size,
+                          baseline=baseline)
+    return chosen.sparsity or None, chosen.group_size, chosen.explain()
+
+
+def replan(engine, dram_budget: Any) -> None:
+    """New pool sizes for a new budget, same sparsity and layout."""
+    s = engine._swap_settings
+    cfg = engine.config
+    budget = budget_mod.parse_budget(dram_budget, cfg)
+    memory = budget_mod.plan_memory(cfg, budget, baseline=s["baseline"], kv_tokens=s["kv_tokens"], group_size=s["group_size"],
+                                    preload_channels=preload_channels(cfg, engine.sparsity, s["superset"]),
+                                    ks=op_ks(cfg, engine.sparsity))
+    engine.swap.replan(memory)

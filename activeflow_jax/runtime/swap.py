@@ -1,0 +1,368 @@
+"""The DRAM-flash swapping runtime: a model runs in a fixed DRAM budget with its weights on flash.
+
+Per decoded token (host orchestration between jitted stages, see stages.py):
+
+    embed -> for each layer group g:
+        at its first layer: wait for the rows preloaded for g (started one group earlier) and
+        scatter them into the pools; predict the active channels of group g+1 from the
+        residual entering g and start reading their missing rows (TensorStore's own threads,
+        not inside jitted code) -- that read overlaps the compute of group g
+        -> per op: the stage before it selected the exact active channels; rows the pools lack
+        are loaded on demand, then the op runs on the pool (fixed-size slot buffer)
+    -> head
+
+Only qkv and gate_up are predicted (their inputs derive from the residual stream); o and down
+are loaded on demand and kept by the hot-weight cache. Because every active row is present
+before its op runs, the result equals the all-in-DRAM sparse path at any budget.
+
+Without sparsity (`sparsity=None`) the same machinery streams whole layers (each op's active
+set is every channel; the next group is preloaded exactly): the "dense layer streaming at the
+same budget" baseline, a stronger one than mmap since it caches by frequency and overlaps reads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import threading
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from activeflow_jax.config import OP_GROUPS, ModelConfig, SparsityConfig, op_input_dims
+from activeflow_jax.errors import StoreError
+from activeflow_jax.models import llama
+from activeflow_jax.runtime import iostats, stages
+from activeflow_jax.runtime.budget import MemoryPlan, op_output_dims
+from activeflow_jax.runtime.pool import SlotPool, padded_source
+from activeflow_jax.store.reader import StoreReader
+
+PREDICTED = ("qkv", "gate_up")  # residual-stream inputs: preloaded one layer group ahead
+
+
+@dataclasses.dataclass
+class SwapStats:
+    """Loader counters since load or `reset()` (rows are (layer, channel) weight rows)."""
+
+    tokens: int = 0
+    active_rows: int = 0  # rows ops needed
+    hit_rows: int = 0  # ... of which were already in DRAM (cache or preload)
+    ondemand_rows: int = 0
+    ondemand_bytes: int = 0
+    ondemand_seconds: float = 0.0  # the compute waited for all of it
+    preload_rows_read: int = 0
+    preload_bytes: int = 0
+    preload_seconds: float = 0.0  # issue -> data in hand, summed over group reads
+    preload_wait_seconds: float = 0.0  # of which the compute waited
+    predicted_rows: int = 0  # (layer, channel) pairs predicted for qkv/gate_up
+    predicted_used: int = 0  # ... that turned out active
+    predictable_active: int = 0  # active qkv/gate_up rows of layers that had a prediction
+    device_read_bytes: int = 0  # /proc/self/io read_bytes during forward passes
+    prefill_bytes: int = 0  # rows read for prefill chunks (not in the rates above)
+    prefill_read_seconds: float = 0.0
+
+    @property
+    def bytes_requested(self) -> int:
+        return self.ondemand_bytes + self.preload_bytes
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hit_rows / self.active_rows if self.active_rows else 0.0
+
+    @property
+    def preload_precision(self) -> float:
+        return self.predicted_used / self.predicted_rows if self.predicted_rows else 0.0
+
+    @property
+    def preload_recall(self) -> float:
+        return self.predicted_used / self.predictable_active if self.predictable_active else 0.0
+
+    @property
+    def io_wait_seconds(self) -> float:
+        return self.ondemand_seconds + self.preload_wait_seconds
+
+    @property
+    def io_hidden_share(self) -> float:
+        """Share of the time spent reading flash during which the compute did not wait."""
+        total = self.ondemand_seconds + self.preload_seconds
+        return 1.0 - self.io_wait_seconds / total if total else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        for name in ("bytes_requested", "hit_rate", "preload_precision", "preload_recall", "io_wait_seconds",
+                     "io_hidden_share"):
+            out[name] = getattr(self, name)
+        return out
+
+
+class _Preload:
+    """Rows of one layer group being read from flash for one op group."""
+
+    def __init__(self, group: int, op: str, predicted: np.ndarray, read: np.ndarray, handle):
+        self.group, self.op, self.predicted, self.read, self.handle = group, op, predicted, read, handle
+        self.issued = time.perf_counter()
+        self.done_at: float | None = None
+        if handle is not None and hasattr(handle, "add_done_callback"):
+            handle.add_done_callback(self._mark_done)
+
+    def _mark_done(self, _future) -> None:
+        self.done_at = time.perf_counter()
+
+
+class SwapRuntime:
+    """Resident weights (embedding, norms) + slot pools + loader for one store and memory plan."""
+
+    def __init__(self, store_path: str, cfg: ModelConfig, sparsity: SparsityConfig | None,
+                 thresholds: np.ndarray | None, memory: MemoryPlan, *, group_size: int, superset: float = 1.5,
+                 direct_io: bool = False):
+        from activeflow_jax.store.bundles import BundleReader
+
+        self.cfg, self.sparsity, self.memory, self.superset = cfg, sparsity, memory, superset
+        self.store_path = store_path
+        self.native = sparsity is not None and sparsity.kernel == "native" or (
+            sparsity is None and _native_available())
+        # rows an op computes with at once; dense layers (and prefill unions) run in slices of it
+        self.slice = dict(zip(OP_GROUPS, sparsity.ks(cfg) if sparsity is not None else op_input_dims(cfg)))
+        self.bundles = BundleReader(store_path, direct_io=direct_io)
+        if self.bundles.group_size != group_size or self.bundles.first_layer != 0:
+            raise StoreError(
+                f"store {store_path} is laid out for groups of {self.bundles.group_size} from layer "
+                f"{self.bundles.first_layer}; run `activeflow relayout --store {store_path} --group-size {group_size} "
+                "--first-layer 0`")
+        self._load_resident(store_path)
+        thr = np.zeros((cfg.num_layers, len(OP_GROUPS)), np.float32) if thresholds is None else thresholds
+        self._thr = [[jnp.float32(thr[i, g]) for g in range(len(OP_GROUPS))] for i in range(cfg.num_layers)]
+        self.pools = self._make_pools(memory)
+        self._sels = [{op: self._make_sel(i, op) for op in OP_GROUPS} for i in range(cfg.num_layers)]
+        self._host_norms = {name: np.abs(np.asarray(a)) for name, a in self.resident.items() if "norm" in name}
+        self.stats = SwapStats()
+        self._pending: dict[str, _Preload] = {}
+        self._preloaded: dict[tuple[str, int], np.ndarray] = {}  # (op, layer) -> predicted channel mask
+        self._lock = threading.Lock()
+
+    # -- setup ---------------------------------------------------------------------------------
+
+    def _load_resident(self, store_path: str) -> None:
+        cfg = self.cfg
+        reader = StoreReader(store_path)
+        names = ["embed", "final_norm.weight"] + ([] if cfg.tie_embeddings else ["lm_head"])
+        names += [f"layers.{i}.{n}.weight" for i in range(cfg.num_layers) for n in ("attn_norm", "mlp_norm")]
+        self.resident = {name: jax.device_put(arr) for name, arr in reader.iter_many(names)}
+        self.resident_bytes = sum(a.nbytes for a in self.resident.values())
+
+    def _make_pools(self, memory: MemoryPlan) -> dict[str, SlotPool]:
+        return {g: SlotPool(g, self.cfg.num_layers, i, o, s)
+                for g, i, o, s in zip(OP_GROUPS, op_input_dims(self.cfg), op_output_dims(self.cfg), memory.pool_slots)}
+
+    def replan(self, memory: MemoryPlan) -> None:
+        """New pool sizes (runtime budget change): the old buffers are freed first."""
+        with self._lock:
+            for pool in self.pools.values():
+                pool.release()
+            self.pools = {}
+            self._pending.clear()
+            self._preloaded.clear()
+            self.memory = memory
+            self.pools = self._make_pools(memory)
+
+    def memory_breakdown(self) -> dict[str, Any]:
+        pools = {g: p.nbytes for g, p in self.pools.items()}
+        return {"budget": self.memory.budget, "resident": self.resident_bytes, "kv": self.memory.kv,
+                "kv_tokens": self.memory.kv_tokens, "staging": self.memory.staging, "pools": pools,
+                "cache_rows_resident": {g: p.resident_rows for g, p in self.pools.items()},
+                "total": self.resident_bytes + self.memory.kv + self.memory.staging + sum(pools.values())}
+
+    def close(self) -> None:
+        for pool in self.pools.values():
+            pool.release()
+        self.pools = {}
+
+    def reset_stats(self) -> None:
+        self.stats = SwapStats()
+
+    def new_sequence(self) -> None:
+        for pool in self.pools.values():
+            pool.reset_counters()
+
+    # -- the forward pass ----------------------------------------------------------------------
+
+    def _sel(self, layer: int, op: str) -> stages.Select | None:
+        return self._sels[layer][op]
+
+    def _make_sel(self, layer: int, op: str) -> stages.Select | None:
+        sp = self.sparsity
+        if sp is None or not sp.is_sparse_layer(layer):
+            return None
+        return stages.Select(sp.ks(self.cfg)[OP_GROUPS.index(op)], sp.policy)
+
+    def _norm(self, layer: int, which: str):
+        return self.resident[f"layers.{layer}.{which}.weight"]
+
+    def forward(self, cache: llama.KVCache, tokens: np.ndarray, start_pos: int, n_valid: int, attn_len: int,
+                all_logits: bool):
+        """Same contract as `llama.forward`: (logits, new cache)."""
+        with self._lock:
+            read0 = iostats.process_read_bytes() or 0
+            for pool in self.pools.values():
+                pool.pin_until[:] = -1  # pins live within one pass (they name layers of this pass)
+            try:
+                return self._forward(cache, tokens, start_pos, n_valid, attn_len, all_logits)
+            finally:
+                self._pending.clear()  # an interrupted pass must not leave reads for the next one
+                self.stats.device_read_bytes += (iostats.process_read_bytes() or 0) - read0
+
+    def _forward(self, cache, tokens, start_pos, n_valid, attn_len, all_logits):
+        cfg, eps, r = self.cfg, self.cfg.norm_eps, self.resident
+        t = tokens.shape[0]
+        decode = t == 1
+        tok = jnp.asarray(tokens, jnp.int32)
+        start_pos, n_valid_a = jnp.int32(start_pos), jnp.int32(n_valid)
+        q = OP_GROUPS.index
+        x, hm, union = stages.start(r["embed"], tok, self._norm(0, "attn_norm"), self._thr[0][q("qkv")], n_valid_a,
+                                    eps=eps, sel=self._sel(0, "qkv"), native=self.native)
+        ks, vs = list(cache.k), list(cache.v)
+        logits = None
+        for layer in range(cfg.num_layers):
+            if decode:
+                group, position = self.bundles.group_of(layer)
+                if position == 0:
+                    self._begin_group(group, x)
+            src = self._source(layer, "qkv", union, hm, t)
+            hm, union, ks[layer], vs[layer] = stages.qkv_stage(
+                hm, src, ks[layer], vs[layer], start_pos, self._thr[layer][q("o")], n_valid_a, cfg=cfg,
+                sel=self._sel(layer, "o"), native=self.native, attn_len=attn_len)
+            src = self._source(layer, "o", union, hm, t)
+            x, hm, union = stages.o_stage(x, hm, src, self._norm(layer, "mlp_norm"), self._thr[layer][q("gate_up")],
+                                          n_valid_a, eps=eps, sel=self._sel(layer, "gate_up"), native=self.native)
+            src = self._source(layer, "gate_up", union, hm, t)
+            hm, union = stages.gate_up_stage(hm, src, self._thr[layer][q("down")], n_valid_a,
+                                             sel=self._sel(layer, "down"), native=self.native)
+            src = self._source(layer, "down", union, hm, t)
+            if layer + 1 < cfg.num_layers:
+                x, hm, union = stages.down_stage(x, hm, src, self._norm(layer + 1, "attn_norm"),
+                                                 self._thr[layer + 1][q("qkv")], n_valid_a, eps=eps,
+                                                 sel=self._sel(layer + 1, "qkv"), native=self.native)
+            else:
+                logits = stages.last_stage(x, hm, src, r["final_norm.weight"], r["embed"], r.get("lm_head"), n_valid_a,
+                                           eps=eps, native=self.native, all_logits=all_logits)
+        if decode:
+            self.stats.tokens += 1
+        return logits, llama.KVCache(tuple(ks), tuple(vs))
+
+    def _source(self, layer: int, op: str, union, hm, t: int) -> dict:
+        """The op's weight source with every active row in its pool. A decode op has at most k
+        active rows; a prefill chunk's union can have up to all of them: its product is then
+        summed over slices of k rows, so the pool never needs more than k free slots."""
+        pool = self.pools[op]
+        cols = np.flatnonzero(np.asarray(union)).astype(np.int32)
+        k = self.slice[op]
+        decode = t == 1
+        if len(cols) <= k:
+            return padded_source(pool, cols, self._ensure(pool, op, layer, cols, decode), k)
+        y = None
+        for begin in range(0, len(cols), k):
+            part = cols[begin:begin + k]
+            src = padded_source(pool, part, self._ensure(pool, op, layer, part, decode), k)
+            y = stages.partial_linear(hm, src) if y is None else y + stages.partial_linear(hm, src)
+        return {"y": y}
+
+    def _ensure(self, pool: SlotPool, op: str, layer: int, cols: np.ndarray, decode: bool) -> np.ndarray:
+        """Slots of (layer, cols), loading the rows the pool lacks from flash now (on demand).
+        Rates count decode only; prefill reads are counted apart."""
+        slots = pool.lookup(layer, cols)
+        missing = slots < 0
+        st = self.stats
+        if decode:
+            st.active_rows += len(cols)
+            st.hit_rows += int(len(cols) - missing.sum())
+            predicted = self._preloaded.pop((op, layer), None)
+            if predicted is not None:
+                st.predictable_active += len(cols)
+                st.predicted_used += int(predicted[cols].sum())
+        if missing.any():
+            want = cols[missing]
+            t0 = time.perf_counter()
+            rows = self.bundles.read_layer(op, layer, want)
+            if decode:
+                st.ondemand_seconds += time.perf_counter() - t0
+                st.ondemand_rows += len(want)
+                st.ondemand_bytes += rows.nbytes
+            else:
+                st.prefill_bytes += rows.nbytes
+                st.prefill_read_seconds += time.perf_counter() - t0
+            slots = slots.copy()
+            slots[missing] = pool.install(np.full(len(want), layer, np.int32), want, rows, current_layer=layer,
+                                          protect=slots[~missing])
+        pool.touch(layer, cols)
+        return slots
+
+    # -- cross-layer preloading ----------------------------------------------------------------
+
+    def _begin_group(self, group: int, x) -> None:
+        """At the first layer of `group`: install its preloaded rows, start reading group+1's."""
+        layers = self.bundles.layer_groups[group]
+        for op in PREDICTED:
+            pre = self._pending.pop(op, None)
+            if pre is not None and pre.group == group:
+                self._install_preload(pre, layers)
+        if group + 1 >= len(self.bundles.layer_groups):
+            return
+        nxt = self.bundles.layer_groups[group + 1]
+        residual = np.abs(np.asarray(x)[-1])
+        for op in PREDICTED:
+            channels = self._predict(op, nxt, residual)
+            pool = self.pools[op]
+            have = pool.slot_of[list(nxt)][:, channels] >= 0  # [n_layers, n]
+            read = channels[~have.all(axis=0)]
+            handle = self.bundles.read_group_async(op, group + 1, read) if len(read) else None
+            self._pending[op] = _Preload(group + 1, op, channels, read, handle)
+
+    def _predict(self, op: str, layers: tuple[int, ...], residual: np.ndarray) -> np.ndarray:
+        """Channels of `op` predicted active in `layers`: the top (superset x k) of |residual| x the
+        layers' mean norm gain (the op's input is the normed residual); sorted."""
+        dim = self.pools[op].in_dim
+        sel = self._sel(layers[0], op)
+        if sel is None:
+            return np.arange(dim, dtype=np.int32)
+        which = "attn_norm" if op == "qkv" else "mlp_norm"
+        gain = np.mean([self._host_norms[f"layers.{i}.{which}.weight"] for i in layers], axis=0)
+        n = min(dim, int(round(self.superset * sel.k)))
+        top = np.argpartition(-(residual * gain), n - 1)[:n] if n < dim else np.arange(dim)
+        return np.sort(top).astype(np.int32)
+
+    def _install_preload(self, pre: _Preload, layers: tuple[int, ...]) -> None:
+        st = self.stats
+        pool = self.pools[pre.op]
+        last = layers[-1]
+        if pre.handle is not None:
+            t0 = time.perf_counter()
+            rows = pre.handle.result()  # [n_read, n_layers, out]
+            now = time.perf_counter()
+            st.preload_wait_seconds += now - t0
+            st.preload_seconds += (pre.done_at or now) - pre.issued
+            st.preload_rows_read += rows.shape[0] * rows.shape[1]
+            st.preload_bytes += rows.nbytes
+            for position, layer in enumerate(layers):
+                slots = pool.slot_of[layer, pre.read]
+                need = slots < 0
+                if need.any():
+                    pool.install(np.full(int(need.sum()), layer, np.int32), pre.read[need], rows[need, position],
+                                 current_layer=layers[0], protect=np.zeros(0, np.int64), pin_until=last)
+        for layer in layers:
+            slots = pool.slot_of[layer, pre.predicted]
+            pool.pin_until[slots[slots >= 0]] = last  # predicted rows stay until their layer ran
+            mask = np.zeros(pool.in_dim, bool)
+            mask[pre.predicted] = True
+            self._preloaded[(pre.op, layer)] = mask
+            st.predicted_rows += len(pre.predicted)
+
+
+def _native_available() -> bool:
+    if jax.default_backend() != "cpu":
+        return False
+    from activeflow_jax.sparse import native
+
+    return native.available()

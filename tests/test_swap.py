@@ -1,0 +1,177 @@
+"""The swapping runtime (DRAM budget, slot pools, hot cache, preloading) against the all-in-DRAM path."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+
+import numpy as np
+import pytest
+
+import activeflow_jax as af
+from activeflow_jax.config import tiny_config
+from activeflow_jax.errors import InvalidArgumentError, StoreCorruptError, StoreError
+from activeflow_jax.runtime.budget import BudgetTooSmallError, model_weight_bytes, parse_budget
+
+# more layers than the default tiny model, so that budgets of 25-50% of the weights leave room
+# for a cache beyond the minimum working set (which includes the KV cache and the embedding)
+SWAP_CFG = tiny_config(num_layers=12, d_model=128, d_ff=512, num_heads=4, num_kv_heads=2, head_dim=32,
+                       vocab_size=300, name="tiny-swap")
+PROMPT = [5, 17, 33, 2, 90, 41, 7, 250, 12, 64]
+OPTS = dict(group_size=1, kv_tokens=32, plan=False, progress=False)
+
+
+@pytest.fixture(scope="module")
+def swap_store(tmp_path_factory):
+    from activeflow_jax.testing import make_tiny_store
+
+    return make_tiny_store(tmp_path_factory.mktemp("swap"), SWAP_CFG).store_path
+
+
+@pytest.fixture(scope="module")
+def reference(swap_store):
+    """All-in-DRAM logits and greedy tokens, dense and at 50% top-k sparsity."""
+    out = {}
+    for sparsity in (None, 0.5):
+        engine = af.Engine.load(swap_store, sparsity=sparsity, policy="topk")
+        out[sparsity] = (engine.logits(PROMPT), list(engine.generate_ids(PROMPT, max_new_tokens=8)))
+    return out
+
+
+def _assert_same(engine, reference):
+    logits, tokens = reference
+    got = engine.logits(PROMPT)
+    np.testing.assert_allclose(got, logits, rtol=1e-5, atol=1e-5 * np.abs(logits).max())
+    assert list(engine.generate_ids(PROMPT, max_new_tokens=8)) == tokens
+
+
+@pytest.mark.parametrize("budget", [1.0, 0.5, 0.25])
+def test_sparse_swapping_equals_all_in_dram(swap_store, reference, budget):
+    engine = af.Engine.load(swap_store, sparsity=0.5, policy="topk", dram_budget=budget, **OPTS)
+    _assert_same(engine, reference[0.5])
+    memory = engine.stats.memory
+    assert memory["total"] <= parse_budget(budget, SWAP_CFG)
+    loader = engine.stats.loader
+    assert loader["active_rows"] > 0 and 0 < loader["hit_rate"] <= 1
+    if budget < 1.0:
+        assert loader["ondemand_rows"] + loader["preload_rows_read"] > 0  # rows really came from flash
+    engine.close()
+
+
+@pytest.mark.parametrize("budget", [1.0, 0.5])
+def test_dense_layer_streaming_equals_all_in_dram(swap_store, reference, budget):
+    engine = af.Engine.load(swap_store, dram_budget=budget, **OPTS)
+    _assert_same(engine, reference[None])
+
+
+def test_group_preloading_with_larger_groups(swap_store, reference):
+    engine = af.Engine.load(swap_store, sparsity=0.5, policy="topk", dram_budget=0.6,
+                            **{**OPTS, "group_size": 3})
+    _assert_same(engine, reference[0.5])
+    loader = engine.stats.loader
+    assert loader["predicted_rows"] > 0 and 0 < loader["preload_recall"] <= 1
+
+
+def test_budget_below_minimum_states_it(swap_store):
+    with pytest.raises(BudgetTooSmallError, match=r"minimum working set of [0-9.]+ MB"):
+        af.Engine.load(swap_store, sparsity=0.5, policy="topk", dram_budget="200KB", **OPTS)
+
+
+def test_parse_budget():
+    total = model_weight_bytes(SWAP_CFG)
+    assert parse_budget("200MB", SWAP_CFG) == 200_000_000
+    assert parse_budget("1.5GiB", SWAP_CFG) == int(1.5 * (1 << 30))
+    assert parse_budget(0.5, SWAP_CFG) == int(0.5 * total)
+    assert parse_budget("50%", SWAP_CFG) == int(0.5 * total)
+    assert parse_budget(123456, SWAP_CFG) == 123456
+    for bad in ("lots", -1, 0, True, "12 parsecs", 1.5):
+        with pytest.raises(InvalidArgumentError):
+            parse_budget(bad, SWAP_CFG)
+
+
+def test_runtime_budget_change(swap_store, reference):
+    engine = af.Engine.load(swap_store, sparsity=0.5, policy="topk", dram_budget=1.0, **OPTS)
+    _assert_same(engine, reference[0.5])
+    old_buffers = [p.buffer for p in engine.swap.pools.values()]
+    big = engine.stats.memory["pools"]
+    engine.set_dram_budget(0.3)
+    small = engine.stats.memory["pools"]
+    assert sum(small.values()) < sum(big.values())
+    assert all(b.is_deleted() for b in old_buffers)  # the memory was handed back, not kept
+    _assert_same(engine, reference[0.5])
+    with pytest.raises(BudgetTooSmallError):
+        engine.set_dram_budget("100KB")
+    _assert_same(engine, reference[0.5])  # a refused change leaves the engine as it was
+
+
+def test_cold_and_direct_io(swap_store, reference):
+    engine = af.Engine.load(swap_store, sparsity=0.5, policy="topk", dram_budget=0.5, cold=True, direct_io=True,
+                            **OPTS)
+    _assert_same(engine, reference[0.5])
+
+
+def _bundle_shards(store):
+    root = os.path.join(store, "bundles")
+    return sorted(os.path.join(d, f) for d, _, files in os.walk(root) for f in files
+                  if "/c/" in os.path.join(d, f))
+
+
+def test_corrupted_chunk_mid_generation_then_repaired(swap_store, reference, tmp_path):
+    store = shutil.copytree(swap_store, tmp_path / "store")
+    engine = af.Engine.load(store, sparsity=0.5, policy="topk", dram_budget=0.3, **OPTS)
+    _assert_same(engine, reference[0.5])
+    shards = _bundle_shards(store)
+    saved = {p: open(p, "rb").read() for p in shards}
+    for path in shards:  # damage every row: whatever the next token needs is damaged
+        data = bytearray(saved[path])
+        for i in range(0, len(data) - 64, 97):
+            data[i] ^= 0xFF
+        open(path, "wb").write(bytes(data))
+    engine.set_dram_budget(0.3)  # empty the cache, so rows must be read again
+    with pytest.raises(StoreCorruptError, match=r"(qkv|o|gate_up|down)"):
+        list(engine.generate_ids(PROMPT, max_new_tokens=8))
+    for path, data in saved.items():
+        open(path, "wb").write(data)
+    _assert_same(engine, reference[0.5])  # usable again once the store is repaired
+
+
+def test_store_removed_while_loaded(swap_store, tmp_path):
+    store = shutil.copytree(swap_store, tmp_path / "store")
+    engine = af.Engine.load(store, sparsity=0.5, policy="topk", dram_budget=0.3, **OPTS)
+    shutil.rmtree(store)
+    with pytest.raises(StoreError):
+        list(engine.generate_ids(PROMPT, max_new_tokens=8))
+
+
+def test_two_threads_are_serialized(swap_store, reference):
+    engine = af.Engine.load(swap_store, sparsity=0.5, policy="topk", dram_budget=0.4, **OPTS)
+    results, errors = [None, None], []
+
+    def run(i):
+        try:
+            results[i] = list(engine.generate_ids(PROMPT, max_new_tokens=8))
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert results[0] == results[1] == reference[0.5][1]
+
+
+def test_bad_options(swap_store):
+    with pytest.raises(InvalidArgumentError):
+        af.Engine.load(swap_store, dram_budget=0.5, group_size=0)
+    with pytest.raises(InvalidArgumentError):
+        af.Engine.load(swap_store, dram_budget=0.5, kv_tokens=3)
+    with pytest.raises(InvalidArgumentError):
+        af.Engine.load(swap_store, group_size=2)  # budget options without a budget
+    engine = af.Engine.load(swap_store, sparsity=0.5, policy="topk", dram_budget=1.0, **OPTS)
+    with pytest.raises(InvalidArgumentError, match="kv_tokens|KV cache"):
+        list(engine.generate_ids(PROMPT, max_new_tokens=40))  # needs more KV than the budget reserved
+    with pytest.raises(InvalidArgumentError):
+        engine.configure_sparsity(0.3)
