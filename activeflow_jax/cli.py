@@ -259,6 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON record instead of the table")
     p.add_argument("--output", help="also write the JSON record to this file")
     _add_sparsity_flags(p)
+    _add_budget_flags(p)
     p.set_defaults(func=cmd_tasks)
     return parser
 

@@ -150,6 +150,10 @@ def score_requests(engine, requests: Sequence[Request], *, token_budget: int = D
                    max_items: int = MAX_ITEMS_PER_CALL) -> list[list[np.ndarray]]:
     """Per-token log-probs of every continuation of every request, the context evaluated once
     per request: a list (per request) of lists (per continuation) of float64 arrays."""
+    if engine.swap is not None:
+        # under a DRAM budget the weights are not one pytree a batched program could take: each
+        # sequence goes through the swapping runtime (same function, no context reuse)
+        return score_naive(engine, requests)
     reqs = validate_requests(engine, requests)
     if isinstance(token_budget, bool) or not isinstance(token_budget, int) or token_budget < 1:
         raise InvalidArgumentError(f"token_budget must be an int >= 1, got {token_budget!r}")

@@ -112,7 +112,7 @@ class MemoryPlan:
 
     @property
     def pools(self) -> int:
-        return sum(s * r for s, r in zip(self.pool_slots, self.row_bytes))
+        return sum((s + 1) * r for s, r in zip(self.pool_slots, self.row_bytes))  # +1: the padding row
 
     @property
     def cache(self) -> int:
@@ -158,7 +158,8 @@ def plan_memory(cfg: ModelConfig, budget: int, *, baseline: int, kv_tokens: int,
     total_rows = tuple(d * cfg.num_layers for d in op_input_dims(cfg))
     min_slots = min_pool_slots(cfg, group_size, preload_channels, ks)
     staging = staging_bytes(cfg, group_size, preload_channels, ks)
-    fixed = baseline + resident_bytes(cfg) + kv_bytes(cfg, kv_tokens) + staging
+    padding_rows = sum(row_bytes)  # each pool's extra all-zero row (padding target)
+    fixed = baseline + resident_bytes(cfg) + kv_bytes(cfg, kv_tokens) + staging + padding_rows
     minimum = fixed + sum(m * r for m, r in zip(min_slots, row_bytes))
     if budget < minimum:
         raise BudgetTooSmallError(

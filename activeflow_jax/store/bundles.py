@@ -1,0 +1,272 @@
+"""The streaming layout of a store ("bundles"): rows of one channel for all layers of a group, together.
+
+The swapping runtime reads rows, not tensors: when it preloads layer group g (N consecutive
+layers) it wants channel c of op `qkv` for all N layers, and on a miss it wants channel c of one
+layer. So, next to `tensors/` (which stays as it is), a store gets
+
+    bundles/bundles.json                 group size N, first layer, groups, fingerprint of the store
+    bundles/<op>/g<j>/                   one zarr3 array per (op group, layer group): [in, n, out]
+
+sharded so that one shard file holds many channels and each inner chunk is one row of one layer
+([1, 1, out], with a crc32c). TensorStore writes the inner chunks of a shard in C order, so the
+n rows of channel c are adjacent in the file: a group preload of a channel is one contiguous
+range (TensorStore merges adjacent chunk reads of a batch into one read), an on-demand read of
+one layer's row is one small chunk. No row is stored twice within a layout. `activeflow relayout`
+rewrites it for another N (atomically: the old layout is replaced only once the new one is
+complete).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from activeflow_jax.config import OP_GROUPS
+from activeflow_jax.errors import InvalidArgumentError, StoreCorruptError, StoreError
+from activeflow_jax.store import layout
+from activeflow_jax.store.reader import StoreReader, read_manifest
+
+BUNDLE_DIR = "bundles"
+BUNDLE_MANIFEST = "bundles.json"
+BUNDLE_VERSION = 1
+TENSOR_OF_OP = {"qkv": "attn.wqkv", "o": "attn.wo", "gate_up": "mlp.w_gate_up", "down": "mlp.w_down"}
+TARGET_SHARD_BYTES = 4 << 20
+
+
+def _ts():
+    import tensorstore as ts
+
+    return ts
+
+
+def _fingerprint(manifest: dict[str, Any]) -> str:
+    return f"{manifest.get('created', '')}|{manifest.get('source', {}).get('sha256', '')}"
+
+
+def layer_groups(num_layers: int, group_size: int, first_layer: int) -> list[tuple[int, ...]]:
+    return [tuple(range(s, min(num_layers, s + group_size))) for s in range(first_layer, num_layers, group_size)]
+
+
+def _spec(path: str, shape: tuple[int, ...], dtype: str, shard_rows: int, *, create: bool,
+          direct_io: bool = False) -> dict[str, Any]:
+    kvstore: dict[str, Any] = {"driver": "file", "path": path}
+    if direct_io:
+        kvstore["file_io_mode"] = {"mode": "direct"}
+    spec: dict[str, Any] = {"driver": "zarr3", "kvstore": kvstore}
+    if not create:
+        spec["open"] = True
+        return spec
+    spec["metadata"] = {
+        "shape": list(shape), "data_type": dtype,
+        "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [shard_rows, shape[1], shape[2]]}},
+        "codecs": [{"name": "sharding_indexed", "configuration": {
+            "chunk_shape": [1, 1, shape[2]],
+            "codecs": [{"name": "bytes", "configuration": {"endian": "little"}}, {"name": "crc32c"}],
+            "index_codecs": [{"name": "bytes", "configuration": {"endian": "little"}}, {"name": "crc32c"}],
+            "index_location": "end"}}],
+    }
+    spec.update(create=True, delete_existing=True, store_data_equal_to_fill_value=True)
+    return spec
+
+
+def bundle_info(store_dir: str | os.PathLike) -> dict[str, Any] | None:
+    """The store's streaming layout record, or None if it has none (or a stale one)."""
+    path = os.path.join(os.fspath(store_dir), BUNDLE_DIR, BUNDLE_MANIFEST)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            info = json.load(f)
+    except (OSError, json.JSONDecodeError):
+        return None
+    if info.get("version") != BUNDLE_VERSION or info.get("fingerprint") != _fingerprint(read_manifest(store_dir)):
+        return None
+    return info
+
+
+def write_bundles(store_dir: str | os.PathLike, group_size: int, *, first_layer: int = 0, overwrite: bool = True,
+                  progress: bool = False) -> str:
+    """Writes the streaming layout for layer groups of `group_size`; returns its directory. Reads
+    one (op, group) at a time, so memory stays near N layers of one op."""
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+        raise InvalidArgumentError(f"group size must be an int >= 1, got {group_size!r}")
+    reader = StoreReader(store_dir)
+    cfg = reader.config
+    if not isinstance(first_layer, int) or not 0 <= first_layer < cfg.num_layers:
+        raise InvalidArgumentError(f"first layer must be in [0, {cfg.num_layers}), got {first_layer!r}")
+    final = os.path.join(reader.path, BUNDLE_DIR)
+    if os.path.exists(final) and not overwrite:
+        raise StoreError(f"{final} exists; pass overwrite=True to replace it")
+    tmp = os.path.join(reader.path, f".{BUNDLE_DIR}.tmp-{os.getpid()}-{uuid.uuid4().hex[:6]}")
+    groups = layer_groups(cfg.num_layers, group_size, first_layer)
+    itemsize = np.dtype(reader.storage_dtype).itemsize
+    ts = _ts()
+    arrays: dict[str, Any] = {}
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(groups) * len(OP_GROUPS), desc=f"relayout N={group_size}", unit="bundle")
+    try:
+        for j, layers in enumerate(groups):
+            for op in OP_GROUPS:
+                rows = np.stack([reader.read(f"layers.{i}.{TENSOR_OF_OP[op]}") for i in layers], axis=1)
+                shape = rows.shape  # [in, n, out]
+                shard = max(1, min(shape[0], TARGET_SHARD_BYTES // (shape[1] * shape[2] * itemsize)))
+                path = os.path.join(tmp, op, f"g{j}")
+                array = ts.open(_spec(path, shape, reader.storage_dtype, shard, create=True)).result()
+                array.write(rows.astype(reader.storage_dtype)).result()
+                arrays[f"{op}/g{j}"] = {"shape": list(shape), "shard_rows": shard}
+                if bar is not None:
+                    bar.update(1)
+        info = {"version": BUNDLE_VERSION, "group_size": group_size, "first_layer": first_layer,
+                "groups": [list(g) for g in groups], "storage_dtype": reader.storage_dtype, "arrays": arrays,
+                "fingerprint": _fingerprint(reader.manifest)}
+        with open(os.path.join(tmp, BUNDLE_MANIFEST), "w") as f:
+            json.dump(info, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        if os.path.exists(final):
+            trash = os.path.join(reader.path, f".{BUNDLE_DIR}.old-{uuid.uuid4().hex[:6]}")
+            os.rename(final, trash)
+            os.rename(tmp, final)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.rename(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+    return final
+
+
+class _Handle:
+    """A group read in flight; `result()` gives float32 [channels, n_layers, out]."""
+
+    def __init__(self, reader: "BundleReader", future, where: str, channels: np.ndarray):
+        self._reader, self._future, self._where, self._channels = reader, future, where, channels
+
+    def add_done_callback(self, fn) -> None:
+        self._future.add_done_callback(fn)
+
+    def result(self) -> np.ndarray:
+        try:
+            data = self._future.result()
+        except Exception as exc:
+            raise self._reader._wrap(exc, self._where, self._channels) from None
+        return np.asarray(data, dtype=np.float32)
+
+
+class BundleReader:
+    """Reads rows of the streaming layout (TensorStore, on its own I/O threads)."""
+
+    def __init__(self, store_dir: str | os.PathLike, *, direct_io: bool = False, io_concurrency: int = 32):
+        self.path = os.path.abspath(os.fspath(store_dir))
+        manifest = read_manifest(self.path)
+        info_path = os.path.join(self.path, BUNDLE_DIR, BUNDLE_MANIFEST)
+        if not os.path.isfile(info_path):
+            raise StoreError(f"store {self.path} has no streaming layout; run `activeflow relayout --store "
+                             f"{self.path} --group-size N` (Engine.load(..., dram_budget=...) does it for you)")
+        info = bundle_info(self.path)
+        if info is None:
+            raise StoreError(f"the streaming layout of {self.path} is stale or damaged (the store changed since); "
+                             f"run `activeflow relayout --store {self.path} --group-size N` again")
+        self.info, self.direct_io = info, direct_io
+        self.group_size: int = info["group_size"]
+        self.first_layer: int = info["first_layer"]
+        self.layer_groups: list[tuple[int, ...]] = [tuple(g) for g in info["groups"]]
+        self.storage_dtype = info["storage_dtype"]
+        self.num_layers = manifest["model"]["num_layers"]
+        self._group_of = {layer: (j, p) for j, g in enumerate(self.layer_groups) for p, layer in enumerate(g)}
+        self._context = _ts().Context({"cache_pool": {"total_bytes_limit": 0},
+                                       "file_io_concurrency": {"limit": io_concurrency}})
+        self._arrays: dict[str, Any] = {}
+        self.bytes_requested = 0
+        self.reads = 0
+
+    def group_of(self, layer: int) -> tuple[int, int]:
+        """(group index, position inside the group) of a layer."""
+        try:
+            return self._group_of[layer]
+        except KeyError:
+            raise InvalidArgumentError(f"layer {layer!r} is not in the streaming layout (layers "
+                                       f"{self.first_layer}..{self.num_layers - 1})") from None
+
+    def _array(self, op: str, group: int):
+        if op not in TENSOR_OF_OP:
+            raise InvalidArgumentError(f"unknown op group {op!r}; expected one of {OP_GROUPS}")
+        if not isinstance(group, (int, np.integer)) or not 0 <= group < len(self.layer_groups):
+            raise InvalidArgumentError(f"layer group {group!r} out of range [0, {len(self.layer_groups)})")
+        key = f"{op}/g{group}"
+        if key not in self._arrays:
+            entry = self.info["arrays"][key]
+            spec = _spec(os.path.join(self.path, BUNDLE_DIR, op, f"g{group}"), tuple(entry["shape"]),
+                         self.storage_dtype, entry["shard_rows"], create=False, direct_io=self.direct_io)
+            try:
+                self._arrays[key] = _ts().open(spec, context=self._context).result()
+            except Exception as exc:
+                raise self._wrap(exc, f"{op} of layers {self.layer_groups[group]}", None) from None
+        return self._arrays[key]
+
+    def _channels(self, array, channels: Sequence[int] | np.ndarray) -> np.ndarray:
+        ch = np.asarray(channels)
+        if ch.ndim != 1 or (ch.size and not np.issubdtype(ch.dtype, np.integer)):
+            raise InvalidArgumentError("channels must be a 1-D array of ints")
+        ch = ch.astype(np.int64)
+        if ch.size and (ch[0] < 0 or ch[-1] >= array.shape[0] or np.any(np.diff(ch) <= 0)):
+            raise InvalidArgumentError(f"channels must be sorted, unique and in [0, {array.shape[0]})")
+        return ch
+
+    def _wrap(self, exc: Exception, where: str, channels: np.ndarray | None) -> StoreError:
+        text = str(exc)
+        rows = "" if channels is None or len(channels) == 0 else f", channels {channels[0]}..{channels[-1]}"
+        if not os.path.isdir(self.path):
+            return StoreError(f"store {self.path} was removed while in use; restore it or load another store")
+        if "DATA_LOSS" in text or "checksum" in text.lower() or "crc32c" in text.lower():
+            return StoreCorruptError(f"store {self.path}: streaming layout, {where}{rows} failed its checksum; the "
+                                     f"layout is damaged: run `activeflow relayout --store {self.path} --group-size "
+                                     f"{self.group_size}` (the tensors themselves are separate)")
+        return StoreError(f"store {self.path}: reading the streaming layout, {where}{rows} failed: "
+                          f"{text.splitlines()[0] if text else type(exc).__name__}; run `activeflow relayout` if "
+                          "the layout is damaged")
+
+    def read_group_async(self, op: str, group: int, channels) -> _Handle:
+        """Starts reading channels (sorted) of `op` for every layer of `group`."""
+        array = self._array(op, group)
+        ch = self._channels(array, channels)
+        where = f"{op} of layers {self.layer_groups[group]}"
+        ts = _ts()
+        try:
+            with ts.Batch() as batch:  # lets TensorStore merge reads of adjacent chunks
+                future = array.oindex[ch].read(batch=batch)
+        except Exception as exc:
+            raise self._wrap(exc, where, ch) from None
+        self.reads += 1
+        self.bytes_requested += len(ch) * array.shape[1] * array.shape[2] * 4
+        return _Handle(self, future, where, ch)
+
+    def read_group(self, op: str, group: int, channels) -> np.ndarray:
+        return self.read_group_async(op, group, channels).result()
+
+    def read_layer(self, op: str, layer: int, channels) -> np.ndarray:
+        """Rows (channels, sorted) of one layer's `op` as float32 [len(channels), out]."""
+        group, position = self.group_of(layer)
+        array = self._array(op, group)
+        ch = self._channels(array, channels)
+        ts = _ts()
+        try:
+            with ts.Batch() as batch:
+                future = array.oindex[ch, position].read(batch=batch)
+        except Exception as exc:
+            raise self._wrap(exc, f"{op} of layer {layer}", ch) from None
+        self.reads += 1
+        self.bytes_requested += len(ch) * array.shape[2] * 4
+        return _Handle(self, future, f"{op} of layer {layer}", ch).result()
