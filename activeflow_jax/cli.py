@@ -154,6 +154,16 @@ def cmd_ppl(args) -> int:
     return 0
 
 
+def cmd_relayout(args) -> int:
+    from activeflow_jax.store.bundles import available_group_sizes, write_bundles
+
+    store = _store_or_default(args)
+    path = write_bundles(store, args.group_size, progress=True, remove_others=args.remove_others)
+    print(f"{path}: rows of each channel bundled for layer groups of {args.group_size}; layouts now in the store: "
+          f"{available_group_sizes(store)}")
+    return 0
+
+
 def cmd_tasks(args) -> int:
     from activeflow_jax.eval.tasks import check_limit_shots, evaluate_tasks, parse_task_names
 
@@ -261,6 +271,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sparsity_flags(p)
     _add_budget_flags(p)
     p.set_defaults(func=cmd_tasks)
+
+    p = sub.add_parser("relayout", help="write the streaming flash layout for layer groups of N (for --dram-budget)")
+    p.add_argument("--store", help="store directory (default: the default model)")
+    p.add_argument("--group-size", type=int, required=True, help="layers per preload group")
+    p.add_argument("--remove-others", action="store_true", help="delete the layouts for other group sizes")
+    p.set_defaults(func=cmd_relayout)
     return parser
 
 

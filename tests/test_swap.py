@@ -112,7 +112,7 @@ def test_cold_and_direct_io(swap_store, reference):
 
 
 def _bundle_shards(store):
-    root = os.path.join(store, "bundles")
+    root = os.path.join(store, "bundles", "n1")
     return sorted(os.path.join(d, f) for d, _, files in os.walk(root) for f in files
                   if "/c/" in os.path.join(d, f))
 
@@ -175,3 +175,77 @@ def test_bad_options(swap_store):
         list(engine.generate_ids(PROMPT, max_new_tokens=40))  # needs more KV than the budget reserved
     with pytest.raises(InvalidArgumentError):
         engine.configure_sparsity(0.3)
+
+
+# -- the streaming layout -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("group_size", [1, 5])
+def test_bundles_hold_exactly_the_tensor_rows(swap_store, group_size):
+    from activeflow_jax.store.bundles import TENSOR_OF_OP, BundleReader, write_bundles
+    from activeflow_jax.store.reader import StoreReader
+
+    write_bundles(swap_store, group_size)
+    reader, bundles = StoreReader(swap_store), BundleReader(swap_store, group_size)
+    assert [len(g) for g in bundles.layer_groups][-1] == (12 % group_size or group_size)  # uneven last group
+    channels = np.array([0, 3, 4, 5, 60, 127])
+    for op, tensor in TENSOR_OF_OP.items():
+        for j, layers in enumerate(bundles.layer_groups):
+            rows = bundles.read_group(op, j, channels)
+            for p, layer in enumerate(layers):
+                full = reader.read(f"layers.{layer}.{tensor}")
+                np.testing.assert_array_equal(rows[:, p], full[channels])
+                np.testing.assert_array_equal(bundles.read_layer(op, layer, channels), full[channels])
+
+
+def test_relayout_cli_and_store_untouched(swap_store, tmp_path, capsys):
+    import hashlib
+
+    from activeflow_jax.cli import main
+    from activeflow_jax.store.bundles import available_group_sizes
+
+    store = str(shutil.copytree(swap_store, tmp_path / "store"))
+
+    def digest():
+        h = hashlib.sha256()
+        for d, _, files in sorted(os.walk(store)):
+            if "bundles" in d:
+                continue
+            for f in sorted(files):
+                h.update(open(os.path.join(d, f), "rb").read())
+        return h.hexdigest()
+
+    before = digest()
+    assert main(["relayout", "--store", store, "--group-size", "3"]) == 0
+    assert "layer groups of 3" in capsys.readouterr().out
+    assert 3 in available_group_sizes(store)
+    assert main(["relayout", "--store", store, "--group-size", "2", "--remove-others"]) == 0
+    assert available_group_sizes(store) == [2]
+    assert digest() == before  # tensors, manifest and calibration are never modified
+    assert main(["relayout", "--store", store, "--group-size", "0"]) != 0  # clear error, no traceback
+
+
+def test_bundle_reader_errors(swap_store, tmp_path):
+    import json
+
+    from activeflow_jax.store.bundles import BundleReader, layout_dir, write_bundles
+
+    store = str(shutil.copytree(swap_store, tmp_path / "store"))
+    with pytest.raises(StoreError, match="relayout"):
+        BundleReader(store, 7)  # no layout for that group size
+    write_bundles(store, 2)
+    reader = BundleReader(store, 2)
+    for bad in ([3, 1], [0, 0], [-1], [128], [[1]]):
+        with pytest.raises(InvalidArgumentError):
+            reader.read_layer("qkv", 0, bad)
+    with pytest.raises(InvalidArgumentError):
+        reader.read_layer("ffn", 0, [1])
+    with pytest.raises(InvalidArgumentError):
+        reader.read_layer("qkv", 99, [1])
+    manifest_path = os.path.join(store, "manifest.json")
+    manifest = json.load(open(manifest_path))
+    manifest["created"] = "another time"
+    json.dump(manifest, open(manifest_path, "w"))
+    with pytest.raises(StoreError, match="stale"):
+        BundleReader(store, 2)
+    assert os.path.isdir(layout_dir(store, 2))

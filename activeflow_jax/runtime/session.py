@@ -86,8 +86,8 @@ def load_swapping(engine_cls, store_path, dram_budget: Any, *, sparsity: float |
     thresholds = None
     if config is not None and config.policy == "threshold":
         thresholds = np.asarray(store_thresholds(reader.path, cfg, config.sparsity))
-    info = bundles.bundle_info(reader.path)
-    if info is None or info.get("group_size") != group_size or info.get("first_layer") != 0:
+    info = bundles.bundle_info(reader.path, group_size)
+    if info is None or info.get("first_layer") != 0:
         if not relayout:
             raise InvalidArgumentError(f"store {reader.path} has no streaming layout for groups of {group_size}; "
                                        f"run `activeflow relayout --store {reader.path} --group-size {group_size}`")

@@ -126,8 +126,8 @@ class SwapRuntime:
             sparsity is None and _native_available())
         # rows an op computes with at once; dense layers (and prefill unions) run in slices of it
         self.slice = dict(zip(OP_GROUPS, sparsity.ks(cfg) if sparsity is not None else op_input_dims(cfg)))
-        self.bundles = BundleReader(store_path, direct_io=direct_io)
-        if self.bundles.group_size != group_size or self.bundles.first_layer != 0:
+        self.bundles = BundleReader(store_path, group_size, direct_io=direct_io)
+        if self.bundles.first_layer != 0:
             raise StoreError(
                 f"store {store_path} is laid out for groups of {self.bundles.group_size} from layer "
                 f"{self.bundles.first_layer}; run `activeflow relayout --store {store_path} --group-size {group_size} "

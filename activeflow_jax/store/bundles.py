@@ -4,16 +4,17 @@ The swapping runtime reads rows, not tensors: when it preloads layer group g (N 
 layers) it wants channel c of op `qkv` for all N layers, and on a miss it wants channel c of one
 layer. So, next to `tensors/` (which stays as it is), a store gets
 
-    bundles/bundles.json                 group size N, first layer, groups, fingerprint of the store
-    bundles/<op>/g<j>/                   one zarr3 array per (op group, layer group): [in, n, out]
+    bundles/n<N>/bundles.json            group size N, first layer, groups, fingerprint of the store
+    bundles/n<N>/<op>/g<j>/              one zarr3 array per (op group, layer group): [in, n, out]
 
 sharded so that one shard file holds many channels and each inner chunk is one row of one layer
 ([1, 1, out], with a crc32c). TensorStore writes the inner chunks of a shard in C order, so the
 n rows of channel c are adjacent in the file: a group preload of a channel is one contiguous
 range (TensorStore merges adjacent chunk reads of a batch into one read), an on-demand read of
 one layer's row is one small chunk. No row is stored twice within a layout. `activeflow relayout`
-rewrites it for another N (atomically: the old layout is replaced only once the new one is
-complete).
+writes the layout for another N (atomically: a layout for the same N is replaced only once the new
+one is complete); layouts for several N may coexist, so runs with different group sizes do not
+rewrite each other's (`--remove-others` deletes the rest).
 """
 
 from __future__ import annotations
@@ -75,9 +76,20 @@ def _spec(path: str, shape: tuple[int, ...], dtype: str, shard_rows: int, *, cre
     return spec
 
 
-def bundle_info(store_dir: str | os.PathLike) -> dict[str, Any] | None:
-    """The store's streaming layout record, or None if it has none (or a stale one)."""
-    path = os.path.join(os.fspath(store_dir), BUNDLE_DIR, BUNDLE_MANIFEST)
+def layout_dir(store_dir: str | os.PathLike, group_size: int) -> str:
+    return os.path.join(os.path.abspath(os.fspath(store_dir)), BUNDLE_DIR, f"n{group_size}")
+
+
+def available_group_sizes(store_dir: str | os.PathLike) -> list[int]:
+    root = os.path.join(os.fspath(store_dir), BUNDLE_DIR)
+    sizes = [int(e[1:]) for e in os.listdir(root) if e.startswith("n") and e[1:].isdigit()] if os.path.isdir(root) else []
+    return sorted(n for n in sizes if bundle_info(store_dir, n) is not None)
+
+
+def bundle_info(store_dir: str | os.PathLike, group_size: int) -> dict[str, Any] | None:
+    """The store's streaming layout record for groups of `group_size`, or None if it has none
+    (or a stale one)."""
+    path = os.path.join(layout_dir(store_dir, group_size), BUNDLE_MANIFEST)
     if not os.path.isfile(path):
         return None
     try:
@@ -91,7 +103,7 @@ def bundle_info(store_dir: str | os.PathLike) -> dict[str, Any] | None:
 
 
 def write_bundles(store_dir: str | os.PathLike, group_size: int, *, first_layer: int = 0, overwrite: bool = True,
-                  progress: bool = False) -> str:
+                  progress: bool = False, remove_others: bool = False) -> str:
     """Writes the streaming layout for layer groups of `group_size`; returns its directory. Reads
     one (op, group) at a time, so memory stays near N layers of one op."""
     if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
@@ -100,10 +112,14 @@ def write_bundles(store_dir: str | os.PathLike, group_size: int, *, first_layer:
     cfg = reader.config
     if not isinstance(first_layer, int) or not 0 <= first_layer < cfg.num_layers:
         raise InvalidArgumentError(f"first layer must be in [0, {cfg.num_layers}), got {first_layer!r}")
-    final = os.path.join(reader.path, BUNDLE_DIR)
+    final = layout_dir(reader.path, group_size)
     if os.path.exists(final) and not overwrite:
         raise StoreError(f"{final} exists; pass overwrite=True to replace it")
-    tmp = os.path.join(reader.path, f".{BUNDLE_DIR}.tmp-{os.getpid()}-{uuid.uuid4().hex[:6]}")
+    os.makedirs(os.path.dirname(final), exist_ok=True)
+    for entry in os.listdir(os.path.dirname(final)):  # leftovers of an interrupted relayout
+        if entry.startswith(".n") and (".tmp-" in entry or ".old-" in entry):
+            shutil.rmtree(os.path.join(os.path.dirname(final), entry), ignore_errors=True)
+    tmp = os.path.join(os.path.dirname(final), f".n{group_size}.tmp-{os.getpid()}-{uuid.uuid4().hex[:6]}")
     groups = layer_groups(cfg.num_layers, group_size, first_layer)
     itemsize = np.dtype(reader.storage_dtype).itemsize
     ts = _ts()
@@ -133,7 +149,7 @@ def write_bundles(store_dir: str | os.PathLike, group_size: int, *, first_layer:
             f.flush()
             os.fsync(f.fileno())
         if os.path.exists(final):
-            trash = os.path.join(reader.path, f".{BUNDLE_DIR}.old-{uuid.uuid4().hex[:6]}")
+            trash = os.path.join(os.path.dirname(final), f".n{group_size}.old-{uuid.uuid4().hex[:6]}")
             os.rename(final, trash)
             os.rename(tmp, final)
             shutil.rmtree(trash, ignore_errors=True)
@@ -145,6 +161,10 @@ def write_bundles(store_dir: str | os.PathLike, group_size: int, *, first_layer:
     finally:
         if bar is not None:
             bar.close()
+    if remove_others:
+        for n in available_group_sizes(reader.path):
+            if n != group_size:
+                shutil.rmtree(layout_dir(reader.path, n), ignore_errors=True)
     return final
 
 
@@ -168,17 +188,19 @@ class _Handle:
 class BundleReader:
     """Reads rows of the streaming layout (TensorStore, on its own I/O threads)."""
 
-    def __init__(self, store_dir: str | os.PathLike, *, direct_io: bool = False, io_concurrency: int = 32):
+    def __init__(self, store_dir: str | os.PathLike, group_size: int, *, direct_io: bool = False,
+                 io_concurrency: int = 32):
         self.path = os.path.abspath(os.fspath(store_dir))
         manifest = read_manifest(self.path)
-        info_path = os.path.join(self.path, BUNDLE_DIR, BUNDLE_MANIFEST)
-        if not os.path.isfile(info_path):
-            raise StoreError(f"store {self.path} has no streaming layout; run `activeflow relayout --store "
-                             f"{self.path} --group-size N` (Engine.load(..., dram_budget=...) does it for you)")
-        info = bundle_info(self.path)
+        self.root = layout_dir(self.path, group_size)
+        if not os.path.isfile(os.path.join(self.root, BUNDLE_MANIFEST)):
+            raise StoreError(f"store {self.path} has no streaming layout for groups of {group_size}; run "
+                             f"`activeflow relayout --store {self.path} --group-size {group_size}` "
+                             "(Engine.load(..., dram_budget=...) does it for you)")
+        info = bundle_info(self.path, group_size)
         if info is None:
             raise StoreError(f"the streaming layout of {self.path} is stale or damaged (the store changed since); "
-                             f"run `activeflow relayout --store {self.path} --group-size N` again")
+                             f"run `activeflow relayout --store {self.path} --group-size {group_size}` again")
         self.info, self.direct_io = info, direct_io
         self.group_size: int = info["group_size"]
         self.first_layer: int = info["first_layer"]
@@ -208,7 +230,7 @@ class BundleReader:
         key = f"{op}/g{group}"
         if key not in self._arrays:
             entry = self.info["arrays"][key]
-            spec = _spec(os.path.join(self.path, BUNDLE_DIR, op, f"g{group}"), tuple(entry["shape"]),
+            spec = _spec(os.path.join(self.root, op, f"g{group}"), tuple(entry["shape"]),
                          self.storage_dtype, entry["shard_rows"], create=False, direct_io=self.direct_io)
             try:
                 self._arrays[key] = _ts().open(spec, context=self._context).result()
