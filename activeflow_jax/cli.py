@@ -154,6 +154,34 @@ def cmd_ppl(args) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    from activeflow_jax.runtime import budget, planner
+    from activeflow_jax.runtime.bandwidth import get_bandwidths
+    from activeflow_jax.sparse.calibrate import read_calibration
+    from activeflow_jax.store.reader import StoreReader
+
+    store = _store_or_default(args)
+    cfg = StoreReader(store).config
+    calibration = read_calibration(store, cfg)
+    levels = sorted(calibration.levels) if calibration is not None else []
+    bw = get_bandwidths(store, remeasure=args.remeasure)
+    result = planner.plan(cfg, budget.parse_budget(args.dram_budget, cfg), bw, levels=levels,
+                          kv_tokens=args.kv_tokens, sparsity=args.sparsity, group_size=args.group_size or None,
+                          max_sparsity=args.max_sparsity)
+    if args.json:
+        c = result.chosen
+        print(json.dumps({"sparsity": result.sparsity, "group_size": result.group_size,
+                          "predicted_tokens_per_s": c.tokens_per_s, "t_comp": c.t_comp, "t_preload": c.t_preload,
+                          "t_onload": c.t_onload, "memory": c.memory.as_dict(), "bandwidths": bw.to_json(),
+                          "explanation": result.explain()}))
+    else:
+        print(result.explain())
+        if not levels:
+            print("The store has no calibrated sparsity levels, so only dense streaming was considered: run "
+                  "`activeflow calibrate` first.")
+    return 0
+
+
 def cmd_relayout(args) -> int:
     from activeflow_jax.store.bundles import available_group_sizes, write_bundles
 
@@ -271,6 +299,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sparsity_flags(p)
     _add_budget_flags(p)
     p.set_defaults(func=cmd_tasks)
+
+    p = sub.add_parser("plan", help="what the planner would choose for a DRAM budget, and why")
+    p.add_argument("--store", help="store directory (default: the default model)")
+    p.add_argument("--dram-budget", required=True, help="bytes, a size such as 200MB, or a fraction such as 0.5 / 50%%")
+    p.add_argument("--sparsity", type=float, default=None, help="fix the sparsity")
+    p.add_argument("--group-size", type=int, default=0, help="fix the layer-group size")
+    p.add_argument("--kv-tokens", type=int, default=512, help="KV cache positions the budget reserves")
+    p.add_argument("--max-sparsity", type=float, default=0.5, help="quality cap on the sparsity the planner picks")
+    p.add_argument("--remeasure", action="store_true", help="measure flash and DRAM bandwidth again")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("relayout", help="write the streaming flash layout for layer groups of N (for --dram-budget)")
     p.add_argument("--store", help="store directory (default: the default model)")

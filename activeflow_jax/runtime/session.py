@@ -116,18 +116,14 @@ def _choose(reader, cfg, budget, sparsity, group_size, kv_tokens, superset, dens
     """(sparsity, group_size, explanation): the planner's choice where not given."""
     if not plan or (sparsity is not None and group_size is not None):
         return sparsity, group_size or DEFAULT_GROUP_SIZE, ""
-    try:
-        from activeflow_jax.runtime import planner
-        from activeflow_jax.runtime.bandwidth import get_bandwidths
-    except ImportError:  # planner not available: fixed defaults
-        return sparsity, group_size or DEFAULT_GROUP_SIZE, ""
+    from activeflow_jax.runtime import planner
+    from activeflow_jax.runtime.bandwidth import get_bandwidths
     from activeflow_jax.sparse.calibrate import read_calibration
 
     calibration = read_calibration(reader.path, cfg)
     levels = sorted(calibration.levels) if calibration is not None else []
-    chosen = planner.plan(cfg, budget, get_bandwidths(reader.path), levels=levels, dense_layers=dense_layers,
-                          kv_tokens=kv_tokens, superset=superset, sparsity=sparsity, group_size=group_size,
-                          baseline=baseline)
+    chosen = planner.plan(cfg, budget, get_bandwidths(reader.path), levels=levels, kv_tokens=kv_tokens,
+                          superset=superset, sparsity=sparsity, group_size=group_size, baseline=baseline)
     return chosen.sparsity or None, chosen.group_size, chosen.explain()
 
 

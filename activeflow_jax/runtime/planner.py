@@ -1,0 +1,191 @@
+"""Choosing sparsity, layer-group size and cache size for a DRAM budget (the paper's cost model).
+
+Per decoded token, with the bandwidths measured on this machine (runtime/bandwidth.py):
+
+    T_comp     bytes computed / DRAM bandwidth (the resident head + every op's active rows), plus the
+               runtime's per-op orchestration cost (4 host round trips per layer, measured ~0.2 ms)
+    T_preload  per layer group: the predicted qkv/gate_up rows of the next group the cache lacks,
+               read as bundles of N rows per channel (flash bandwidth at N x row bytes)
+    T_onload   rows read on demand: mispredicted qkv/gate_up rows and every o/down row the cache
+               lacks (flash bandwidth at one row)
+    T_decode   = T_onload + sum over groups of max(T_preload(g+1), T_comp(g))
+
+That is the paper's T_load + T_onload + max(T_preload, T_comp) + T_comp with its terms taken per
+group: preloading group g+1 overlaps computing group g, on-demand loads do not overlap anything.
+The cache hit rate of an op is modelled from the share of its rows the pools can hold (c) and the
+share a token needs (f = k / in): h = min(1, c / f) ** 0.7 — a hot set concentrates the use,
+so a cache smaller than the active set still serves a good part of it (the paper: 74-77% hits at
+context level). Recall of the cross-layer predictor comes from our measurement on SmolLM2
+(README: 0.91 at distance 1, 0.86 at 2, 0.82 at 4, for 1.5x k).
+
+Greedy search as the paper's: candidates are sparsity 0 (dense) and the store's calibrated
+levels up to `max_sparsity` (quality: above 50% the 135M model's PPL grows fast), and groups of
+1, 2, 4, 8 layers; every candidate must fit the budget (budget.plan_memory), what is left is cache.
+The fastest wins; within 5%, the lower sparsity. If nothing fits under the cap, the cap is
+lifted and the explanation says so.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from activeflow_jax.config import OP_GROUPS, ModelConfig, SparsityConfig, op_input_dims
+from activeflow_jax.errors import InvalidArgumentError
+from activeflow_jax.runtime import budget as budget_mod
+from activeflow_jax.runtime.bandwidth import Bandwidths
+
+GROUP_SIZES = (1, 2, 4, 8)
+RECALL_BY_DISTANCE = ((1, 0.909), (2, 0.86), (4, 0.82), (8, 0.75))
+OVERHEAD_PER_OP_S = 0.2e-3
+PREDICTED = ("qkv", "gate_up")
+
+
+def predictor_recall(distance: float) -> float:
+    d, r = zip(*RECALL_BY_DISTANCE)
+    return float(np.interp(distance, d, r))
+
+
+def modelled_hit_rate(cache_share: float, active_share: float) -> float:
+    return float(min(1.0, cache_share / max(active_share, 1e-9)) ** 0.7)
+
+
+@dataclasses.dataclass(frozen=True)
+class Candidate:
+    sparsity: float
+    group_size: int
+    feasible: bool
+    t_comp: float = 0.0
+    t_preload: float = 0.0
+    t_onload: float = 0.0
+    t_decode: float = 0.0
+    hit_rates: tuple[float, ...] = ()
+    cache_shares: tuple[float, ...] = ()  # per op: share of its rows the pools can hold
+    memory: budget_mod.MemoryPlan | None = None
+    reason: str = ""
+
+    @property
+    def tokens_per_s(self) -> float:
+        return 1.0 / self.t_decode if self.t_decode else 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    sparsity: float
+    group_size: int
+    chosen: Candidate
+    candidates: tuple[Candidate, ...]
+    budget: int
+    model_bytes: int
+    capped: bool
+    max_sparsity: float = 0.5
+
+    @property
+    def memory(self) -> budget_mod.MemoryPlan:
+        return self.chosen.memory
+
+    def explain(self) -> str:
+        c, m = self.chosen, self.chosen.memory
+        mb = 1e6
+        pools = sum((s + 1) * r for s, r in zip(m.pool_slots, m.row_bytes))
+        shares = c.cache_shares
+        sp = "no sparsity (dense)" if not c.sparsity else f"sparsity {c.sparsity:.0%}"
+        bound = "flash-bound" if c.t_onload + max(0.0, c.t_preload - c.t_comp) > c.t_comp else "compute-bound"
+        lines = [
+            f"Budget {self.budget / mb:.0f} MB for a {self.model_bytes / mb:.0f} MB model "
+            f"({self.budget / self.model_bytes:.0%}).",
+            f"Resident: embedding and norms {m.resident / mb:.1f} MB, KV cache {m.kv / mb:.1f} MB for {m.kv_tokens} "
+            f"tokens, staging {m.staging / mb:.1f} MB; slot pools {pools / mb:.1f} MB.",
+            f"Chose {sp} with layer groups of {c.group_size}: predicted {c.tokens_per_s:.1f} tok/s "
+            f"(compute {c.t_comp * 1e3:.0f} ms, preload {c.t_preload * 1e3:.0f} ms of which "
+            f"{min(c.t_preload, c.t_comp) * 1e3:.0f} ms hidden behind compute, on-demand loads "
+            f"{c.t_onload * 1e3:.0f} ms per token; {bound}).",
+            f"The pools hold {', '.join(f'{g} {s:.0%}' for g, s in zip(OP_GROUPS, shares))} of each op's rows "
+            f"(cache {m.cache / mb:.1f} MB beyond the working set); modelled hit rates "
+            f"{', '.join(f'{h:.2f}' for h in c.hit_rates)}.",
+        ]
+        if self.capped:
+            lines.append("Nothing fits at or below the sparsity cap, so a higher sparsity was taken: expect a "
+                         "large quality loss (see `activeflow eval`).")
+        others = sorted((x for x in self.candidates if x.feasible and x is not c
+                         and (self.capped or x.sparsity <= self.max_sparsity)), key=lambda x: x.t_decode)[:2]
+        if others:
+            lines.append("Next best: " + "; ".join(
+                f"sparsity {x.sparsity:.0%}, groups of {x.group_size}: {x.tokens_per_s:.1f} tok/s" for x in others) + ".")
+        return "\n".join(lines)
+
+
+def evaluate(cfg: ModelConfig, budget: int, bw: Bandwidths, sparsity: float, group_size: int, *, kv_tokens: int,
+             superset: float, baseline: int, hit_rate_fn: Callable | None = None) -> Candidate:
+    """The cost model for one (sparsity, group size)."""
+    from activeflow_jax.runtime.session import op_ks, preload_channels
+
+    config = SparsityConfig(sparsity) if sparsity else None
+    ks = op_ks(cfg, config)
+    pre = preload_channels(cfg, config, superset)
+    try:
+        memory = budget_mod.plan_memory(cfg, budget, baseline=baseline, kv_tokens=kv_tokens, group_size=group_size,
+                                        preload_channels=pre, ks=ks)
+    except budget_mod.BudgetTooSmallError as exc:
+        return Candidate(sparsity, group_size, False, reason=str(exc))
+    layers, ins, rb = cfg.num_layers, op_input_dims(cfg), memory.row_bytes
+    hits, shares = [], []
+    for g, op in enumerate(OP_GROUPS):
+        share = memory.pool_slots[g] / (ins[g] * layers)
+        shares.append(share)
+        hits.append(hit_rate_fn(op, share, ks[g] / ins[g]) if hit_rate_fn else modelled_hit_rate(share, ks[g] / ins[g]))
+    head = cfg.vocab_size * cfg.d_model * 4
+    active = sum(layers * k * r for k, r in zip(ks, rb))
+    t_comp = (head + active) / bw.dram_bps + 4 * layers * OVERHEAD_PER_OP_S
+    groups = -(-layers // group_size)
+    recall = predictor_recall(1.5 * group_size - 0.5) if config is not None else 1.0
+    onload = preload_group = 0.0
+    for g, op in enumerate(OP_GROUPS):
+        active_bytes = layers * ks[g] * rb[g] * (1 - hits[g])
+        if op in PREDICTED:
+            onload += active_bytes * (1 - recall) / bw.flash_bps(rb[g])
+            preload_group += group_size * pre[PREDICTED.index(op)] * rb[g] * (1 - hits[g]) / bw.flash_bps(group_size * rb[g])
+        else:
+            onload += active_bytes / bw.flash_bps(rb[g])
+    t_comp_group = t_comp / groups
+    t_decode = onload + t_comp_group + (groups - 1) * max(preload_group, t_comp_group)
+    return Candidate(sparsity, group_size, True, t_comp, preload_group * (groups - 1), onload, t_decode,
+                     tuple(hits), tuple(shares), memory)
+
+
+def plan(cfg: ModelConfig, budget: int, bw: Bandwidths, *, levels: Sequence[float], kv_tokens: int = 512,
+         superset: float = 1.5, max_sparsity: float = 0.5, sparsity: float | None = None,
+         group_size: int | None = None, baseline: int = 0, hit_rate_fn: Callable | None = None) -> Plan:
+    if isinstance(budget, bool) or not isinstance(budget, (int, np.integer)) or budget <= 0:
+        raise InvalidArgumentError(f"budget must be a positive number of bytes, got {budget!r}")
+    if group_size is not None and (not isinstance(group_size, int) or group_size < 1):
+        raise InvalidArgumentError(f"group_size must be an int >= 1, got {group_size!r}")
+    levels = sorted({round(float(x), 4) for x in levels})
+    if any(not 0 < x <= 0.95 for x in levels):
+        raise InvalidArgumentError(f"sparsity levels must be in (0, 0.95], got {levels}")
+    sparsities = [sparsity] if sparsity is not None else [0.0] + levels
+    sizes = [group_size] if group_size is not None else list(GROUP_SIZES)
+    cands = tuple(evaluate(cfg, budget, bw, s, n, kv_tokens=kv_tokens, superset=superset, baseline=baseline,
+                           hit_rate_fn=hit_rate_fn) for s in sparsities for n in sizes if n <= cfg.num_layers)
+    feasible = [c for c in cands if c.feasible]
+    if not feasible:
+        smallest = min((c for c in cands), key=lambda c: _minimum_of(c.reason))
+        raise budget_mod.BudgetTooSmallError(
+            smallest.reason + ("" if sparsity is not None else "; no calibrated sparsity level fits either"
+                               + ("" if levels else " (the store has none: run `activeflow calibrate`)")))
+    capped_pool = [c for c in feasible if c.sparsity <= max_sparsity + 1e-9]
+    capped = not capped_pool
+    pool = capped_pool or feasible
+    best = min(c.t_decode for c in pool)
+    chosen = min((c for c in pool if c.t_decode <= 1.05 * best), key=lambda c: (c.sparsity, c.t_decode))
+    return Plan(chosen.sparsity, chosen.group_size, chosen, cands, int(budget), budget_mod.model_weight_bytes(cfg),
+                capped and sparsity is None, max_sparsity)
+
+
+def _minimum_of(reason: str) -> float:
+    import re
+
+    match = re.search(r"minimum working set of ([0-9.]+) MB", reason)
+    return float(match.group(1)) if match else float("inf")

@@ -1,0 +1,85 @@
+"""The planner (cost model, greedy choice) and the cached bandwidth measurement."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from activeflow_jax.config import ModelConfig
+from activeflow_jax.errors import InvalidArgumentError
+from activeflow_jax.runtime import bandwidth, planner
+from activeflow_jax.runtime.budget import BudgetTooSmallError, parse_budget
+
+SMOL = ModelConfig(arch="llama", num_layers=30, d_model=576, d_ff=1536, num_heads=9, num_kv_heads=3, head_dim=64,
+                   vocab_size=49152, rope_theta=1e5, norm_eps=1e-5, max_context=8192, tie_embeddings=True)
+LEVELS = [0.1 * i for i in range(1, 10)]
+
+
+def _bw(flash_scale: float = 1.0) -> bandwidth.Bandwidths:
+    points = ((4096, 35e6), (16384, 240e6), (65536, 560e6), (1 << 20, 690e6))
+    return bandwidth.Bandwidths(14.5e9, tuple((c, r * flash_scale) for c, r in points))
+
+
+def test_bigger_budgets_never_need_more_sparsity():
+    chosen = [planner.plan(SMOL, parse_budget(f, SMOL), _bw(), levels=LEVELS, kv_tokens=128)
+              for f in (1.0, 0.6, 0.4, 0.25)]
+    assert all(a.sparsity <= b.sparsity for a, b in zip(chosen, chosen[1:]))
+    assert all(p.memory.total <= p.budget for p in chosen)
+    assert chosen[-1].capped and "higher sparsity" in chosen[-1].explain()
+    text = chosen[1].explain()
+    assert "Chose sparsity" in text and "groups of" in text and "tok/s" in text
+
+
+def test_fast_flash_never_predicts_slower():
+    for frac in (0.6, 0.4):
+        slow = planner.plan(SMOL, parse_budget(frac, SMOL), _bw(1.0), levels=LEVELS, kv_tokens=128)
+        fast = planner.plan(SMOL, parse_budget(frac, SMOL), _bw(10.0), levels=LEVELS, kv_tokens=128)
+        assert fast.chosen.t_decode <= slow.chosen.t_decode
+
+
+def test_fixed_choices_and_bad_input():
+    p = planner.plan(SMOL, parse_budget(0.6, SMOL), _bw(), levels=LEVELS, sparsity=0.4, group_size=2, kv_tokens=128)
+    assert (p.sparsity, p.group_size) == (0.4, 2)
+    with pytest.raises(BudgetTooSmallError, match=r"minimum working set of [0-9.]+ MB"):
+        planner.plan(SMOL, 50_000_000, _bw(), levels=LEVELS)
+    with pytest.raises(InvalidArgumentError):
+        planner.plan(SMOL, -5, _bw(), levels=LEVELS)
+    with pytest.raises(InvalidArgumentError):
+        planner.plan(SMOL, 10**9, _bw(), levels=[1.5])
+    with pytest.raises(InvalidArgumentError):
+        planner.plan(SMOL, 10**9, _bw(), levels=LEVELS, group_size=0)
+
+
+def test_bandwidths_are_cached_not_remeasured(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_flash(directory, *a, **k):
+        calls.append(directory)
+        return [{"chunk_kib": 4, "bytes": 4096, "seconds": 1e-4}, {"chunk_kib": 1024, "bytes": 1 << 20, "seconds": 1e-3}]
+
+    monkeypatch.setattr(bandwidth, "measure_flash", fake_flash)
+    monkeypatch.setattr(bandwidth, "measure_dram", lambda: 1e10)
+    monkeypatch.setenv("ACTIVEFLOW_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("ACTIVEFLOW_BANDWIDTH_FILE", raising=False)
+    store = tmp_path / "store"
+    (store / "tensors").mkdir(parents=True)
+    first = bandwidth.get_bandwidths(str(store))
+    second = bandwidth.get_bandwidths(str(store))
+    assert first == second and len(calls) == 1
+    bandwidth.get_bandwidths(str(store), remeasure=True)
+    assert len(calls) == 2
+    assert abs(first.flash_bps(64 << 10) - first.flash_bps(64 << 10)) == 0
+    assert first.flash_bps(4096) < first.flash_bps(1 << 20)
+
+
+def test_plan_cli(tiny_model, tmp_path, monkeypatch, capsys):
+    from activeflow_jax.cli import main
+
+    path = tmp_path / "bw.json"
+    path.write_text(json.dumps(_bw().to_json()))
+    monkeypatch.setenv("ACTIVEFLOW_BANDWIDTH_FILE", str(path))
+    assert main(["plan", "--store", tiny_model.store_path, "--dram-budget", "4MB", "--kv-tokens", "32"]) == 0
+    out = capsys.readouterr().out
+    assert "Budget 4 MB" in out and "calibrate" in out  # the tiny store has no calibration: dense only
+    assert main(["plan", "--store", tiny_model.store_path, "--dram-budget", "lots"]) != 0
