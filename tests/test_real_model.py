@@ -55,3 +55,37 @@ def test_float16_store_is_close_to_float32(real_gguf_path, real_engine, tmp_path
     a, b = real_engine.logits(ids), engine16.logits(ids)
     assert np.max(np.abs(a - b)) < 0.05 * np.max(np.abs(a))
     assert (a.argmax(-1) == b.argmax(-1)).mean() > 0.9
+
+
+@pytest.fixture(scope="module")
+def calibrated_store(real_store):
+    from activeflow_jax.sparse.calibrate import read_calibration, store_thresholds
+    from activeflow_jax.store.reader import StoreReader
+
+    cfg = StoreReader(real_store).config
+    calibration = read_calibration(real_store, cfg)
+    if calibration is None or 0.8 not in calibration.levels:
+        import activeflow_jax as af
+
+        af.calibrate(real_store, levels=[0.5, 0.8])
+    store_thresholds(real_store, cfg, 0.8)  # raises if still missing
+    return real_store
+
+
+@pytest.mark.parametrize("budget", [1.0, 0.5, 0.25])
+def test_swapping_under_a_budget_equals_all_in_dram(calibrated_store, budget):
+    # 80% sparsity, so that even 25% of the weight bytes holds the minimum working set (the resident
+    # tied embedding alone is 21% of the model)
+    import activeflow_jax as af
+
+    reference = af.Engine.load(calibrated_store, sparsity=0.8)
+    prompt = reference.tokenizer.encode(TEXT)[:24]
+    ref_logits = reference.logits(prompt)
+    ref_tokens = list(reference.generate_ids(prompt, max_new_tokens=8, stop_ids=frozenset()))
+    engine = af.Engine.load(calibrated_store, sparsity=0.8, dram_budget=budget, group_size=1, kv_tokens=32,
+                            plan=False, progress=False)
+    logits = engine.logits(prompt)
+    np.testing.assert_allclose(logits, ref_logits, rtol=1e-5, atol=1e-5 * np.abs(ref_logits).max())
+    assert list(engine.generate_ids(prompt, max_new_tokens=8, stop_ids=frozenset())) == ref_tokens
+    assert engine.stats.memory["total"] <= engine.stats.memory["budget"]
+    engine.close()

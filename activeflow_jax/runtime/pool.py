@@ -101,11 +101,11 @@ class SlotPool:
         self.buffer = None
 
 
-def padded_source(pool: SlotPool, cols: np.ndarray, slots: np.ndarray, size: int) -> dict:
+def padded_source(pool: SlotPool, cols: np.ndarray, slots: np.ndarray, size: int, pad_col: int = 0) -> dict:
     """The stage's weight source for `cols` living in `slots`, padded to `size` entries."""
-    pc = np.zeros(size, np.int32)
+    pc = np.full(size, pad_col, np.int32)
     ps = np.full(size, pool.trash, np.int32)
     pc[:len(cols)] = cols
     ps[:len(slots)] = slots
     # numpy, not device_put: jit's C++ path takes host arrays ~10x faster than a device_put call
-    return {"pool": pool.buffer, "cols": pc, "slots": ps}
+    return {"pool": pool.buffer, "cols": pc, "slots": ps, "count": np.array([len(cols)], np.int32)}

@@ -7,11 +7,16 @@ the chunk's tokens), makes sure those rows are in the pool (on-demand loads), an
 stage. The maths is the model's own (`llama.attend`, `rms_norm`, `swiglu`, `head_logits`,
 `kernels.active_mask`), so the swapped path computes what the all-in-DRAM sparse path computes.
 
-A weight source is a dict: {"w": [in, out]} (resident), {"y": [T, out]} (the product, summed
-beforehand over slices of rows when a prefill chunk needs more rows than fit at once), or {"pool": [slots+1, out], "cols": [P],
-"slots": [P]}: the op's input columns `cols` live in pool rows `slots` (padding points at the
-pool's last row, which is kept all-zero). Decode (one token) multiplies with the native kernel
-straight from the pool; a prefill chunk gathers the rows and runs one matmul.
+A weight source is a dict: {"w": [in, out]}, or {"pool": [slots+1, out], "cols": [P], "slots": [P],
+"count": [1]}: the op's first `count` active input columns `cols` live in pool rows `slots`
+(padding points at the pool's last row, which is kept all-zero). A decoded token's sparse op
+multiplies with the native kernel straight from the pool, summing in the same order as the
+all-in-DRAM kernel. A prefill chunk (whose tokens together need up to every row) and a dense layer
+get {"w": ...}: the op's weight assembled, slice by slice through the pool, into a transient
+[in, out] buffer whose rows outside the active union are zero -- the same matmul, bit for bit, as
+the all-in-DRAM path's masked product. Both make the swapped path equal the all-in-DRAM one
+exactly, not just closely: with contextual sparsity a last-bit difference can flip a channel at
+the top-k cut, and the outputs then drift apart.
 """
 
 from __future__ import annotations
@@ -49,15 +54,13 @@ def _select(h: jax.Array, sel: Select | None, threshold, n_valid, native: bool =
 
 
 def _linear(hm: jax.Array, src: dict, native: bool) -> jax.Array:
-    if "y" in src:  # computed beforehand in slices (partial_linear)
-        return src["y"]
     if "w" in src:
         return hm @ src["w"]
     cols, slots, pool = src["cols"], src["slots"], src["pool"]
-    if hm.shape[0] == 1 and native:
+    if native:
         from activeflow_jax.sparse.native import gather_matvec
 
-        return gather_matvec(hm[0, cols], slots, pool)[None]
+        return gather_matvec(hm[0, cols], slots, pool, src["count"])[None]
     rows = pool.at[slots].get(mode="promise_in_bounds")
     return hm[:, cols] @ rows
 
@@ -111,10 +114,15 @@ def last_stage(x, hm, src, final_norm_w, embed, lm_head, n_valid, *, eps: float,
     return head_logits(rms_norm(x, final_norm_w, eps), embed, lm_head)
 
 
-@jax.jit
-def partial_linear(hm, src):
-    """One slice of a prefill op whose union of active rows exceeds k: hm[:, cols] @ rows."""
-    return _linear(hm, src, False)
+@functools.partial(jax.jit, static_argnames=("shape",))
+def empty_weight(*, shape: tuple[int, int]):
+    return jnp.zeros(shape, jnp.float32)
+
+
+@functools.partial(jax.jit, donate_argnames=("w",))
+def assemble_rows(w, pool, cols, slots):
+    """w[cols] = pool[slots] in place; padding entries carry col = in (dropped)."""
+    return w.at[cols].set(pool.at[slots].get(mode="promise_in_bounds"), mode="drop")
 
 
 @functools.partial(jax.jit, donate_argnames=("pool",))

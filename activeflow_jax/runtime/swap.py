@@ -253,21 +253,22 @@ class SwapRuntime:
         return logits, llama.KVCache(tuple(ks), tuple(vs))
 
     def _source(self, layer: int, op: str, union, hm, t: int) -> dict:
-        """The op's weight source with every active row in its pool. A decode op has at most k
-        active rows; a prefill chunk's union can have up to all of them: its product is then
-        summed over slices of k rows, so the pool never needs more than k free slots."""
+        """The op's weight source with every active row in DRAM. A decoded token's sparse op has
+        at most k active rows, multiplied straight from the pool. A prefill chunk's union (or a
+        dense layer's all rows) can exceed what the pool may hold at once: it passes through the
+        pool in slices of k rows into a transient [in, out] weight (see stages.py)."""
         pool = self.pools[op]
         cols = np.flatnonzero(np.asarray(union)).astype(np.int32)
         k = self.slice[op]
         decode = t == 1
-        if len(cols) <= k:
+        if decode and self._sel(layer, op) is not None and self.native:
             return padded_source(pool, cols, self._ensure(pool, op, layer, cols, decode), k)
-        y = None
+        w = stages.empty_weight(shape=(pool.in_dim, pool.out_dim))
         for begin in range(0, len(cols), k):
             part = cols[begin:begin + k]
-            src = padded_source(pool, part, self._ensure(pool, op, layer, part, decode), k)
-            y = stages.partial_linear(hm, src) if y is None else y + stages.partial_linear(hm, src)
-        return {"y": y}
+            src = padded_source(pool, part, self._ensure(pool, op, layer, part, decode), k, pad_col=pool.in_dim)
+            w = stages.assemble_rows(w, pool.buffer, src["cols"], src["slots"])
+        return {"w": w}
 
     def _ensure(self, pool: SlotPool, op: str, layer: int, cols: np.ndarray, decode: bool) -> np.ndarray:
         """Slots of (layer, cols), loading the rows the pool lacks from flash now (on demand).

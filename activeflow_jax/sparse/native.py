@@ -81,11 +81,13 @@ def available() -> bool:
         return False
 
 
-def gather_matvec(xk: jax.Array, rows: jax.Array, w: jax.Array) -> jax.Array:
-    """y = xk @ w[rows] without materializing w[rows]. xk [k] f32, rows [k] int32 ascending in
-    range, w [in, out] f32 -> [out]. Call `available()` first (outside the trace)."""
+def gather_matvec(xk: jax.Array, rows: jax.Array, w: jax.Array, count: jax.Array | int | None = None) -> jax.Array:
+    """y = xk[:count] @ w[rows[:count]] without materializing the rows. xk [k] f32, rows [k] int32 in
+    range, w [in, out] f32 -> [out]; count (default k) lets padded inputs sum exactly like
+    topk_matvec over the same active rows. Call `available()` first (outside the trace)."""
+    count = jnp.asarray(rows.shape[0] if count is None else count, jnp.int32).reshape(1)
     return jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((w.shape[1],), jnp.float32))(
-        xk.astype(jnp.float32), rows.astype(jnp.int32), w)
+        xk.astype(jnp.float32), rows.astype(jnp.int32), w, count)
 
 
 

@@ -7,11 +7,11 @@ layer. So, next to `tensors/` (which stays as it is), a store gets
     bundles/n<N>/bundles.json            group size N, first layer, groups, fingerprint of the store
     bundles/n<N>/<op>/g<j>/              one zarr3 array per (op group, layer group): [in, n, out]
 
-sharded so that one shard file holds many channels and each inner chunk is one row of one layer
-([1, 1, out], with a crc32c). TensorStore writes the inner chunks of a shard in C order, so the
-n rows of channel c are adjacent in the file: a group preload of a channel is one contiguous
-range (TensorStore merges adjacent chunk reads of a batch into one read), an on-demand read of
-one layer's row is one small chunk. No row is stored twice within a layout. `activeflow relayout`
+sharded so that one shard file holds many channels; an inner chunk (with its crc32c) holds a few
+whole channels, each with its rows for all n layers of the group next to each other ([c, n, out],
+~32 KiB): a group preload of a channel is one contiguous range, and an on-demand row costs one
+chunk read, which on this disk takes about as long as a 4 KiB read would. No row is stored twice
+within a layout. `activeflow relayout`
 writes the layout for another N (atomically: a layout for the same N is replaced only once the new
 one is complete); layouts for several N may coexist, so runs with different group sizes do not
 rewrite each other's (`--remove-others` deletes the rest).
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import uuid
 from collections.abc import Sequence
@@ -30,14 +31,19 @@ import numpy as np
 
 from activeflow_jax.config import OP_GROUPS
 from activeflow_jax.errors import InvalidArgumentError, StoreCorruptError, StoreError
-from activeflow_jax.store import layout
 from activeflow_jax.store.reader import StoreReader, read_manifest
+from activeflow_jax.store.writer import _pid_alive
 
 BUNDLE_DIR = "bundles"
 BUNDLE_MANIFEST = "bundles.json"
 BUNDLE_VERSION = 1
 TENSOR_OF_OP = {"qkv": "attn.wqkv", "o": "attn.wo", "gate_up": "mlp.w_gate_up", "down": "mlp.w_down"}
 TARGET_SHARD_BYTES = 4 << 20
+# Inner chunk: whole channels x all n layers of the group, ~this many bytes. Reads of this disk
+# are latency-bound below ~16-32 KiB (bench/flash.py: 4 KiB reads move 35 MB/s, 16 KiB 240 MB/s,
+# 64 KiB 560 MB/s), so fetching a few neighbouring rows with the one asked for costs almost
+# nothing, while a chunk per row would make every miss a slow 4 KiB read.
+TARGET_CHUNK_BYTES = int(os.environ.get("ACTIVEFLOW_BUNDLE_CHUNK_BYTES", 32 << 10))
 
 
 def _ts():
@@ -55,19 +61,20 @@ def layer_groups(num_layers: int, group_size: int, first_layer: int) -> list[tup
 
 
 def _spec(path: str, shape: tuple[int, ...], dtype: str, shard_rows: int, *, create: bool,
-          direct_io: bool = False) -> dict[str, Any]:
+          direct_io: bool = False, chunk_rows: int = 1) -> dict[str, Any]:
     kvstore: dict[str, Any] = {"driver": "file", "path": path}
     if direct_io:
         kvstore["file_io_mode"] = {"mode": "direct"}
     spec: dict[str, Any] = {"driver": "zarr3", "kvstore": kvstore}
     if not create:
-        spec["open"] = True
+        # A missing shard file (or store) would otherwise read as zeros: the fill value.
+        spec.update(open=True, fill_missing_data_reads=False)
         return spec
     spec["metadata"] = {
         "shape": list(shape), "data_type": dtype,
         "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [shard_rows, shape[1], shape[2]]}},
         "codecs": [{"name": "sharding_indexed", "configuration": {
-            "chunk_shape": [1, 1, shape[2]],
+            "chunk_shape": [chunk_rows, shape[1], shape[2]],
             "codecs": [{"name": "bytes", "configuration": {"endian": "little"}}, {"name": "crc32c"}],
             "index_codecs": [{"name": "bytes", "configuration": {"endian": "little"}}, {"name": "crc32c"}],
             "index_location": "end"}}],
@@ -118,6 +125,9 @@ def write_bundles(store_dir: str | os.PathLike, group_size: int, *, first_layer:
     os.makedirs(os.path.dirname(final), exist_ok=True)
     for entry in os.listdir(os.path.dirname(final)):  # leftovers of an interrupted relayout
         if entry.startswith(".n") and (".tmp-" in entry or ".old-" in entry):
+            pid = entry.split(".tmp-")[1].split("-")[0] if ".tmp-" in entry else ""
+            if pid.isdigit() and _pid_alive(int(pid)):
+                continue  # another process is writing a layout right now
             shutil.rmtree(os.path.join(os.path.dirname(final), entry), ignore_errors=True)
     tmp = os.path.join(os.path.dirname(final), f".n{group_size}.tmp-{os.getpid()}-{uuid.uuid4().hex[:6]}")
     groups = layer_groups(cfg.num_layers, group_size, first_layer)
@@ -132,13 +142,25 @@ def write_bundles(store_dir: str | os.PathLike, group_size: int, *, first_layer:
     try:
         for j, layers in enumerate(groups):
             for op in OP_GROUPS:
-                rows = np.stack([reader.read(f"layers.{i}.{TENSOR_OF_OP[op]}") for i in layers], axis=1)
-                shape = rows.shape  # [in, n, out]
-                shard = max(1, min(shape[0], TARGET_SHARD_BYTES // (shape[1] * shape[2] * itemsize)))
+                names = [f"layers.{i}.{TENSOR_OF_OP[op]}" for i in layers]
+                shape = (reader.shape(names[0])[0], len(layers), reader.shape(names[0])[1])  # [in, n, out]
+                channel_bytes = shape[1] * shape[2] * itemsize
+                chunk = max(1, min(shape[0], TARGET_CHUNK_BYTES // channel_bytes))
+                shard = chunk * max(1, TARGET_SHARD_BYTES // (chunk * channel_bytes))
+                shard = min(shard, -(-shape[0] // chunk) * chunk)
                 path = os.path.join(tmp, op, f"g{j}")
-                array = ts.open(_spec(path, shape, reader.storage_dtype, shard, create=True)).result()
-                array.write(rows.astype(reader.storage_dtype)).result()
-                arrays[f"{op}/g{j}"] = {"shape": list(shape), "shard_rows": shard}
+                array = ts.open(_spec(path, shape, reader.storage_dtype, shard, create=True, chunk_rows=chunk)).result()
+                # One shard's rows at a time (whole shards, so no shard is rewritten): memory stays at
+                # a few shards whatever N and the model size; the next block is read while one is written.
+                writing = None
+                for start in range(0, shape[0], shard):
+                    rows = np.arange(start, min(shape[0], start + shard))
+                    block = np.stack([reader.read_rows(name, rows) for name in names], axis=1)
+                    if writing is not None:
+                        writing.result()
+                    writing = array[rows[0]:rows[-1] + 1].write(block.astype(reader.storage_dtype, copy=False))
+                writing.result()
+                arrays[f"{op}/g{j}"] = {"shape": list(shape), "shard_rows": shard, "chunk_rows": chunk}
                 if bar is not None:
                     bar.update(1)
         info = {"version": BUNDLE_VERSION, "group_size": group_size, "first_layer": first_layer,
@@ -169,7 +191,8 @@ def write_bundles(store_dir: str | os.PathLike, group_size: int, *, first_layer:
 
 
 class _Handle:
-    """A group read in flight; `result()` gives float32 [channels, n_layers, out]."""
+    """A read in flight; `result()` gives float32 [channels, n_layers, out] ([channels, out] for one
+    layer) or raises StoreError / StoreCorruptError."""
 
     def __init__(self, reader: "BundleReader", future, where: str, channels: np.ndarray):
         self._reader, self._future, self._where, self._channels = reader, future, where, channels
@@ -231,7 +254,8 @@ class BundleReader:
         if key not in self._arrays:
             entry = self.info["arrays"][key]
             spec = _spec(os.path.join(self.root, op, f"g{group}"), tuple(entry["shape"]),
-                         self.storage_dtype, entry["shard_rows"], create=False, direct_io=self.direct_io)
+                         self.storage_dtype, entry["shard_rows"], create=False, direct_io=self.direct_io,
+                         chunk_rows=entry.get("chunk_rows", 1))
             try:
                 self._arrays[key] = _ts().open(spec, context=self._context).result()
             except Exception as exc:
@@ -250,11 +274,16 @@ class BundleReader:
     def _wrap(self, exc: Exception, where: str, channels: np.ndarray | None) -> StoreError:
         text = str(exc)
         rows = "" if channels is None or len(channels) == 0 else f", channels {channels[0]}..{channels[-1]}"
+        shard = re.search(r'local file "([^"]+)"', text)  # TensorStore names the failing shard file
+        if shard:
+            rows += f" (shard file {os.path.relpath(shard.group(1), self.path)})"
         if not os.path.isdir(self.path):
             return StoreError(f"store {self.path} was removed while in use; restore it or load another store")
-        if "DATA_LOSS" in text or "checksum" in text.lower() or "crc32c" in text.lower():
-            return StoreCorruptError(f"store {self.path}: streaming layout, {where}{rows} failed its checksum; the "
-                                     f"layout is damaged: run `activeflow relayout --store {self.path} --group-size "
+        damage = ("failed its checksum" if "DATA_LOSS" in text or "checksum" in text.lower() or "crc32c" in text.lower()
+                  else "is missing" if "NOT_FOUND" in text else None)
+        if damage:
+            return StoreCorruptError(f"store {self.path}: streaming layout, {where}{rows} {damage}; the layout is "
+                                     f"damaged: run `activeflow relayout --store {self.path} --group-size "
                                      f"{self.group_size}` (the tensors themselves are separate)")
         return StoreError(f"store {self.path}: reading the streaming layout, {where}{rows} failed: "
                           f"{text.splitlines()[0] if text else type(exc).__name__}; run `activeflow relayout` if "
@@ -280,6 +309,10 @@ class BundleReader:
 
     def read_layer(self, op: str, layer: int, channels) -> np.ndarray:
         """Rows (channels, sorted) of one layer's `op` as float32 [len(channels), out]."""
+        return self.read_layer_async(op, layer, channels).result()
+
+    def read_layer_async(self, op: str, layer: int, channels) -> _Handle:
+        """Starts reading channels (sorted) of one layer's `op`; `result()` gives [len(channels), out]."""
         group, position = self.group_of(layer)
         array = self._array(op, group)
         ch = self._channels(array, channels)
@@ -291,4 +324,4 @@ class BundleReader:
             raise self._wrap(exc, f"{op} of layer {layer}", ch) from None
         self.reads += 1
         self.bytes_requested += len(ch) * array.shape[2] * 4
-        return _Handle(self, future, f"{op} of layer {layer}", ch).result()
+        return _Handle(self, future, f"{op} of layer {layer}", ch)

@@ -139,18 +139,22 @@ bool CheckProduct(const ffi::Buffer<ffi::F32>& w, int64_t y_count, int64_t* in, 
   return true;
 }
 
+// rows/xk may be padded: only the first `count` entries are used, so that a product over the same
+// active rows has the same length -- and so the same split and summation order -- as AfTopkMatvec.
 ffi::Error GatherMatvecImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xk, ffi::Buffer<ffi::S32> rows,
-                            ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> y) {
+                            ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::S32> count, ffi::ResultBuffer<ffi::F32> y) {
   int64_t in, out;
   ffi::Error error = ffi::Error::Success();
   if (!CheckProduct(w, y->element_count(), &in, &out, &error)) return error;
   const int64_t k = rows.element_count();
   if (xk.element_count() != k) return ffi::Error::InvalidArgument("xk and rows differ in length");
+  if (count.element_count() != 1) return ffi::Error::InvalidArgument("count must have one element");
+  const int64_t n = std::max<int64_t>(0, std::min<int64_t>(k, count.typed_data()[0]));
   const int32_t* r = rows.typed_data();
-  for (int64_t j = 0; j < k; ++j) {
+  for (int64_t j = 0; j < n; ++j) {
     if (r[j] < 0 || r[j] >= in) return ffi::Error::InvalidArgument("row index out of range");
   }
-  SparseMatvec(pool, xk.typed_data(), r, k, w.typed_data(), out, y->typed_data());
+  SparseMatvec(pool, xk.typed_data(), r, n, w.typed_data(), out, y->typed_data());
   return ffi::Error::Success();
 }
 
@@ -243,4 +247,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(AfGatherMatvec, GatherMatvecImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
