@@ -34,7 +34,8 @@ class SlotPool:
         self.owner = np.full(slots, -1, np.int64)  # layer * in_dim + channel
         self.pin_until = np.full(slots, -1, np.int32)  # protected while the current layer <= this
         self.freq = np.zeros((num_layers, in_dim), np.int32)
-        self._free = list(range(slots - 1, -1, -1))
+        self._free = np.arange(slots, dtype=np.int32)  # free slots: self._free[:self._n_free]
+        self._n_free = slots
 
     @property
     def nbytes(self) -> int:
@@ -42,7 +43,7 @@ class SlotPool:
 
     @property
     def resident_rows(self) -> int:
-        return self.slots - len(self._free)
+        return self.slots - self._n_free
 
     def reset_counters(self) -> None:
         """A new sequence: LFU counts restart (rows stay: they are still valid weights)."""
@@ -56,8 +57,9 @@ class SlotPool:
         self.freq[layer, cols] += 1
 
     def _allocate(self, n: int, current_layer: int, protect: np.ndarray) -> np.ndarray:
-        take = min(n, len(self._free))
-        out = [self._free.pop() for _ in range(take)]
+        take = min(n, self._n_free)
+        out = [self._free[self._n_free - take:self._n_free].copy()]
+        self._n_free -= take
         need = n - take
         if need:
             score = self.freq.ravel()[np.maximum(self.owner, 0)].astype(np.float64)
@@ -71,8 +73,8 @@ class SlotPool:
             old = self.owner[victims]
             self.slot_of.ravel()[old] = -1
             self.owner[victims] = -1
-            out.extend(int(v) for v in victims)
-        return np.asarray(out, np.int32)
+            out.append(victims.astype(np.int32))
+        return np.concatenate(out)
 
     def install(self, layers: np.ndarray, cols: np.ndarray, rows: np.ndarray, *, current_layer: int,
                 protect: np.ndarray, pin_until: int = -1) -> np.ndarray:
@@ -86,7 +88,8 @@ class SlotPool:
         padded_slots[:n] = slots
         padded_rows = np.zeros((size, self.out_dim), np.float32)
         padded_rows[:n] = rows
-        self.buffer = stages.scatter_rows(self.buffer, jnp.asarray(padded_slots), jnp.asarray(padded_rows))
+        # numpy straight into the jitted scatter: an eager jnp.asarray costs ~0.4 ms here
+        self.buffer = stages.scatter_rows(self.buffer, padded_slots, padded_rows)
         self.slot_of[layers, cols] = slots
         self.owner[slots] = layers.astype(np.int64) * self.in_dim + cols
         self.pin_until[slots] = pin_until

@@ -7,10 +7,10 @@ layer. So, next to `tensors/` (which stays as it is), a store gets
     bundles/n<N>/bundles.json            group size N, first layer, groups, fingerprint of the store
     bundles/n<N>/<op>/g<j>/              one zarr3 array per (op group, layer group): [in, n, out]
 
-sharded so that one shard file holds many channels; an inner chunk (with its crc32c) holds a few
-whole channels, each with its rows for all n layers of the group next to each other ([c, n, out],
-~32 KiB): a group preload of a channel is one contiguous range, and an on-demand row costs one
-chunk read, which on this disk takes about as long as a 4 KiB read would. No row is stored twice
+sharded so that one shard file holds many channels; an inner chunk (with its crc32c) holds one
+channel's rows for all n layers of the group ([1, n, out]; see TARGET_CHUNK_BYTES): a group preload
+of a channel is one chunk, adjacent channels are adjacent chunks (TensorStore merges them into one
+read), and an on-demand row costs one chunk read. No row is stored twice
 within a layout. `activeflow relayout`
 writes the layout for another N (atomically: a layout for the same N is replaced only once the new
 one is complete); layouts for several N may coexist, so runs with different group sizes do not
@@ -39,11 +39,11 @@ BUNDLE_MANIFEST = "bundles.json"
 BUNDLE_VERSION = 1
 TENSOR_OF_OP = {"qkv": "attn.wqkv", "o": "attn.wo", "gate_up": "mlp.w_gate_up", "down": "mlp.w_down"}
 TARGET_SHARD_BYTES = 4 << 20
-# Inner chunk: whole channels x all n layers of the group, ~this many bytes. Reads of this disk
-# are latency-bound below ~16-32 KiB (bench/flash.py: 4 KiB reads move 35 MB/s, 16 KiB 240 MB/s,
-# 64 KiB 560 MB/s), so fetching a few neighbouring rows with the one asked for costs almost
-# nothing, while a chunk per row would make every miss a slow 4 KiB read.
-TARGET_CHUNK_BYTES = int(os.environ.get("ACTIVEFLOW_BUNDLE_CHUNK_BYTES", 32 << 10))
+# Inner chunk: whole channels x all n layers of the group, ~this many bytes (default: one channel,
+# [1, n, out]). bench/bundles.py: [1, 1, out] chunks made group reads 1.5-2.5x slower (per-chunk
+# CPU cost in TensorStore); ~32 KiB multi-channel chunks read as fast as [1, n, out] but fetch 5-7x
+# the bytes asked for on single-layer (on-demand) reads, taking bandwidth from the preloads.
+TARGET_CHUNK_BYTES = int(os.environ.get("ACTIVEFLOW_BUNDLE_CHUNK_BYTES", 1))
 
 
 def _ts():
