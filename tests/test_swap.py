@@ -249,3 +249,16 @@ def test_bundle_reader_errors(swap_store, tmp_path):
     with pytest.raises(StoreError, match="stale"):
         BundleReader(store, 2)
     assert os.path.isdir(layout_dir(store, 2))
+
+
+def test_scoring_under_a_budget_equals_all_in_dram(swap_store):
+    # task evaluation (`activeflow tasks --dram-budget`) goes through the same runtime
+    from activeflow_jax.eval.scoring import score_requests
+
+    requests = [([5, 17, 33, 2], [[90, 41], [7]]), ([250, 12], [[64, 3, 9]])]
+    reference = score_requests(af.Engine.load(swap_store, sparsity=0.5, policy="topk"), requests)
+    engine = af.Engine.load(swap_store, sparsity=0.5, policy="topk", dram_budget=0.4, **OPTS)
+    got = score_requests(engine, requests)
+    for ref_row, row in zip(reference, got):
+        for a, b in zip(ref_row, row):
+            np.testing.assert_allclose(b, a, atol=1e-4)

@@ -21,6 +21,18 @@ DEFAULT_GROUP_SIZE = 4
 DEFAULT_KV_TOKENS = 512
 
 
+def _return_freed_memory_to_the_os() -> None:
+    """glibc raises its mmap threshold after large frees, so freed staging buffers (tens of MB,
+    every token) end up on the heap and RSS keeps them; a fixed 256 KiB threshold makes every
+    large buffer its own mapping, returned to the OS when freed. Process-wide, Linux/glibc only."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").mallopt(-3, 256 << 10)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
 def _current_rss() -> int:
     try:
         with open("/proc/self/statm") as f:
@@ -68,6 +80,7 @@ def load_swapping(engine_cls, store_path, dram_budget: Any, *, sparsity: float |
     reader = StoreReader(store_path)
     cfg = reader.config
     budget = budget_mod.parse_budget(dram_budget, cfg)
+    _return_freed_memory_to_the_os()
     if not isinstance(kv_tokens, int) or kv_tokens < 16:
         raise InvalidArgumentError(f"kv_tokens must be an int >= 16, got {kv_tokens!r}")
     kv_tokens = 1 << (kv_tokens.bit_length() - 1)  # KV caches come in powers of two

@@ -150,7 +150,8 @@ class SwapRuntime:
         reader = StoreReader(store_path)
         names = ["embed", "final_norm.weight"] + ([] if cfg.tie_embeddings else ["lm_head"])
         names += [f"layers.{i}.{n}.weight" for i in range(cfg.num_layers) for n in ("attn_norm", "mlp_norm")]
-        self.resident = {name: jax.device_put(arr) for name, arr in reader.iter_many(names)}
+        # one tensor at a time, into aligned buffers that device_put adopts without a copy
+        self.resident = {name: jax.device_put(reader.read_aligned(name)) for name in names}
         self.resident_bytes = sum(a.nbytes for a in self.resident.values())
 
     def _make_pools(self, memory: MemoryPlan) -> dict[str, SlotPool]:

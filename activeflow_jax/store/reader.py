@@ -154,6 +154,26 @@ class StoreReader:
         except Exception as exc:
             raise self._wrap(exc, name, None) from None
 
+    def read_aligned(self, name: str, block_bytes: int = 16 << 20) -> np.ndarray:
+        """The whole tensor as float32 in a 64-byte-aligned buffer filled block by block: on the
+        CPU, `jax.device_put` then adopts the buffer instead of copying it, so a resident tensor
+        costs its own size once, not twice (the caller must not reuse the buffer afterwards)."""
+        array = self._array(name)
+        shape = self.shape(name)
+        n = int(np.prod(shape))
+        raw = np.empty(n + 16, np.float32)
+        offset = (-raw.ctypes.data % 64) // 4
+        out = raw[offset:offset + n].reshape(shape)
+        row_bytes = max(1, int(np.prod(shape[1:])) * 4)
+        step = max(1, block_bytes // row_bytes)
+        for start in range(0, shape[0], step):
+            stop = min(shape[0], start + step)
+            try:
+                out[start:stop] = array[start:stop].read().result()
+            except Exception as exc:
+                raise self._wrap(exc, name, [start, stop - 1]) from None
+        return out
+
     def read_rows(self, name: str, rows: Sequence[int] | np.ndarray) -> np.ndarray:
         """Rows (input channels) of a 2-D tensor as float32 [len(rows), out]; rows sorted ascending."""
         rows = np.asarray(rows, dtype=np.int64)
