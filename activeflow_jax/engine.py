@@ -179,7 +179,12 @@ class Engine:
     def _forward(self, cache: llama.KVCache, tokens: np.ndarray, start_pos: int, n_valid: int,
                  attn_len: int, all_logits: bool):
         if self.swap is not None:
+            seconds, programs = self.swap.compile_clock()
             out = self.swap.forward(cache, tokens, start_pos, n_valid, attn_len, all_logits)
+            jax.block_until_ready(out[0])
+            after_seconds, after_programs = self.swap.compile_clock()
+            self.stats.compile_seconds += after_seconds - seconds  # first-use stage compiles
+            self.stats.compiles += after_programs - programs
             self.stats.loader = self.swap.stats.as_dict()
             self.stats.memory = self.swap.memory_breakdown()
             return out

@@ -41,6 +41,29 @@ from activeflow_jax.runtime.pool import SlotPool, padded_source
 from activeflow_jax.store.reader import StoreReader
 
 PREDICTED = ("qkv", "gate_up")  # residual-stream inputs: preloaded one layer group ahead
+_COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration",
+                   "/jax/core/compile/backend_compile_duration")
+
+
+class _CompileClock:
+    """Seconds JAX spent compiling (its monitoring events), so that the stage programs' first-use
+    compiles can be kept out of throughput figures like the engine's own programs are."""
+
+    seconds = 0.0
+    programs = 0
+    _registered = False
+
+    @classmethod
+    def ensure_registered(cls) -> None:
+        if not cls._registered:
+            jax.monitoring.register_event_duration_secs_listener(cls._on_event)
+            cls._registered = True
+
+    @classmethod
+    def _on_event(cls, event: str, duration: float, **_) -> None:
+        if event in _COMPILE_EVENTS:
+            cls.seconds += duration
+            cls.programs += event.endswith("backend_compile_duration")
 
 
 @dataclasses.dataclass
@@ -142,6 +165,7 @@ class SwapRuntime:
         self._pending: dict[str, _Preload] = {}
         self._preloaded: dict[tuple[str, int], np.ndarray] = {}  # (op, layer) -> predicted channel mask
         self._lock = threading.Lock()
+        _CompileClock.ensure_registered()
 
     # -- setup ---------------------------------------------------------------------------------
 
@@ -201,6 +225,11 @@ class SwapRuntime:
 
     def _norm(self, layer: int, which: str):
         return self.resident[f"layers.{layer}.{which}.weight"]
+
+    @staticmethod
+    def compile_clock() -> tuple[float, int]:
+        """(seconds, programs) compiled by JAX so far in this process."""
+        return _CompileClock.seconds, _CompileClock.programs
 
     def forward(self, cache: llama.KVCache, tokens: np.ndarray, start_pos: int, n_valid: int, attn_len: int,
                 all_logits: bool):
