@@ -130,12 +130,11 @@ class SparsityConfig:
         built and registered now (it must be, before a program using it is compiled)."""
         if self.kernel not in ("auto", "native"):
             return self
-        import jax
 
         from activeflow_jax.errors import InvalidArgumentError
         from activeflow_jax.sparse import native
 
-        usable = jax.default_backend() == "cpu" and native.available()
+        usable = native.usable()
         if self.kernel == "native" and not usable:
             raise InvalidArgumentError(
                 "the native sparse kernel is unavailable here (it needs the CPU backend and a C++ compiler; "

@@ -120,14 +120,14 @@ class Plan:
 def evaluate(cfg: ModelConfig, budget: int, bw: Bandwidths, sparsity: float, group_size: int, *, kv_tokens: int,
              superset: float, baseline: int, hit_rate_fn: Callable | None = None) -> Candidate:
     """The cost model for one (sparsity, group size)."""
-    from activeflow_jax.runtime.session import op_ks, preload_channels
+    from activeflow_jax.runtime.session import memory_for, op_ks, preload_channels
 
     config = SparsityConfig(sparsity) if sparsity else None
     ks = op_ks(cfg, config)
     pre = preload_channels(cfg, config, superset)
     try:
-        memory = budget_mod.plan_memory(cfg, budget, baseline=baseline, kv_tokens=kv_tokens, group_size=group_size,
-                                        preload_channels=pre, ks=ks)
+        memory = memory_for(cfg, budget, config, baseline=baseline, kv_tokens=kv_tokens, group_size=group_size,
+                            superset=superset)
     except budget_mod.BudgetTooSmallError as exc:
         return Candidate(sparsity, group_size, False, reason=str(exc))
     layers, ins, rb = cfg.num_layers, op_input_dims(cfg), memory.row_bytes

@@ -12,26 +12,13 @@ from __future__ import annotations
 
 import numpy as np
 
-import jax
 import jax.numpy as jnp
 
+from activeflow_jax.engine import _pow2_at_least
 from activeflow_jax.runtime import stages
+from activeflow_jax.store.reader import aligned_float32
 
-MIN_SCATTER = 8
-
-
-def aligned_zeros(shape: tuple[int, ...]) -> np.ndarray:
-    """float32 zeros on a 64-byte boundary: jit arguments on the CPU then use the buffer in place
-    instead of copying it (a second copy of every row batch otherwise)."""
-    n = int(np.prod(shape))
-    raw = np.zeros(n + 16, np.float32)
-    offset = (-raw.ctypes.data % 64) // 4
-    return raw[offset:offset + n].reshape(shape)
-
-
-def pad_size(n: int, floor: int = MIN_SCATTER) -> int:
-    """Bucketed length (powers of two) so scatters compile a handful of programs."""
-    return max(floor, 1 << max(0, int(n - 1).bit_length()))
+MIN_SCATTER = 8  # scatter batches are padded to powers of two from 8: a handful of programs
 
 
 class SlotPool:
@@ -92,10 +79,10 @@ class SlotPool:
         if n == 0:
             return np.zeros(0, np.int32)
         slots = self._allocate(n, current_layer, protect)
-        size = pad_size(n)
+        size = _pow2_at_least(n, MIN_SCATTER)
         padded_slots = np.full(size, self.trash, np.int32)
         padded_slots[:n] = slots
-        padded_rows = aligned_zeros((size, self.out_dim))
+        padded_rows = aligned_float32((size, self.out_dim), zeros=True)  # adopted by the scatter, not copied
         padded_rows[:n] = rows
         # numpy straight into the jitted scatter: an eager jnp.asarray costs ~0.4 ms here
         self.buffer = stages.scatter_rows(self.buffer, padded_slots, padded_rows)

@@ -55,6 +55,13 @@ def preload_channels(cfg, sparsity: SparsityConfig | None, superset: float) -> t
     return tuple(min(cfg.d_model, int(round(superset * k))) for k in (ks[0], ks[2]))
 
 
+def memory_for(cfg, budget: int, sparsity: SparsityConfig | None, *, baseline: int, kv_tokens: int,
+               group_size: int, superset: float) -> budget_mod.MemoryPlan:
+    """The memory plan of one setting (what load, a budget change and the planner all size by)."""
+    return budget_mod.plan_memory(cfg, budget, baseline=baseline, kv_tokens=kv_tokens, group_size=group_size,
+                                  preload_channels=preload_channels(cfg, sparsity, superset), ks=op_ks(cfg, sparsity))
+
+
 def load_swapping(engine_cls, store_path, dram_budget: Any, *, sparsity: float | None, policy: str, kernel: str,
                   dense_layers: int, group_size: int | None = None, kv_tokens: int = DEFAULT_KV_TOKENS,
                   superset: float = 1.5, cold: bool = False, direct_io: bool = False,
@@ -87,15 +94,13 @@ def load_swapping(engine_cls, store_path, dram_budget: Any, *, sparsity: float |
     if group_size is not None and (not isinstance(group_size, int) or group_size < 1):
         raise InvalidArgumentError(f"group_size must be an int >= 1, got {group_size!r}")
     baseline = _current_rss() if budget_includes_process else 0
-    chosen = _choose(reader, cfg, budget, sparsity, group_size, kv_tokens, superset, dense_layers, baseline,
-                     plan)
+    chosen = _choose(reader, cfg, budget, sparsity, group_size, kv_tokens, superset, baseline, plan)
     sparsity, group_size, explanation = chosen
     config = None
     if sparsity:
         config = SparsityConfig(sparsity, policy=policy, kernel=kernel, dense_layers=dense_layers).resolved()
-    memory = budget_mod.plan_memory(cfg, budget, baseline=baseline, kv_tokens=kv_tokens,
-                                    group_size=group_size,
-                                    preload_channels=preload_channels(cfg, config, superset), ks=op_ks(cfg, config))
+    memory = memory_for(cfg, budget, config, baseline=baseline, kv_tokens=kv_tokens, group_size=group_size,
+                        superset=superset)
     thresholds = None
     if config is not None and config.policy == "threshold":
         thresholds = np.asarray(store_thresholds(reader.path, cfg, config.sparsity))
@@ -117,15 +122,14 @@ def load_swapping(engine_cls, store_path, dram_budget: Any, *, sparsity: float |
     engine = engine_cls(cfg, {}, tokenizer, store_path=reader.path)
     engine.swap = runtime
     engine.sparsity, engine.plan_explanation = config, explanation
-    engine._swap_settings = dict(sparsity=sparsity, group_size=group_size, kv_tokens=kv_tokens, superset=superset,
-                                 dense_layers=dense_layers, baseline=baseline)
+    engine._swap_settings = dict(group_size=group_size, kv_tokens=kv_tokens, superset=superset, baseline=baseline)
     engine.stats.weight_bytes = runtime.resident_bytes
     engine.stats.memory = runtime.memory_breakdown()
     engine.stats.load_seconds = time.perf_counter() - start
     return engine
 
 
-def _choose(reader, cfg, budget, sparsity, group_size, kv_tokens, superset, dense_layers, baseline, plan):
+def _choose(reader, cfg, budget, sparsity, group_size, kv_tokens, superset, baseline, plan):
     """(sparsity, group_size, explanation): the planner's choice where not given."""
     if not plan or (sparsity is not None and group_size is not None):
         return sparsity, group_size or DEFAULT_GROUP_SIZE, ""
@@ -145,7 +149,5 @@ def replan(engine, dram_budget: Any) -> None:
     s = engine._swap_settings
     cfg = engine.config
     budget = budget_mod.parse_budget(dram_budget, cfg)
-    memory = budget_mod.plan_memory(cfg, budget, baseline=s["baseline"], kv_tokens=s["kv_tokens"], group_size=s["group_size"],
-                                    preload_channels=preload_channels(cfg, engine.sparsity, s["superset"]),
-                                    ks=op_ks(cfg, engine.sparsity))
-    engine.swap.replan(memory)
+    engine.swap.replan(memory_for(cfg, budget, engine.sparsity, baseline=s["baseline"], kv_tokens=s["kv_tokens"],
+                                  group_size=s["group_size"], superset=s["superset"]))

@@ -23,7 +23,6 @@ same budget" baseline, a stronger one than mmap since it caches by frequency and
 from __future__ import annotations
 
 import dataclasses
-import os
 import threading
 import time
 from typing import Any
@@ -145,16 +144,17 @@ class SwapRuntime:
 
         self.cfg, self.sparsity, self.memory, self.superset = cfg, sparsity, memory, superset
         self.store_path = store_path
-        self.native = sparsity is not None and sparsity.kernel == "native" or (
-            sparsity is None and _native_available())
+        from activeflow_jax.sparse import native
+
+        self.native = sparsity.kernel == "native" if sparsity is not None else native.usable()
         # rows an op computes with at once; dense layers (and prefill unions) run in slices of it
         self.slice = dict(zip(OP_GROUPS, sparsity.ks(cfg) if sparsity is not None else op_input_dims(cfg)))
         self.bundles = BundleReader(store_path, group_size, direct_io=direct_io)
         if self.bundles.first_layer != 0:
             raise StoreError(
                 f"store {store_path} is laid out for groups of {self.bundles.group_size} from layer "
-                f"{self.bundles.first_layer}; run `activeflow relayout --store {store_path} --group-size {group_size} "
-                "--first-layer 0`")
+                f"{self.bundles.first_layer}; run `activeflow relayout --store {store_path} --group-size {group_size}` "
+                "(which lays out every layer)")
         self._load_resident(store_path)
         thr = np.zeros((cfg.num_layers, len(OP_GROUPS)), np.float32) if thresholds is None else thresholds
         self._thr = [[jnp.float32(thr[i, g]) for g in range(len(OP_GROUPS))] for i in range(cfg.num_layers)]
@@ -382,18 +382,11 @@ class SwapRuntime:
                 if need.any():
                     pool.install(np.full(int(need.sum()), layer, np.int32), pre.read[need], rows[need, position],
                                  current_layer=layers[0], protect=np.zeros(0, np.int64), pin_until=last)
+        predicted = np.zeros(pool.in_dim, bool)  # one mask for the group: read-only below
+        predicted[pre.predicted] = True
         for layer in layers:
             slots = pool.slot_of[layer, pre.predicted]
             pool.pin_until[slots[slots >= 0]] = last  # predicted rows stay until their layer ran
-            mask = np.zeros(pool.in_dim, bool)
-            mask[pre.predicted] = True
-            self._preloaded[(pre.op, layer)] = mask
+            self._preloaded[(pre.op, layer)] = predicted
             st.predicted_rows += len(pre.predicted)
 
-
-def _native_available() -> bool:
-    if jax.default_backend() != "cpu":
-        return False
-    from activeflow_jax.sparse import native
-
-    return native.available()

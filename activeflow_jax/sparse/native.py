@@ -81,6 +81,11 @@ def available() -> bool:
         return False
 
 
+def usable() -> bool:
+    """True where the native kernels run: the CPU backend, with the library built and registered."""
+    return jax.default_backend() == "cpu" and available()
+
+
 def gather_matvec(xk: jax.Array, rows: jax.Array, w: jax.Array, count: jax.Array | int | None = None) -> jax.Array:
     """y = xk[:count] @ w[rows[:count]] without materializing the rows. xk [k] f32, rows [k] int32 in
     range, w [in, out] f32 -> [out]; count (default k) lets padded inputs sum exactly like

@@ -23,7 +23,6 @@ import json
 import os
 import re
 import shutil
-import uuid
 from collections.abc import Sequence
 from typing import Any
 
@@ -32,7 +31,7 @@ import numpy as np
 from activeflow_jax.config import OP_GROUPS
 from activeflow_jax.errors import InvalidArgumentError, StoreCorruptError, StoreError
 from activeflow_jax.store.reader import StoreReader, read_manifest
-from activeflow_jax.store.writer import _pid_alive
+from activeflow_jax.store.writer import new_temporary_dir, replace_dir, write_json_durably
 
 BUNDLE_DIR = "bundles"
 BUNDLE_MANIFEST = "bundles.json"
@@ -122,14 +121,7 @@ def write_bundles(store_dir: str | os.PathLike, group_size: int, *, first_layer:
     final = layout_dir(reader.path, group_size)
     if os.path.exists(final) and not overwrite:
         raise StoreError(f"{final} exists; pass overwrite=True to replace it")
-    os.makedirs(os.path.dirname(final), exist_ok=True)
-    for entry in os.listdir(os.path.dirname(final)):  # leftovers of an interrupted relayout
-        if entry.startswith(".n") and (".tmp-" in entry or ".old-" in entry):
-            pid = entry.split(".tmp-")[1].split("-")[0] if ".tmp-" in entry else ""
-            if pid.isdigit() and _pid_alive(int(pid)):
-                continue  # another process is writing a layout right now
-            shutil.rmtree(os.path.join(os.path.dirname(final), entry), ignore_errors=True)
-    tmp = os.path.join(os.path.dirname(final), f".n{group_size}.tmp-{os.getpid()}-{uuid.uuid4().hex[:6]}")
+    tmp = new_temporary_dir(final)
     groups = layer_groups(cfg.num_layers, group_size, first_layer)
     itemsize = np.dtype(reader.storage_dtype).itemsize
     ts = _ts()
@@ -166,17 +158,8 @@ def write_bundles(store_dir: str | os.PathLike, group_size: int, *, first_layer:
         info = {"version": BUNDLE_VERSION, "group_size": group_size, "first_layer": first_layer,
                 "groups": [list(g) for g in groups], "storage_dtype": reader.storage_dtype, "arrays": arrays,
                 "fingerprint": _fingerprint(reader.manifest)}
-        with open(os.path.join(tmp, BUNDLE_MANIFEST), "w") as f:
-            json.dump(info, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        if os.path.exists(final):
-            trash = os.path.join(os.path.dirname(final), f".n{group_size}.old-{uuid.uuid4().hex[:6]}")
-            os.rename(final, trash)
-            os.rename(tmp, final)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.rename(tmp, final)
+        write_json_durably(os.path.join(tmp, BUNDLE_MANIFEST), info)
+        replace_dir(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -50,6 +50,16 @@ def read_manifest(store_dir: str | os.PathLike) -> dict[str, Any]:
     return manifest
 
 
+def aligned_float32(shape: tuple[int, ...], *, zeros: bool = False) -> np.ndarray:
+    """A float32 array on a 64-byte boundary. On the CPU, `jax.device_put` and jit arguments
+    adopt such a buffer instead of copying it (numpy's default 16-byte alignment forces a copy),
+    so whoever hands it to JAX must not reuse it."""
+    n = int(np.prod(shape))
+    raw = (np.zeros if zeros else np.empty)(n + 16, np.float32)
+    offset = (-raw.ctypes.data % 64) // 4
+    return raw[offset:offset + n].reshape(shape)
+
+
 def _ts():
     import tensorstore as ts
 
@@ -160,10 +170,7 @@ class StoreReader:
         costs its own size once, not twice (the caller must not reuse the buffer afterwards)."""
         array = self._array(name)
         shape = self.shape(name)
-        n = int(np.prod(shape))
-        raw = np.empty(n + 16, np.float32)
-        offset = (-raw.ctypes.data % 64) // 4
-        out = raw[offset:offset + n].reshape(shape)
+        out = aligned_float32(shape)
         row_bytes = max(1, int(np.prod(shape[1:])) * 4)
         step = max(1, block_bytes // row_bytes)
         for start in range(0, shape[0], step):

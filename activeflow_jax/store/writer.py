@@ -38,10 +38,8 @@ def write_store(store_dir: str | os.PathLike, config: ModelConfig, tokenizer_spe
     store_dir = os.path.abspath(os.fspath(store_dir))
     if os.path.exists(store_dir) and not overwrite:
         raise StoreError(f"{store_dir} already exists; pass overwrite=True (--overwrite) to replace it")
-    parent, base = os.path.split(store_dir)
-    os.makedirs(parent, exist_ok=True)
-    _remove_stale_temporaries(parent, base)
-    tmp = os.path.join(parent, f".{base}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    base = os.path.basename(store_dir)
+    tmp = new_temporary_dir(store_dir)
     os.makedirs(os.path.join(tmp, layout.TENSOR_DIR))
     ts = _ts()
     np_dtype = np.dtype(dtype)
@@ -70,14 +68,8 @@ def write_store(store_dir: str | os.PathLike, config: ModelConfig, tokenizer_spe
             "source": source or {},
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
-        _write_json_durably(os.path.join(tmp, layout.MANIFEST), manifest)
-        if os.path.exists(store_dir):
-            trash = os.path.join(parent, f".{base}.old-{uuid.uuid4().hex[:8]}")
-            os.rename(store_dir, trash)
-            os.rename(tmp, store_dir)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.rename(tmp, store_dir)
+        write_json_durably(os.path.join(tmp, layout.MANIFEST), manifest)
+        replace_dir(tmp, store_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -87,7 +79,29 @@ def write_store(store_dir: str | os.PathLike, config: ModelConfig, tokenizer_spe
     return store_dir
 
 
-def _write_json_durably(path: str, data: dict[str, Any]) -> None:
+def new_temporary_dir(final: str) -> str:
+    """A fresh hidden path beside `final` to build it in (`.<name>.tmp-<pid>-<random>`), after
+    removing what interrupted writes of the same name left (unless their process still runs)."""
+    parent, base = os.path.split(final)
+    os.makedirs(parent, exist_ok=True)
+    _remove_stale_temporaries(parent, base)
+    return os.path.join(parent, f".{base}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+def replace_dir(tmp: str, final: str) -> None:
+    """Moves the complete directory `tmp` to `final`; an old `final` is renamed away first and
+    deleted last, so `final` is at every moment either the old or the new one, never half of each."""
+    if os.path.exists(final):
+        parent, base = os.path.split(final)
+        trash = os.path.join(parent, f".{base}.old-{uuid.uuid4().hex[:8]}")
+        os.rename(final, trash)
+        os.rename(tmp, final)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.rename(tmp, final)
+
+
+def write_json_durably(path: str, data: dict[str, Any]) -> None:
     with open(path, "w") as f:
         json.dump(data, f, indent=1)
         f.flush()
