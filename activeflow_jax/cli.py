@@ -105,8 +105,10 @@ def cmd_distill(args) -> int:
 
     cfg = DistillConfig(sparsity=args.sparsity, policy=args.policy, steps=args.steps, batch_size=args.batch_size,
                         seq_len=args.seq_len, lr=args.lr, warmup_steps=args.warmup_steps, ce_weight=args.ce_weight,
-                        trainable=args.trainable, save_every=args.save_every, seed=args.seed)
-    result = distill(_store_or_default(args), args.out, cfg, text_path=args.text, checkpoint_dir=args.checkpoint_dir,
+                        trainable=args.trainable, lora_rank=args.lora_rank, save_every=args.save_every,
+                        seed=args.seed)
+    text = args.text.split(",") if args.text else None
+    result = distill(_store_or_default(args), args.out, cfg, text_path=text, checkpoint_dir=args.checkpoint_dir,
                      overwrite=args.overwrite)
     print(f"distilled {result.steps} steps ({'resumed from ' + str(result.resumed_from) if result.resumed_from else 'fresh'}"
           f", final KL {result.final_kl:.4f}, {result.tokens_per_s:.0f} tok/s) -> {result.out_store}")
@@ -267,8 +269,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=5e-5)
     p.add_argument("--warmup-steps", type=int, default=10)
     p.add_argument("--ce-weight", type=float, default=0.0, help="add this times cross-entropy on the text to the KL")
-    p.add_argument("--trainable", default="all", choices=["all", "norms"])
-    p.add_argument("--text", default=None, help="training text (default: the shipped corpus; never the eval text)")
+    p.add_argument("--trainable", default="all", choices=["all", "norms", "lora"])
+    p.add_argument("--lora-rank", type=int, default=16, help="rank of the adapters with --trainable lora")
+    p.add_argument("--text", default=None, help="training text file(s), comma-separated (default: the shipped "
+                   "teacher-written corpora; never the eval text)")
     p.add_argument("--checkpoint-dir", default=None, help="Orbax checkpoints (default: OUT.ckpt); resumes from it")
     p.add_argument("--save-every", type=int, default=25)
     p.add_argument("--seed", type=int, default=0)

@@ -74,17 +74,18 @@ def test_distillation_lowers_kl_and_writes_a_new_calibrated_store(source, tmp_pa
     assert engine.sparsity.sparsity == 0.5
 
 
-def test_train_step_lowers_kl_on_a_batch(source):
+@pytest.mark.parametrize("mode,lr", [("all", 1e-3), ("lora", 3e-3)])
+def test_train_step_lowers_kl_on_a_batch(source, mode, lr):
     from activeflow_jax.distill.train import batch_for_step, make_train_step, make_windows, split_trainable
     from activeflow_jax.sparse.calibrate import read_calibration
 
     store, text, _ = source
     engine = af.Engine.load(store)
     thresholds = jnp.asarray(read_calibration(store, engine.config).thresholds(0.5))
-    cfg = DistillConfig(**{**SMALL, "steps": 15, "lr": 1e-3})
+    cfg = DistillConfig(**{**SMALL, "steps": 15, "lr": lr, "trainable": mode, "lora_rank": 4})
     windows = make_windows(np.asarray(engine.tokenizer.encode(TEXT), np.int32), cfg.seq_len, cfg.batch_size)
     batch = jnp.asarray(batch_for_step(windows, 0, cfg.batch_size, 0))
-    trainable, frozen = split_trainable(engine.params, "all")
+    trainable, frozen = split_trainable(engine.params, mode, cfg.lora_rank)
     trainable = jax.tree.map(jnp.copy, trainable)
     step, tx = make_train_step(engine.config, cfg, frozen, engine.params, thresholds)
     opt = tx.init(trainable)
@@ -199,3 +200,45 @@ def test_mismatched_or_corrupt_checkpoint(source, tmp_path):
     with pytest.raises(StoreError, match="cannot be restored"):
         distill(store, tmp_path / "a", DistillConfig(**SMALL), text_path=text, checkpoint_dir=str(ckpt),
                 progress=False)
+
+
+def test_lora_trains_only_adapters_and_merges_them(source, tmp_path):
+    from activeflow_jax.distill.train import split_trainable, student_params
+
+    store, text, _ = source
+    params = af.Engine.load(store).params
+    trainable, frozen = split_trainable(params, "lora", lora_rank=4, seed=0)
+    pair = trainable["lora"][0]["mlp"]["w_down"]
+    assert pair["a"].shape[1] == 4 and pair["b"].shape[0] == 4
+    merged = student_params(frozen, trainable)  # b = 0 at the start: the student is the teacher
+    np.testing.assert_array_equal(merged["layers"][0]["mlp"]["w_down"], params["layers"][0]["mlp"]["w_down"])
+
+    before = _tensors(store)
+    cfg = DistillConfig(**{**SMALL, "steps": 6, "lr": 3e-3, "trainable": "lora", "lora_rank": 4})
+    result = distill(store, tmp_path / "lora", cfg, text_path=text, progress=False)
+    assert all(np.isfinite(h["kl"]) for h in result.history)
+    out = _tensors(result.out_store)
+    assert not np.allclose(out["layers.1.mlp.w_down"], before["layers.1.mlp.w_down"])  # adapters merged in
+    np.testing.assert_array_equal(out["layers.1.attn_norm.weight"], before["layers.1.attn_norm.weight"])
+
+
+def test_batched_teacher_generation_equals_one_at_a_time(source):
+    """Each sequence of a batch sits at its own position: near-zero temperature must reproduce the
+    engine's greedy decode of each prompt, whatever the other prompts' lengths."""
+    from activeflow_jax.distill.corpus import generate_batch
+
+    store, _, _ = source
+    engine = af.Engine.load(store)
+    prompts = [[5, 17, 299, 41], [9] * 11, [260, 3]]
+    batched = generate_batch(engine, prompts, max_new_tokens=12, temperature=1e-6, min_p=0.5, seed=3)
+    for prompt, got in zip(prompts, batched):
+        want = list(engine.generate_ids(prompt, max_new_tokens=12, temperature=0.0, stop_ids=frozenset()))
+        stops = engine.tokenizer.stop_ids
+        want = want[:next((j for j, t in enumerate(want) if t in stops), len(want))]
+        assert got == want
+    sampled = generate_batch(engine, prompts, max_new_tokens=12, temperature=1.0, min_p=0.01, seed=3)
+    assert generate_batch(engine, prompts, max_new_tokens=12, temperature=1.0, min_p=0.01, seed=3) == sampled
+    with pytest.raises(InvalidArgumentError):
+        generate_batch(engine, [[]], max_new_tokens=4)
+    with pytest.raises(InvalidArgumentError):
+        generate_batch(engine, prompts, max_new_tokens=4, min_p=0.0)

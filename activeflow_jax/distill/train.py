@@ -28,6 +28,7 @@ import json
 import math
 import os
 import time
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -36,7 +37,8 @@ import numpy as np
 from activeflow_jax.config import SparsityConfig
 from activeflow_jax.errors import InvalidArgumentError, StoreError
 
-TRAINABLE = ("all", "norms")
+TRAINABLE = ("all", "norms", "lora")
+LORA_TARGETS = (("attn", "wqkv"), ("attn", "wo"), ("mlp", "w_gate_up"), ("mlp", "w_down"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,13 +53,14 @@ class DistillConfig:
     weight_decay: float = 0.0
     ce_weight: float = 0.0  # weight of cross-entropy on the text, added to the KL
     trainable: str = "all"
+    lora_rank: int = 16
     save_every: int = 25
     keep_checkpoints: int = 3
     seed: int = 0
 
     def __post_init__(self) -> None:
         SparsityConfig(self.sparsity, policy=self.policy)  # validates sparsity and policy
-        for name in ("steps", "batch_size", "seq_len", "save_every", "keep_checkpoints"):
+        for name in ("steps", "batch_size", "seq_len", "save_every", "keep_checkpoints", "lora_rank"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise InvalidArgumentError(f"{name} must be an int >= 1, got {value!r}")
@@ -84,8 +87,22 @@ class DistillResult:
 # ------------------------------------------------------------------------------------------------
 # Parameters: which part trains.
 
-def split_trainable(params: dict, mode: str) -> tuple[dict, dict]:
-    """(trainable, frozen) subtrees of the model's pure-dict params."""
+def split_trainable(params: dict, mode: str, lora_rank: int = 16, seed: int = 0) -> tuple[dict, dict]:
+    """(trainable, frozen) subtrees of the model's pure-dict params. For "lora", frozen is the
+    whole model and trainable holds a low-rank pair (a [in, r], b [r, out], b = 0 at the start)
+    per linear weight; `student_params` adds a @ b to the weight."""
+    if mode == "lora":
+        key = jax.random.key(seed)
+        adapters = {}
+        for i, layer in params["layers"].items():
+            adapters[i] = {}
+            for block, name in LORA_TARGETS:
+                w = layer[block][name]
+                key, sub = jax.random.split(key)
+                adapters[i].setdefault(block, {})[name] = {
+                    "a": jax.random.normal(sub, (w.shape[0], lora_rank), jnp.float32) * w.shape[0] ** -0.5,
+                    "b": jnp.zeros((lora_rank, w.shape[1]), jnp.float32)}
+        return {"lora": adapters}, params
     frozen = {k: v for k, v in params.items() if k != "layers"}
     if mode == "all":
         return {"layers": params["layers"]}, frozen
@@ -95,6 +112,20 @@ def split_trainable(params: dict, mode: str) -> tuple[dict, dict]:
         frozen_layers[i] = {k: v for k, v in layer.items() if not k.endswith("_norm")}
     frozen["layers"] = frozen_layers
     return {"layers": trainable_layers}, frozen
+
+
+def student_params(frozen: dict, trainable: dict) -> dict:
+    """The student's full params from the (trainable, frozen) split of `split_trainable`."""
+    if "lora" not in trainable:
+        return merge_trees(frozen, trainable)
+    layers = {}
+    for i, layer in frozen["layers"].items():
+        layer = {k: dict(v) if isinstance(v, dict) else v for k, v in layer.items()}
+        for block, name in LORA_TARGETS:
+            pair = trainable["lora"][i][block][name]
+            layer[block][name] = layer[block][name] + pair["a"] @ pair["b"]
+        layers[i] = layer
+    return {**frozen, "layers": layers}
 
 
 def merge_trees(base: dict, over: dict) -> dict:
@@ -149,7 +180,7 @@ def make_train_step(model_cfg, dcfg: DistillConfig, frozen: dict, teacher: dict,
 
     def loss_fn(trainable, batch):
         inputs, targets = batch[:, :-1], batch[:, 1:]
-        student = merge_trees(frozen, trainable)
+        student = student_params(frozen, trainable)
         s_logits = jax.vmap(lambda t: sequence_logits(student, t, thresholds, cfg=model_cfg, sparse=sparse))(inputs)
         t_logits = jax.lax.stop_gradient(jax.vmap(lambda t: sequence_logits(teacher, t, cfg=model_cfg))(inputs))
         s_logp = jax.nn.log_softmax(s_logits, axis=-1)
@@ -193,7 +224,18 @@ def _run_fingerprint(store_path: str, dcfg: DistillConfig) -> str:
     return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
 
 
-def distill(store_path: str, out_path: str, dcfg: DistillConfig | None = None, *, text_path: str | None = None,
+def default_distillation_texts() -> list[str]:
+    """The shipped teacher-written corpora: distill.txt (checkpoints/make_distill_text.py) and the
+    calibration articles (checkpoints/make_calibration_text.py). Never the evaluation text."""
+    from activeflow_jax.sparse.calibrate import default_calibration_text
+
+    calibration = default_calibration_text()
+    distill_text = os.path.join(os.path.dirname(calibration), "distill.txt")
+    return [p for p in (distill_text, calibration) if os.path.exists(p)]
+
+
+def distill(store_path: str, out_path: str, dcfg: DistillConfig | None = None, *,
+            text_path: str | Sequence[str] | None = None,
             checkpoint_dir: str | None = None, overwrite: bool = False, progress: bool = True,
             stop_after: int | None = None, recalibrate: bool = True) -> DistillResult:
     """Distills the sparse model of `store_path` and writes it to the new store `out_path`.
@@ -218,17 +260,18 @@ def distill(store_path: str, out_path: str, dcfg: DistillConfig | None = None, *
     cfg = engine.config
     calibration = read_calibration(store_path, cfg)  # its levels are calibrated again for the output
     thresholds = jnp.asarray(store_thresholds(store_path, cfg, dcfg.sparsity)) if dcfg.policy == "threshold" else None
-    text_path = text_path or default_calibration_text()
+    texts = default_distillation_texts() if text_path is None else (
+        [text_path] if isinstance(text_path, (str, os.PathLike)) else list(text_path))
     from activeflow_jax.eval.perplexity import read_text
 
-    ids = np.asarray(engine.tokenizer.encode(read_text(text_path)), np.int32)
+    ids = np.concatenate([np.asarray(engine.tokenizer.encode(read_text(t)), np.int32) for t in texts])
     windows = make_windows(ids, dcfg.seq_len, dcfg.batch_size)
 
     mesh = data_mesh()
     if dcfg.batch_size % mesh.size:
         raise InvalidArgumentError(f"batch_size {dcfg.batch_size} must be a multiple of the {mesh.size} devices")
     teacher = engine.params
-    trainable, frozen = split_trainable(teacher, dcfg.trainable)
+    trainable, frozen = split_trainable(teacher, dcfg.trainable, dcfg.lora_rank, dcfg.seed)
     trainable = jax.tree.map(jnp.copy, trainable)  # the student's own copy; the teacher stays intact
     step_fn, tx = make_train_step(cfg, dcfg, frozen, teacher, thresholds, mesh)
     opt_state = tx.init(trainable)
@@ -302,7 +345,7 @@ def distill(store_path: str, out_path: str, dcfg: DistillConfig | None = None, *
                              tokens_per_s=tokens / seconds if seconds else 0.0, history=history)
     manager.close()
 
-    params = merge_trees(frozen, trainable)
+    params = student_params(frozen, trainable)
     from activeflow_jax.store.reader import StoreReader
 
     reader = StoreReader(store_path)
@@ -312,7 +355,9 @@ def distill(store_path: str, out_path: str, dcfg: DistillConfig | None = None, *
                         "distill": dataclasses.asdict(dcfg), "distill_steps": dcfg.steps},
                 overwrite=True, progress=progress, total=len(flat))
     if recalibrate and calibration is not None:
-        calibrate(out_path, text_path, levels=calibration.available, progress=progress)
+        # the calibration corpus unless the caller chose the text (whose first file then serves)
+        calibrate(out_path, default_calibration_text() if text_path is None else texts[0],
+                  levels=calibration.available, progress=progress)
     return DistillResult(out_store=out_path, steps=dcfg.steps, resumed_from=resumed_from,
                          final_loss=history[-1]["loss"] if history else float("nan"),
                          final_kl=history[-1]["kl"] if history else float("nan"), seconds=seconds,

@@ -29,6 +29,7 @@ from activeflow_jax.paths import activeflow_home
 TARGET = "activeflow_gather_matvec"
 TOPK_TARGET = "activeflow_topk_matvec"
 MASK_TARGET = "activeflow_active_mask"
+ROWS_DOT_TARGET = "activeflow_rows_dot"
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "native", "gather_matvec.cc")
 log = logging.getLogger(__name__)
 
@@ -75,6 +76,7 @@ def available() -> bool:
         jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.AfGatherMatvec), platform="cpu")
         jax.ffi.register_ffi_target(TOPK_TARGET, jax.ffi.pycapsule(lib.AfTopkMatvec), platform="cpu")
         jax.ffi.register_ffi_target(MASK_TARGET, jax.ffi.pycapsule(lib.AfActiveMask), platform="cpu")
+        jax.ffi.register_ffi_target(ROWS_DOT_TARGET, jax.ffi.pycapsule(lib.AfRowsDot), platform="cpu")
         return True
     except Exception as exc:  # any failure means: use the XLA kernel instead
         log.warning("native sparse kernel unavailable, using the XLA gather kernel: %s", exc)
@@ -95,6 +97,10 @@ def gather_matvec(xk: jax.Array, rows: jax.Array, w: jax.Array, count: jax.Array
         xk.astype(jnp.float32), rows.astype(jnp.int32), w, count)
 
 
+def rows_dot(x0: jax.Array, e: jax.Array) -> jax.Array:
+    """e @ x0 for x0 [d], e [V, d] -> [V] (the tied head of one token), streaming e once."""
+    return jax.ffi.ffi_call(ROWS_DOT_TARGET, jax.ShapeDtypeStruct((e.shape[0],), jnp.float32))(
+        x0.astype(jnp.float32), e)
 
 
 def topk_matvec(x0: jax.Array, w: jax.Array, k: int, threshold: jax.Array | float, use_threshold: bool) -> jax.Array:
