@@ -66,6 +66,28 @@ def test_native_kernel_builds_and_matches():
                                xk @ big[rows], rtol=1e-4, atol=1e-4)
 
 
+def test_native_head_kernel_matches_and_reads_thresholds_from_the_table():
+    from activeflow_jax.sparse import native
+
+    assert native.available()
+    rng = np.random.default_rng(6)
+    for v, d in ((301, 37), (49152 // 8, 576)):  # odd shapes (row and lane tails); a threaded size
+        e = rng.standard_normal((v, d)).astype(np.float32)
+        x = rng.standard_normal(d).astype(np.float32)
+        np.testing.assert_allclose(np.asarray(native.rows_dot(jnp.asarray(x), jnp.asarray(e))), e @ x,
+                                   rtol=1e-4, atol=1e-4)
+    # the decode kernel takes the whole threshold table and an index: same result as the scalar
+    w = rng.standard_normal((64, 20)).astype(np.float32)
+    x = rng.standard_normal(64).astype(np.float32)
+    table = np.abs(rng.standard_normal((3, 4))).astype(np.float32)
+    for index in (0, 7, 11):
+        got = native.topk_matvec(jnp.asarray(x), jnp.asarray(w), 40, jnp.asarray(table), True, index=index)
+        want = native.topk_matvec(jnp.asarray(x), jnp.asarray(w), 40, float(table.reshape(-1)[index]), True)
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    with pytest.raises(ValueError, match="outside"):
+        native.topk_matvec(jnp.asarray(x), jnp.asarray(w), 40, jnp.asarray(table), True, index=12)
+
+
 def test_active_mask_counts():
     x = jnp.asarray(np.random.default_rng(1).standard_normal((7, 50)), jnp.float32)
     assert (np.asarray(kernels.active_mask(x, 20, 0.0, "topk")).sum(-1) == 20).all()

@@ -27,21 +27,22 @@ Params = dict[str, Any]  # nested pure dict of arrays, as produced by nnx.to_pur
 
 
 class KVCache(NamedTuple):
-    """Per-layer key/value buffers, [max_len, num_kv_heads, head_dim] each; donated between steps.
+    """Per-layer key/value buffers, [num_kv_heads, max_len, head_dim] each; donated between steps.
 
-    Sequence-major, so appending a token writes one contiguous row and the filled prefix
-    `[:attn_len]` is a contiguous slice."""
+    Head-major: the attention products are batched over KV heads, and with this layout XLA:CPU
+    feeds them straight from the cache. A sequence-major cache made it copy both whole caches into
+    transposed temporaries in every layer of every step (cost growing with the context)."""
 
     k: tuple[jax.Array, ...]
     v: tuple[jax.Array, ...]
 
     @property
     def max_len(self) -> int:
-        return self.k[0].shape[0]
+        return self.k[0].shape[1]
 
     @classmethod
     def zeros(cls, cfg: ModelConfig, max_len: int) -> "KVCache":
-        shape = (max_len, cfg.num_kv_heads, cfg.head_dim)
+        shape = (cfg.num_kv_heads, max_len, cfg.head_dim)
         return cls(
             k=tuple(jnp.zeros(shape, jnp.float32) for _ in range(cfg.num_layers)),
             v=tuple(jnp.zeros(shape, jnp.float32) for _ in range(cfg.num_layers)),
@@ -54,12 +55,15 @@ class KVCache(NamedTuple):
 class LinearOps:
     """How one layer runs its linear ops: dense, or sparse with per-group k and thresholds
     (optionally restricted to predicted channel sets); can record each op group's input.
-    Lives only inside a trace; `DENSE` is the reference path."""
+    Lives only inside a trace; `DENSE` is the reference path.
+
+    thresholds is the whole [L, 4] table and `layer` the row: the native decode kernel reads its
+    threshold from the table itself, which saves a slice program per op (~120 per token)."""
 
     def __init__(self, sparse: SparsityConfig | None = None, ks: tuple[int, ...] = (),
                  thresholds: jax.Array | None = None, restrict: dict[str, jax.Array] | None = None,
-                 taps: dict[str, jax.Array] | None = None):
-        self.sparse, self.ks, self.thresholds = sparse, ks, thresholds
+                 taps: dict[str, jax.Array] | None = None, layer: int = 0):
+        self.sparse, self.ks, self.thresholds, self.layer = sparse, ks, thresholds, layer
         self.restrict = restrict or {}
         self.taps = taps
 
@@ -69,10 +73,11 @@ class LinearOps:
         if self.sparse is None:
             return x @ w
         g = OP_GROUPS.index(group)
-        threshold = 0.0 if self.thresholds is None else self.thresholds[g]
-        return sparse_linear(x, w, k=self.ks[g], threshold=threshold, policy=self.sparse.policy,
-                             kernel=self.sparse.kernel, restrict=self.restrict.get(group),
-                             straight_through=self.sparse.straight_through)
+        index = self.layer * len(OP_GROUPS) + g
+        return sparse_linear(x, w, k=self.ks[g], threshold=0.0 if self.thresholds is None else self.thresholds,
+                             threshold_index=None if self.thresholds is None else index,
+                             policy=self.sparse.policy, kernel=self.sparse.kernel,
+                             restrict=self.restrict.get(group), straight_through=self.sparse.straight_through)
 
 
 DENSE = LinearOps()
@@ -118,8 +123,13 @@ def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
 
-def head_logits(x_normed: jax.Array, embed: jax.Array, lm_head: jax.Array | None) -> jax.Array:
-    """[T, d] final-normed -> logits [T, V]; a tied head multiplies by the embedding [V, d]."""
+def head_logits(x_normed: jax.Array, embed: jax.Array, lm_head: jax.Array | None, native: bool = False) -> jax.Array:
+    """[T, d] final-normed -> logits [T, V]; a tied head multiplies by the embedding [V, d].
+    native: one token's tied head runs on the native kernel (XLA:CPU streams [V, d] slowly here)."""
+    if lm_head is None and native and x_normed.shape[0] == 1:
+        from activeflow_jax.sparse.native import rows_dot
+
+        return rows_dot(x_normed[0], embed)[None]
     if lm_head is None:
         return jnp.einsum("td,vd->tv", x_normed, embed)
     return x_normed @ lm_head
@@ -153,15 +163,15 @@ def attend(cfg: ModelConfig, qkv, k_cache, v_cache, start_pos, mask_bias, attn_l
     k = qkv[:, cfg.q_dim:cfg.q_dim + cfg.kv_dim].reshape(t, cfg.num_kv_heads, cfg.head_dim)
     v = qkv[:, cfg.q_dim + cfg.kv_dim:].reshape(t, cfg.num_kv_heads, cfg.head_dim)
     q, k = rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta)
-    k_cache = jax.lax.dynamic_update_slice(k_cache, k, (start_pos, 0, 0))
-    v_cache = jax.lax.dynamic_update_slice(v_cache, v, (start_pos, 0, 0))
-    keys, values = k_cache[:attn_len], v_cache[:attn_len]  # [S, KV, hd]
+    k_cache = jax.lax.dynamic_update_slice(k_cache, k.transpose(1, 0, 2), (0, start_pos, 0))
+    v_cache = jax.lax.dynamic_update_slice(v_cache, v.transpose(1, 0, 2), (0, start_pos, 0))
+    keys, values = k_cache[:, :attn_len], v_cache[:, :attn_len]  # [KV, S, hd]
     group = cfg.num_heads // cfg.num_kv_heads
     q = q.reshape(t, cfg.num_kv_heads, group, cfg.head_dim) * cfg.head_dim**-0.5
-    scores = jnp.einsum("tkgd,skd->tkgs", q, keys) + mask_bias[:, None, None, :]
+    scores = jnp.einsum("tkgd,ksd->tkgs", q, keys) + mask_bias[:, None, None, :]
     probs = jnp.exp(scores - jnp.max(scores, axis=-1, keepdims=True))
     probs = probs / jnp.sum(probs, axis=-1, keepdims=True)
-    out = jnp.einsum("tkgs,skd->tkgd", probs, values).reshape(t, cfg.q_dim)
+    out = jnp.einsum("tkgs,ksd->tkgd", probs, values).reshape(t, cfg.q_dim)
     return out, k_cache, v_cache
 
 
@@ -202,13 +212,14 @@ class LlamaModel(nnx.Module):
         self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.lm_head = None if cfg.tie_embeddings else _param(rngs, (cfg.d_model, cfg.vocab_size), cfg.d_model**-0.5)
 
-    def head(self, x: jax.Array) -> jax.Array:
+    def head(self, x: jax.Array, native: bool = False) -> jax.Array:
         """x: [T, d] -> logits [T, V]."""
-        return head_logits(self.final_norm(x), self.embed[...], None if self.lm_head is None else self.lm_head[...])
+        return head_logits(self.final_norm(x), self.embed[...], None if self.lm_head is None else self.lm_head[...],
+                           native)
 
     def __call__(self, tokens, cache: KVCache, start_pos, n_valid, *, attn_len: int, all_logits: bool,
                  sparse: SparsityConfig | None = None, thresholds: jax.Array | None = None,
-                 predict: PredictionConfig | None = None, taps: list | None = None):
+                 predict: PredictionConfig | None = None, taps: list | None = None, native_head: bool = False):
         """tokens: [T] (first n_valid are real) at positions [start_pos, start_pos+T).
         Returns (logits [T, V] if all_logits else [1, V] for the last real token, new cache).
 
@@ -226,7 +237,7 @@ class LlamaModel(nnx.Module):
                 x, ks[i], vs[i] = layer(x, ks[i], vs[i], start_pos, mask_bias, attn_len=attn_len, ops=ops)
         if not all_logits:
             x = jax.lax.dynamic_slice_in_dim(x, n_valid - 1, 1, axis=0)
-        return self.head(x), KVCache(tuple(ks), tuple(vs))
+        return self.head(x, native_head), KVCache(tuple(ks), tuple(vs))
 
     def _layer_ops(self, i: int, residuals: list, sparse, thresholds, predict, taps) -> LinearOps:
         layer_taps = None
@@ -246,7 +257,7 @@ class LlamaModel(nnx.Module):
                 n = min(self.cfg.d_model, round(predict.superset * ks[OP_GROUPS.index(group)]))
                 score = prediction_score(residuals[src], norm_t.weight[...], norm_s.weight[...], predict.score)
                 restrict[group] = top_mask(score, n)
-        return LinearOps(sparse, ks, None if thresholds is None else thresholds[i], restrict, layer_taps)
+        return LinearOps(sparse, ks, thresholds, restrict, layer_taps, layer=i)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -310,16 +321,17 @@ def merge_params(cfg: ModelConfig, params: Params) -> LlamaModel:
     return nnx.merge(graphdef, state)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "attn_len", "all_logits", "sparse", "predict"),
+@functools.partial(jax.jit, static_argnames=("cfg", "attn_len", "all_logits", "sparse", "predict", "native_head"),
                    donate_argnames=("cache",))
 def forward(params: Params, cache: KVCache, tokens, start_pos, n_valid, thresholds=None, *, cfg: ModelConfig,
             attn_len: int, all_logits: bool, sparse: SparsityConfig | None = None,
-            predict: PredictionConfig | None = None):
+            predict: PredictionConfig | None = None, native_head: bool = False):
     """One chunk of tokens through the model (prefill when T > 1, decode when T == 1).
-    sparse=None is the dense reference path."""
+    sparse=None is the dense reference path. native_head: the native kernel for a one-token tied
+    head (not under vmap)."""
     model = merge_params(cfg, params)
     return model(tokens, cache, start_pos, n_valid, attn_len=attn_len, all_logits=all_logits, sparse=sparse,
-                 thresholds=thresholds, predict=predict)
+                 thresholds=thresholds, predict=predict, native_head=native_head)
 
 
 def sequence_logits(params: Params, tokens: jax.Array, thresholds=None, *, cfg: ModelConfig,

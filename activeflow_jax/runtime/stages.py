@@ -111,7 +111,7 @@ def last_stage(x, hm, src, final_norm_w, embed, lm_head, n_valid, *, eps: float,
     x = x + _linear(hm, src, native)
     if not all_logits:
         x = jax.lax.dynamic_slice_in_dim(x, n_valid - 1, 1, axis=0)
-    return head_logits(rms_norm(x, final_norm_w, eps), embed, lm_head)
+    return head_logits(rms_norm(x, final_norm_w, eps), embed, lm_head, native)
 
 
 @functools.partial(jax.jit, static_argnames=("shape",))

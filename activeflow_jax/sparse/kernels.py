@@ -69,28 +69,37 @@ def select_rows(x0: jax.Array, k: int, threshold: jax.Array | float, policy: str
 
 
 def gather_linear(x: jax.Array, w: jax.Array, k: int, threshold: jax.Array | float, policy: str,
-                  native: bool = False) -> jax.Array:
+                  native: bool = False, threshold_index: int | None = None) -> jax.Array:
     """Decode kernel for one token: x [1, in], w [in, out] -> [1, out], reading at most k rows of w.
     native=True uses the FFI kernel (sparse/native.py), which reads the rows in place."""
     if native:
         from activeflow_jax.sparse.native import topk_matvec
 
-        return topk_matvec(x[0], w, k, threshold, policy == "threshold")[None]
+        return topk_matvec(x[0], w, k, threshold, policy == "threshold", index=threshold_index or 0)[None]
+    threshold = _pick(threshold, threshold_index)
     idx, xk = select_rows(x[0], k, threshold, policy)
     rows = w.at[idx].get(mode="promise_in_bounds", indices_are_sorted=True)
     return (xk @ rows)[None]
 
 
+def _pick(threshold, index: int | None):
+    return threshold if index is None else jnp.reshape(threshold, (-1,))[index]
+
+
 def sparse_linear(x: jax.Array, w: jax.Array, *, k: int, threshold: jax.Array | float, policy: str,
-                  kernel: str, restrict: jax.Array | None = None, straight_through: bool = False) -> jax.Array:
+                  kernel: str, restrict: jax.Array | None = None, straight_through: bool = False,
+                  threshold_index: int | None = None) -> jax.Array:
     """y = x @ w over the active channels of x. `restrict` ([..., in] bool) limits which channels
     may be active (a predicted set whose misses are dropped). straight_through: the forward pass
-    is x * mask, the backward pass treats the mask as identity (sparsity-aware distillation)."""
+    is x * mask, the backward pass treats the mask as identity (sparsity-aware distillation).
+    threshold_index: `threshold` is a table and this flat index picks the op's entry."""
+    if restrict is None and kernel in ("gather", "native") and x.shape[0] == 1 and k < x.shape[-1] \
+            and not straight_through:
+        return gather_linear(x, w, k, threshold, policy, native=kernel == "native", threshold_index=threshold_index)
+    threshold = _pick(threshold, threshold_index)
     if straight_through:
         mask = active_mask(jax.lax.stop_gradient(x), k, threshold, policy)
         return (x + jax.lax.stop_gradient(jnp.where(mask, x, 0.0) - x)) @ w
-    if restrict is None and kernel in ("gather", "native") and x.shape[0] == 1 and k < x.shape[-1]:
-        return gather_linear(x, w, k, threshold, policy, native=kernel == "native")
     if restrict is not None:
         x = jnp.where(restrict, x, 0.0)
     return masked_linear(x, w, active_mask(x, k, threshold, policy))

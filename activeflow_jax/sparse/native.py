@@ -103,14 +103,19 @@ def rows_dot(x0: jax.Array, e: jax.Array) -> jax.Array:
         x0.astype(jnp.float32), e)
 
 
-def topk_matvec(x0: jax.Array, w: jax.Array, k: int, threshold: jax.Array | float, use_threshold: bool) -> jax.Array:
+def topk_matvec(x0: jax.Array, w: jax.Array, k: int, threshold: jax.Array | float, use_threshold: bool,
+                index: int = 0) -> jax.Array:
     """Decode product with the selection done natively: x0 [in] -> [out], over the active channels
-    (|x| >= max(k-th largest |x|, threshold), at most k, lowest indices first among ties)."""
+    (|x| >= max(k-th largest |x|, threshold), at most k, lowest indices first among ties).
+    threshold may be a whole table; the kernel reads its flat entry `index`."""
     import numpy as np
 
-    thr = jnp.asarray(threshold, jnp.float32).reshape(1)
+    thr = jnp.asarray(threshold, jnp.float32).reshape(-1)
+    if not 0 <= index < thr.shape[0]:
+        raise ValueError(f"threshold index {index} outside a table of {thr.shape[0]}")
     return jax.ffi.ffi_call(TOPK_TARGET, jax.ShapeDtypeStruct((w.shape[1],), jnp.float32))(
-        x0.astype(jnp.float32), thr, w, k=np.int64(k), use_threshold=np.int64(bool(use_threshold)))
+        x0.astype(jnp.float32), thr, w, k=np.int64(k), use_threshold=np.int64(bool(use_threshold)),
+        index=np.int64(index))
 
 
 def active_mask(x: jax.Array, k: int, threshold: jax.Array | float, use_threshold: bool) -> jax.Array:

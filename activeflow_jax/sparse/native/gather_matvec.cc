@@ -221,13 +221,16 @@ ffi::Error GatherMatvecImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xk, ffi:
 // Selection + product in one call, for decode: the active rows of x are the channels with
 // |x| >= max(k-th largest |x|, threshold) (threshold only if use_threshold), at most k of them,
 // lowest indices first among ties -- the same rule as kernels.active_mask.
+// `threshold` may be the model's whole [L, 4] table; entry `index` is this op's.
 ffi::Error TopkMatvecImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> threshold,
-                          ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> y, int64_t k, int64_t use_threshold) {
+                          ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> y, int64_t k, int64_t use_threshold,
+                          int64_t index) {
   int64_t in, out;
   ffi::Error error = ffi::Error::Success();
   if (!CheckProduct(w, y->element_count(), &in, &out, &error)) return error;
   if (x.element_count() != in) return ffi::Error::InvalidArgument("x must have `in` elements");
   if (k < 1 || k > in) return ffi::Error::InvalidArgument("k must be in [1, in]");
+  if (index < 0 || index >= threshold.element_count()) return ffi::Error::InvalidArgument("threshold index out of range");
   const float* xp = x.typed_data();
   // per-thread buffers: no heap allocation per call on the decode path
   thread_local std::vector<float> mags, scratch, xk;
@@ -237,7 +240,7 @@ ffi::Error TopkMatvecImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
   scratch.assign(mags.begin(), mags.end());
   std::nth_element(scratch.begin(), scratch.begin() + (k - 1), scratch.end(), std::greater<float>());
   float cut = scratch[k - 1];
-  if (use_threshold) cut = std::max(cut, threshold.typed_data()[0]);
+  if (use_threshold) cut = std::max(cut, threshold.typed_data()[index]);
   rows.clear();
   xk.clear();
   for (int64_t i = 0; i < in && static_cast<int64_t>(rows.size()) < k; ++i) {
@@ -299,7 +302,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(AfTopkMatvec, TopkMatvecImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("k")
-                                  .Attr<int64_t>("use_threshold"));
+                                  .Attr<int64_t>("use_threshold")
+                                  .Attr<int64_t>("index"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(AfRowsDot, RowsDotImpl,
                               ffi::Ffi::Bind()
