@@ -105,7 +105,7 @@ def cmd_distill(args) -> int:
 
     cfg = DistillConfig(sparsity=args.sparsity, policy=args.policy, steps=args.steps, batch_size=args.batch_size,
                         seq_len=args.seq_len, lr=args.lr, warmup_steps=args.warmup_steps, ce_weight=args.ce_weight,
-                        trainable=args.trainable, lora_rank=args.lora_rank, save_every=args.save_every,
+                        trainable=args.trainable, lora_rank=args.lora_rank, fsdp=args.fsdp, save_every=args.save_every,
                         seed=args.seed)
     text = args.text.split(",") if args.text else None
     result = distill(_store_or_default(args), args.out, cfg, text_path=text, checkpoint_dir=args.checkpoint_dir,
@@ -271,6 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ce-weight", type=float, default=0.0, help="add this times cross-entropy on the text to the KL")
     p.add_argument("--trainable", default="all", choices=["all", "norms", "lora"])
     p.add_argument("--lora-rank", type=int, default=16, help="rank of the adapters with --trainable lora")
+    p.add_argument("--fsdp", action="store_true", help="shard weights and optimizer state over the devices "
+                   "(FSDP) instead of replicating them")
     p.add_argument("--text", default=None, help="training text file(s), comma-separated (default: the shipped "
                    "teacher-written corpora; never the eval text)")
     p.add_argument("--checkpoint-dir", default=None, help="Orbax checkpoints (default: OUT.ckpt); resumes from it")

@@ -23,6 +23,7 @@ flags.DEFINE_integer("limit", 0, "use only the first N prompts (0: all)")
 flags.DEFINE_float("temperature", 0.8, "sampling temperature")
 flags.DEFINE_float("min_p", 0.05, "min-p sampling cut (relative to the most likely token)")
 flags.DEFINE_integer("seed", 4321, "base seed")
+flags.DEFINE_integer("templates_per_topic", 4, "how many of the templates each topic is written in (1-4)")
 
 TEMPLATES = [
     "Write an encyclopedia article about {}.",
@@ -82,7 +83,9 @@ def main(argv):
     from activeflow_jax.distill.corpus import generate_batch
 
     engine = af.Engine.load(FLAGS.store or af.fetch_default_model())
-    prompts = [TEMPLATES[i % len(TEMPLATES)].format(t) for i, t in enumerate(TOPICS)]
+    # topic i in templates i, i+1, ... (mod 4): every topic several times, in different forms
+    prompts = [TEMPLATES[(i + j) % len(TEMPLATES)].format(t)
+               for j in range(FLAGS.templates_per_topic) for i, t in enumerate(TOPICS)]
     if FLAGS.limit:
         prompts = prompts[:FLAGS.limit]
     texts, tokens, t0 = [], 0, time.perf_counter()

@@ -115,7 +115,7 @@ import json, sys
 import jax, jax.numpy as jnp, numpy as np
 import activeflow_jax as af
 from activeflow_jax.distill.train import (DistillConfig, make_train_step, split_trainable, data_mesh,
-                                          make_windows, batch_for_step)
+                                          make_windows, batch_for_step, step_shardings)
 store, text = sys.argv[1], sys.argv[2]
 assert jax.device_count() == 2, jax.devices()
 e = af.Engine.load(store)
@@ -124,18 +124,27 @@ thr = jnp.asarray(af.calibrate.__globals__["read_calibration"](store, e.config).
 ids = np.asarray(e.tokenizer.encode(open(text).read()), np.int32)
 windows = make_windows(ids, cfg.seq_len, cfg.batch_size)
 out = {}
-for name, devices in (("single", jax.devices()[:1]), ("sharded", jax.devices())):
+for name, devices, fsdp in (("single", jax.devices()[:1], False), ("sharded", jax.devices(), False),
+                            ("fsdp", jax.devices(), True)):
+    cfg = DistillConfig(sparsity=0.5, steps=3, batch_size=2, seq_len=32, lr=3e-3, warmup_steps=1, fsdp=fsdp)
     trainable, frozen = split_trainable(e.params, cfg.trainable)
     trainable = jax.tree.map(jnp.copy, trainable)
-    step, tx = make_train_step(e.config, cfg, frozen, e.params, thr, data_mesh(devices))
+    mesh = data_mesh(devices)
+    step, tx = make_train_step(e.config, cfg, frozen, e.params, thr, mesh)
     opt = tx.init(trainable)
+    train_sh, opt_sh, _ = step_shardings(mesh, cfg, trainable, tx)
+    trainable, opt = jax.device_put(trainable, train_sh), jax.device_put(opt, opt_sh)
     losses = []
     for s in range(3):
         trainable, opt, m = step(trainable, opt, jnp.asarray(batch_for_step(windows, s, 2, 0)))
         losses.append(float(m["loss"]))
-    out[name] = (losses, np.asarray(trainable["layers"][1]["mlp"]["w_down"]))
-diff = float(np.max(np.abs(out["single"][1] - out["sharded"][1])))
-print(json.dumps({"single": out["single"][0], "sharded": out["sharded"][0], "max_param_diff": diff}))
+    w = trainable["layers"][1]["mlp"]["w_down"]
+    out[name] = (losses, np.asarray(w), [list(sh.data.shape) for sh in w.addressable_shards])
+record = {name: v[0] for name, v in out.items()}
+record["max_param_diff"] = {name: float(np.max(np.abs(out["single"][1] - out[name][1]))) for name in out}
+record["shard_shapes"] = {name: v[2] for name, v in out.items()}
+record["full_shape"] = list(out["single"][1].shape)
+print(json.dumps(record))
 """
 
 
@@ -146,8 +155,13 @@ def test_sharded_step_equals_single_device_step(source, tmp_path):
                           env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     record = json.loads(proc.stdout.strip().splitlines()[-1])
-    np.testing.assert_allclose(record["sharded"], record["single"], rtol=1e-5)
-    assert record["max_param_diff"] < 1e-5
+    for name in ("sharded", "fsdp"):  # data parallel and FSDP: the same losses and weights as one device
+        np.testing.assert_allclose(record[name], record["single"], rtol=1e-5)
+        assert record["max_param_diff"][name] < 1e-5, record["max_param_diff"]
+    rows, cols = record["full_shape"]
+    assert record["shard_shapes"]["sharded"] == [[rows, cols]] * 2  # replicated: each device holds it whole
+    halves = record["shard_shapes"]["fsdp"]  # FSDP: each device holds half of the weight
+    assert len(halves) == 2 and all(r * c * 2 == rows * cols for r, c in halves), halves
 
 
 # ------------------------------------------------------------------------------------------------

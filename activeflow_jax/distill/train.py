@@ -12,8 +12,9 @@ text), cut into fixed-length windows; batch i of the run is a pure function of (
 resumed run sees exactly the batches the killed one would have.
 
 Scale-out: the step is jitted over a `jax.sharding.Mesh` with a "data" axis: the batch is split
-over the devices, parameters and optimizer state are replicated (data parallel). On several
-hosts, call `jax.distributed.initialize()` first (BUILD.md).
+over the devices; parameters and optimizer state are replicated (data parallel) or, with
+`fsdp=True`, split over the same axis (FSDP, for models whose weights, teacher and Adam state do
+not fit one device). On several hosts, call `jax.distributed.initialize()` first (BUILD.md).
 
 Checkpoints: Orbax CheckpointManager (keep the last few, save every N steps). At the end the
 distilled weights go into a *new* store (the source store is never written), and thresholds are
@@ -54,6 +55,7 @@ class DistillConfig:
     ce_weight: float = 0.0  # weight of cross-entropy on the text, added to the KL
     trainable: str = "all"
     lora_rank: int = 16
+    fsdp: bool = False  # shard parameters and optimizer state over the mesh instead of replicating them
     save_every: int = 25
     keep_checkpoints: int = 3
     seed: int = 0
@@ -172,13 +174,19 @@ def make_optimizer(cfg: DistillConfig):
 
 
 def make_train_step(model_cfg, dcfg: DistillConfig, frozen: dict, teacher: dict, thresholds, mesh=None):
-    """A jitted step: (trainable, opt_state, batch [B, T+1]) -> (trainable, opt_state, metrics)."""
+    """A jitted step: (trainable, opt_state, batch [B, T+1]) -> (trainable, opt_state, metrics).
+
+    On a mesh the batch is split over the "data" axis. Parameters, optimizer state and the frozen
+    teacher are replicated (data parallel) or, with dcfg.fsdp, each array is split along one of its
+    dimensions over the same axis (FSDP: XLA gathers a weight where it is used and reduce-scatters
+    its gradient), so a device holds about 1/n of the model and of the optimizer state.
+    Place the arguments with `step_shardings` so that no step compiles twice."""
     from activeflow_jax.models.llama import sequence_logits
 
     sparse = SparsityConfig(dcfg.sparsity, policy=dcfg.policy, kernel="mask", straight_through=True)
     tx = make_optimizer(dcfg)
 
-    def loss_fn(trainable, batch):
+    def loss_fn(trainable, frozen, teacher, batch):
         inputs, targets = batch[:, :-1], batch[:, 1:]
         student = student_params(frozen, trainable)
         s_logits = jax.vmap(lambda t: sequence_logits(student, t, thresholds, cfg=model_cfg, sparse=sparse))(inputs)
@@ -189,22 +197,62 @@ def make_train_step(model_cfg, dcfg: DistillConfig, frozen: dict, teacher: dict,
         ce = -jnp.mean(jnp.take_along_axis(s_logp, targets[..., None], axis=-1))
         return kl + dcfg.ce_weight * ce, (kl, ce)
 
-    def step(trainable, opt_state, batch):
+    def step(trainable, opt_state, batch, frozen, teacher):
         import optax
 
-        (loss, (kl, ce)), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable, batch)
+        (loss, (kl, ce)), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable, frozen, teacher, batch)
         updates, opt_state = tx.update(grads, opt_state, trainable)
         trainable = optax.apply_updates(trainable, updates)
         return trainable, opt_state, {"loss": loss, "kl": kl, "ce": ce}
 
     if mesh is None:
-        return jax.jit(step, donate_argnums=(0, 1)), tx
+        jitted = jax.jit(step, donate_argnums=(0, 1))
+    else:
+        from jax.sharding import NamedSharding, PartitionSpec as P
+
+        trainable_like = jax.eval_shape(lambda p: split_trainable(p, dcfg.trainable, dcfg.lora_rank, dcfg.seed)[0],
+                                        teacher)
+        train_sh, opt_sh, batch_sh = step_shardings(mesh, dcfg, trainable_like, tx)
+        frozen_sh, teacher_sh = param_shardings(frozen, mesh, dcfg.fsdp), param_shardings(teacher, mesh, dcfg.fsdp)
+        frozen, teacher = jax.device_put(frozen, frozen_sh), jax.device_put(teacher, teacher_sh)
+        replicated = NamedSharding(mesh, P())
+        jitted = jax.jit(step, in_shardings=(train_sh, opt_sh, batch_sh, frozen_sh, teacher_sh),
+                         out_shardings=(train_sh, opt_sh, replicated), donate_argnums=(0, 1))
+
+    def run(trainable, opt_state, batch):
+        return jitted(trainable, opt_state, batch, frozen, teacher)
+
+    return run, tx
+
+
+def param_shardings(tree, mesh, fsdp: bool):
+    """Per array: replicated, or (fsdp) split over "data" along its largest dimension that the mesh
+    size divides (arrays with no such dimension, like scalars, stay replicated)."""
     from jax.sharding import NamedSharding, PartitionSpec as P
 
-    replicated, data = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
-    return jax.jit(step, in_shardings=(replicated, replicated, data), out_shardings=(replicated, replicated,
-                                                                                       replicated),
-                   donate_argnums=(0, 1)), tx
+    n = mesh.size
+
+    def one(x):
+        shape = getattr(x, "shape", ())
+        if fsdp and n > 1:
+            for axis in sorted(range(len(shape)), key=lambda a: -shape[a]):
+                if shape[axis] % n == 0:
+                    spec = [None] * len(shape)
+                    spec[axis] = "data"
+                    return NamedSharding(mesh, P(*spec))
+        return NamedSharding(mesh, P())
+
+    return jax.tree.map(one, tree)
+
+
+def step_shardings(mesh, dcfg: DistillConfig, trainable, tx):
+    """Shardings of (trainable, optimizer state, batch) for the step on `mesh`. Adam's moments have
+    their parameter's shape, so the same rule gives them their parameter's sharding."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    opt_like = jax.eval_shape(tx.init, trainable)
+    return (param_shardings(trainable, mesh, dcfg.fsdp), param_shardings(opt_like, mesh, dcfg.fsdp),
+            NamedSharding(mesh, P("data")))
 
 
 def data_mesh(devices=None):
@@ -276,9 +324,8 @@ def distill(store_path: str, out_path: str, dcfg: DistillConfig | None = None, *
     step_fn, tx = make_train_step(cfg, dcfg, frozen, teacher, thresholds, mesh)
     opt_state = tx.init(trainable)
     # placed as the step's outputs will be, so the second step does not compile again
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
-    trainable, opt_state = jax.device_put((trainable, opt_state), replicated)
+    train_sh, opt_sh, batch_sharding = step_shardings(mesh, dcfg, trainable, tx)
+    trainable, opt_state = jax.device_put(trainable, train_sh), jax.device_put(opt_state, opt_sh)
 
     checkpoint_dir = os.path.abspath(checkpoint_dir or out_path + ".ckpt")
     os.makedirs(checkpoint_dir, exist_ok=True)
@@ -310,7 +357,8 @@ def distill(store_path: str, out_path: str, dcfg: DistillConfig | None = None, *
             raise StoreError(f"checkpoint {latest} in {checkpoint_dir} cannot be restored ({type(exc).__name__}: "
                              f"{str(exc).splitlines()[0][:200]}); delete that step's directory to resume from an "
                              "earlier one, or the whole directory to start over") from None
-        trainable, opt_state = jax.device_put((restored["trainable"], restored["opt_state"]), replicated)
+        trainable, opt_state = jax.device_put(restored["trainable"], train_sh), jax.device_put(restored["opt_state"],
+                                                                                                opt_sh)
         start = resumed_from = int(latest)
 
     history = []
