@@ -105,7 +105,7 @@ class Engine:
         self.prediction: PredictionConfig | None = None
         self._thresholds: jax.Array | None = None
         self.swap = None  # runtime.swap.SwapRuntime when the engine runs under a DRAM budget
-        self._native_head: bool | None = None  # resolved on first compile (builds the native library)
+        self._native: bool | None = None  # one-token native kernels; resolved on first compile (builds them)
 
     @classmethod
     def load(cls, store_path: str | os.PathLike, *, sparsity: float | None = None, policy: str = "threshold",
@@ -189,10 +189,10 @@ class Engine:
             self.stats.loader = self.swap.stats.as_dict()
             self.stats.memory = self.swap.memory_breakdown()
             return out
-        if self._native_head is None:
+        if self._native is None:
             from activeflow_jax.sparse import native
 
-            self._native_head = self.config.tie_embeddings and native.usable()
+            self._native = native.usable()
         key = (cache.max_len, tokens.shape[0], attn_len, all_logits, self.sparsity, self.prediction)
         args = (self.params, cache, jnp.asarray(tokens, jnp.int32), jnp.int32(start_pos), jnp.int32(n_valid),
                 self._thresholds)
@@ -201,7 +201,7 @@ class Engine:
             t0 = time.perf_counter()
             compiled = llama.forward.lower(*args, cfg=self.config, attn_len=attn_len, all_logits=all_logits,
                                            sparse=self.sparsity, predict=self.prediction,
-                                           native_head=self._native_head).compile()
+                                           native=self._native).compile()
             self.stats.compile_seconds += time.perf_counter() - t0
             self.stats.compiles += 1
             self._compiled[key] = compiled

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -86,6 +87,39 @@ def test_native_head_kernel_matches_and_reads_thresholds_from_the_table():
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
     with pytest.raises(ValueError, match="outside"):
         native.topk_matvec(jnp.asarray(x), jnp.asarray(w), 40, jnp.asarray(table), True, index=12)
+
+
+@pytest.mark.parametrize("heads,kv_heads,head_dim,attn_len,pos,cache_len", [
+    (4, 2, 16, 16, 0, 64), (4, 2, 16, 16, 15, 64), (9, 3, 64, 512, 300, 512),  # SmolLM2's heads, threaded size
+])
+def test_native_one_token_attention_equals_xla(heads, kv_heads, head_dim, attn_len, pos, cache_len):
+    """The native attention of one decoded token computes llama.attend (RoPE, cache write at pos,
+    attention over [0, pos]); it writes the new k/v into the donated caches in place."""
+    import dataclasses
+
+    from activeflow_jax.models import llama
+    from activeflow_jax.sparse import native
+    from activeflow_jax.testing import tiny_config
+
+    assert native.available()
+    cfg = dataclasses.replace(tiny_config(), num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim,
+                              rope_theta=100000.0)
+    rng = np.random.default_rng(pos)
+    qkv = jnp.asarray(rng.standard_normal((1, cfg.q_dim + 2 * cfg.kv_dim)), jnp.float32)
+    caches = [rng.standard_normal((kv_heads, cache_len, head_dim)).astype(np.float32) for _ in range(2)]
+    bias = llama.causal_bias(pos, 1, attn_len)
+    want = jax.jit(lambda q, k, v: llama.attend(cfg, q, k, v, pos, bias, attn_len))(
+        qkv, jnp.asarray(caches[0]), jnp.asarray(caches[1]))
+    native_attend = jax.jit(lambda q, k, v, p: llama.attend(cfg, q, k, v, p, bias, attn_len, native=True),
+                            donate_argnums=(1, 2))
+    k_in, v_in = jnp.asarray(caches[0]), jnp.asarray(caches[1])
+    got = native_attend(qkv, k_in, v_in, jnp.int32(pos))
+    np.testing.assert_allclose(np.asarray(got[0]), np.asarray(want[0]), rtol=1e-5, atol=1e-5)
+    for g, w, before in zip(got[1:], want[1:], caches):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-6, atol=1e-6)
+        changed = np.any(np.asarray(g) != before, axis=(0, 2))
+        assert changed[pos] and changed.sum() == 1  # only this token's position was written
+    assert k_in.is_deleted() and v_in.is_deleted()  # donated: the outputs alias them, so no cache copy
 
 
 def test_active_mask_counts():

@@ -145,19 +145,29 @@ class Attention(nnx.Module):
         self.wo = _param(rngs, (cfg.q_dim, d), cfg.q_dim**-0.5)  # [H*hd, d]
         self.cfg = cfg
 
-    def __call__(self, x, k_cache, v_cache, start_pos, mask_bias, *, attn_len: int, ops: LinearOps = DENSE):
+    def __call__(self, x, k_cache, v_cache, start_pos, mask_bias, *, attn_len: int, ops: LinearOps = DENSE,
+                 native: bool = False):
         """x: [T, d] normed input. Writes K/V at [start_pos, start_pos+T) and attends over the
         first `attn_len` cache positions only (cost follows the filled length, not the buffer).
         mask_bias: [T, attn_len] additive causal mask, shared by all layers."""
         qkv = ops("qkv", x, self.wqkv[...])
-        out, k_cache, v_cache = attend(self.cfg, qkv, k_cache, v_cache, start_pos, mask_bias, attn_len)
+        out, k_cache, v_cache = attend(self.cfg, qkv, k_cache, v_cache, start_pos, mask_bias, attn_len, native)
         return ops("o", out, self.wo[...]), k_cache, v_cache
 
 
-def attend(cfg: ModelConfig, qkv, k_cache, v_cache, start_pos, mask_bias, attn_len: int):
+def attend(cfg: ModelConfig, qkv, k_cache, v_cache, start_pos, mask_bias, attn_len: int, native: bool = False):
     """Everything of attention between the qkv and o projections: qkv [T, q+2kv] -> the o
-    projection's input [T, q_dim], with K/V written into the caches at start_pos."""
+    projection's input [T, q_dim], with K/V written into the caches at start_pos.
+    native: one token's attention runs as one native call (sparse/native.py) instead of ~13 XLA
+    programs; every decode path of an engine must make the same choice (swapped == all-in-DRAM)."""
     t = qkv.shape[0]
+    if native and t == 1:
+        from activeflow_jax.sparse.native import attend_one
+
+        out, k_cache, v_cache = attend_one(qkv[0], k_cache, v_cache, start_pos, heads=cfg.num_heads,
+                                           kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim, attn_len=attn_len,
+                                           theta=cfg.rope_theta)
+        return out[None], k_cache, v_cache
     positions = start_pos + jnp.arange(t)
     q = qkv[:, :cfg.q_dim].reshape(t, cfg.num_heads, cfg.head_dim)
     k = qkv[:, cfg.q_dim:cfg.q_dim + cfg.kv_dim].reshape(t, cfg.num_kv_heads, cfg.head_dim)
@@ -194,10 +204,11 @@ class DecoderLayer(nnx.Module):
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = MLP(cfg, rngs)
 
-    def __call__(self, x, k_cache, v_cache, start_pos, mask_bias, *, attn_len: int, ops: LinearOps = DENSE):
+    def __call__(self, x, k_cache, v_cache, start_pos, mask_bias, *, attn_len: int, ops: LinearOps = DENSE,
+                 native: bool = False):
         with jax.named_scope("attention"):
             h, k_cache, v_cache = self.attn(self.attn_norm(x), k_cache, v_cache, start_pos, mask_bias,
-                                            attn_len=attn_len, ops=ops)
+                                            attn_len=attn_len, ops=ops, native=native)
         x = x + h
         with jax.named_scope("mlp"):
             x = x + self.mlp(self.mlp_norm(x), ops=ops)
@@ -219,7 +230,7 @@ class LlamaModel(nnx.Module):
 
     def __call__(self, tokens, cache: KVCache, start_pos, n_valid, *, attn_len: int, all_logits: bool,
                  sparse: SparsityConfig | None = None, thresholds: jax.Array | None = None,
-                 predict: PredictionConfig | None = None, taps: list | None = None, native_head: bool = False):
+                 predict: PredictionConfig | None = None, taps: list | None = None, native: bool = False):
         """tokens: [T] (first n_valid are real) at positions [start_pos, start_pos+T).
         Returns (logits [T, V] if all_logits else [1, V] for the last real token, new cache).
 
@@ -234,10 +245,11 @@ class LlamaModel(nnx.Module):
             residuals.append(x)
             ops = self._layer_ops(i, residuals, sparse, thresholds, predict, taps)
             with jax.named_scope(f"layer{i}"):
-                x, ks[i], vs[i] = layer(x, ks[i], vs[i], start_pos, mask_bias, attn_len=attn_len, ops=ops)
+                x, ks[i], vs[i] = layer(x, ks[i], vs[i], start_pos, mask_bias, attn_len=attn_len, ops=ops,
+                                        native=native)
         if not all_logits:
             x = jax.lax.dynamic_slice_in_dim(x, n_valid - 1, 1, axis=0)
-        return self.head(x, native_head), KVCache(tuple(ks), tuple(vs))
+        return self.head(x, native), KVCache(tuple(ks), tuple(vs))
 
     def _layer_ops(self, i: int, residuals: list, sparse, thresholds, predict, taps) -> LinearOps:
         layer_taps = None
@@ -321,17 +333,17 @@ def merge_params(cfg: ModelConfig, params: Params) -> LlamaModel:
     return nnx.merge(graphdef, state)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "attn_len", "all_logits", "sparse", "predict", "native_head"),
+@functools.partial(jax.jit, static_argnames=("cfg", "attn_len", "all_logits", "sparse", "predict", "native"),
                    donate_argnames=("cache",))
 def forward(params: Params, cache: KVCache, tokens, start_pos, n_valid, thresholds=None, *, cfg: ModelConfig,
             attn_len: int, all_logits: bool, sparse: SparsityConfig | None = None,
-            predict: PredictionConfig | None = None, native_head: bool = False):
+            predict: PredictionConfig | None = None, native: bool = False):
     """One chunk of tokens through the model (prefill when T > 1, decode when T == 1).
-    sparse=None is the dense reference path. native_head: the native kernel for a one-token tied
-    head (not under vmap)."""
+    sparse=None is the dense reference path. native: one token's attention and tied head run on
+    the native CPU kernels (not under vmap)."""
     model = merge_params(cfg, params)
     return model(tokens, cache, start_pos, n_valid, attn_len=attn_len, all_logits=all_logits, sparse=sparse,
-                 thresholds=thresholds, predict=predict, native_head=native_head)
+                 thresholds=thresholds, predict=predict, native=native)
 
 
 def sequence_logits(params: Params, tokens: jax.Array, thresholds=None, *, cfg: ModelConfig,

@@ -80,7 +80,7 @@ def qkv_stage(hm, src, k_cache, v_cache, start_pos, threshold, n_valid, *, cfg: 
               native: bool, attn_len: int):
     qkv = _linear(hm, src, native)
     bias = causal_bias(start_pos, hm.shape[0], attn_len)
-    out, k_cache, v_cache = attend(cfg, qkv, k_cache, v_cache, start_pos, bias, attn_len)
+    out, k_cache, v_cache = attend(cfg, qkv, k_cache, v_cache, start_pos, bias, attn_len, native)
     hm_o, union = _select(out, sel, threshold, n_valid, native)
     return hm_o, union, k_cache, v_cache
 

@@ -30,6 +30,7 @@ TARGET = "activeflow_gather_matvec"
 TOPK_TARGET = "activeflow_topk_matvec"
 MASK_TARGET = "activeflow_active_mask"
 ROWS_DOT_TARGET = "activeflow_rows_dot"
+ATTEND_TARGET = "activeflow_attend_one"
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "native", "gather_matvec.cc")
 log = logging.getLogger(__name__)
 
@@ -77,6 +78,7 @@ def available() -> bool:
         jax.ffi.register_ffi_target(TOPK_TARGET, jax.ffi.pycapsule(lib.AfTopkMatvec), platform="cpu")
         jax.ffi.register_ffi_target(MASK_TARGET, jax.ffi.pycapsule(lib.AfActiveMask), platform="cpu")
         jax.ffi.register_ffi_target(ROWS_DOT_TARGET, jax.ffi.pycapsule(lib.AfRowsDot), platform="cpu")
+        jax.ffi.register_ffi_target(ATTEND_TARGET, jax.ffi.pycapsule(lib.AfAttendOne), platform="cpu")
         return True
     except Exception as exc:  # any failure means: use the XLA kernel instead
         log.warning("native sparse kernel unavailable, using the XLA gather kernel: %s", exc)
@@ -101,6 +103,21 @@ def rows_dot(x0: jax.Array, e: jax.Array) -> jax.Array:
     """e @ x0 for x0 [d], e [V, d] -> [V] (the tied head of one token), streaming e once."""
     return jax.ffi.ffi_call(ROWS_DOT_TARGET, jax.ShapeDtypeStruct((e.shape[0],), jnp.float32))(
         x0.astype(jnp.float32), e)
+
+
+def attend_one(qkv: jax.Array, k_cache: jax.Array, v_cache: jax.Array, pos, *, heads: int, kv_heads: int,
+               head_dim: int, attn_len: int, theta: float) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """llama.attend for one token: qkv [q + 2 kv] (before RoPE), caches [KV, S, hd], pos (int) ->
+    (the o projection's input [q_dim], k_cache, v_cache) with this token's k/v written at pos.
+    The caches are updated in place (the outputs alias them)."""
+    import numpy as np
+
+    out_types = (jax.ShapeDtypeStruct((heads * head_dim,), jnp.float32),
+                 jax.ShapeDtypeStruct(k_cache.shape, jnp.float32), jax.ShapeDtypeStruct(v_cache.shape, jnp.float32))
+    return jax.ffi.ffi_call(ATTEND_TARGET, out_types, input_output_aliases={1: 1, 2: 2})(
+        qkv.astype(jnp.float32), k_cache, v_cache, jnp.asarray(pos, jnp.int32).reshape(1), heads=np.int64(heads),
+        kv_heads=np.int64(kv_heads), head_dim=np.int64(head_dim), attn_len=np.int64(attn_len),
+        theta=np.float32(theta))
 
 
 def topk_matvec(x0: jax.Array, w: jax.Array, k: int, threshold: jax.Array | float, use_threshold: bool,

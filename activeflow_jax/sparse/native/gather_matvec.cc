@@ -3,6 +3,7 @@
 //   AfGatherMatvec: y[o] = sum_j xk[j] * W[rows[j], o]   (W row-major [in, out]; rows ascending)
 //   AfTopkMatvec:   the same over the active channels of x, selected here (see TopkMatvecImpl)
 //   AfRowsDot:      y[v] = sum_d E[v, d] * x[d]   (the tied head: E is the embedding [V, d])
+//   AfAttendOne:    one decoded token's RoPE, KV-cache write and attention (llama.attend, T = 1)
 //
 // XLA:CPU can only do this as a gather (a copy of the k rows into a temporary, ~5 GB/s) followed
 // by a dot, which costs more than the dense product it replaces. Here each selected row is
@@ -284,6 +285,107 @@ ffi::Error ActiveMaskImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> thresho
   return ffi::Error::Success();
 }
 
+
+// One decoded token's attention between the qkv and o projections (llama.attend for T = 1):
+// rotate-half RoPE of q and k at position `pos`, k/v written into the caches at `pos`, softmax
+// attention of every query head over cache positions [0, pos] of its KV head. XLA:CPU runs this as
+// ~13 small programs per layer (two cache updates, RoPE, two batched dots, softmax passes), whose
+// fixed cost per program is a large share of a sparse decode step; here it is one call.
+// The caches are updated in place: the outputs alias the cache operands.
+void AttendHead(const float* q, const float* kc, const float* vc, int64_t pos, int64_t hd, int64_t group,
+                int64_t s_len, float* out, float* scores) {
+  const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
+  for (int64_t g = 0; g < group; ++g) {
+    const float* qg = q + g * hd;
+    float m = -INFINITY;
+    for (int64_t s = 0; s <= pos; ++s) {
+      const float* kr = kc + s * hd;
+      float acc = 0.0f;
+      for (int64_t i = 0; i < hd; ++i) acc += qg[i] * kr[i];
+      scores[s] = acc * scale;
+      m = std::max(m, scores[s]);
+    }
+    float sum = 0.0f;
+    for (int64_t s = 0; s <= pos; ++s) {
+      scores[s] = std::exp(scores[s] - m);
+      sum += scores[s];
+    }
+    const float inv = 1.0f / sum;
+    float* o = out + g * hd;
+    std::fill(o, o + hd, 0.0f);
+    for (int64_t s = 0; s <= pos; ++s) {
+      const float p = scores[s] * inv;
+      const float* vr = vc + s * hd;
+      for (int64_t i = 0; i < hd; ++i) o[i] += p * vr[i];
+    }
+  }
+  (void)s_len;
+}
+
+void Rope(const float* x, float* y, int64_t hd, const float* cosv, const float* sinv) {
+  const int64_t half = hd / 2;
+  for (int64_t i = 0; i < half; ++i) {
+    const float x1 = x[i], x2 = x[i + half];
+    y[i] = x1 * cosv[i] - x2 * sinv[i];
+    y[i + half] = x2 * cosv[i] + x1 * sinv[i];
+  }
+}
+
+ffi::Error AttendOneImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qkv, ffi::Buffer<ffi::F32> k_in,
+                         ffi::Buffer<ffi::F32> v_in, ffi::Buffer<ffi::S32> pos_buf, ffi::ResultBuffer<ffi::F32> out,
+                         ffi::ResultBuffer<ffi::F32> k_out, ffi::ResultBuffer<ffi::F32> v_out, int64_t heads,
+                         int64_t kv_heads, int64_t head_dim, int64_t attn_len, float theta) {
+  auto kd = k_in.dimensions();
+  if (kd.size() != 3 || kd[0] != kv_heads || kd[2] != head_dim)
+    return ffi::Error::InvalidArgument("caches must be [kv_heads, max_len, head_dim]");
+  const int64_t max_len = kd[1];
+  if (v_in.element_count() != k_in.element_count()) return ffi::Error::InvalidArgument("k and v caches differ");
+  if (heads < 1 || kv_heads < 1 || heads % kv_heads || head_dim % 2)
+    return ffi::Error::InvalidArgument("bad head counts");
+  const int64_t q_dim = heads * head_dim, kv_dim = kv_heads * head_dim;
+  if (qkv.element_count() != q_dim + 2 * kv_dim) return ffi::Error::InvalidArgument("qkv must be [q + 2 kv]");
+  if (out->element_count() != q_dim) return ffi::Error::InvalidArgument("out must be [q_dim]");
+  if (attn_len < 1 || attn_len > max_len) return ffi::Error::InvalidArgument("attn_len outside the cache");
+  if (pos_buf.element_count() != 1) return ffi::Error::InvalidArgument("pos must have one element");
+  const int64_t pos = pos_buf.typed_data()[0];
+  if (pos < 0 || pos >= attn_len) return ffi::Error::InvalidArgument("position outside the attended length");
+  float* kc = k_out->typed_data();
+  float* vc = v_out->typed_data();
+  // the outputs alias the inputs when XLA honours the aliasing; otherwise start from a copy
+  if (kc != k_in.typed_data()) std::copy(k_in.typed_data(), k_in.typed_data() + k_in.element_count(), kc);
+  if (vc != v_in.typed_data()) std::copy(v_in.typed_data(), v_in.typed_data() + v_in.element_count(), vc);
+  const int64_t half = head_dim / 2;
+  thread_local std::vector<float> cosv, sinv, qr;
+  cosv.resize(half);
+  sinv.resize(half);
+  qr.resize(q_dim);
+  for (int64_t i = 0; i < half; ++i) {
+    const float inv_freq = std::pow(theta, -static_cast<float>(i) / static_cast<float>(half));
+    const float angle = static_cast<float>(pos) * inv_freq;
+    cosv[i] = std::cos(angle);
+    sinv[i] = std::sin(angle);
+  }
+  const float* x = qkv.typed_data();
+  for (int64_t h = 0; h < heads; ++h) Rope(x + h * head_dim, qr.data() + h * head_dim, head_dim, cosv.data(), sinv.data());
+  for (int64_t h = 0; h < kv_heads; ++h) {
+    Rope(x + q_dim + h * head_dim, kc + (h * max_len + pos) * head_dim, head_dim, cosv.data(), sinv.data());
+    std::copy(x + q_dim + kv_dim + h * head_dim, x + q_dim + kv_dim + (h + 1) * head_dim,
+              vc + (h * max_len + pos) * head_dim);
+  }
+  const int64_t group = heads / kv_heads;
+  // a KV head per part once the attended cache is large enough to be worth a second thread
+  const int parts = static_cast<int>(std::min<int64_t>(kv_heads, Parts(pool, 2 * (pos + 1) * kv_dim * 4)));
+  float* op = out->typed_data();
+  ParallelFor(pool, parts, [&](int t) {
+    thread_local std::vector<float> scores;
+    scores.resize(pos + 1);
+    for (int64_t h = kv_heads * t / parts; h < kv_heads * (t + 1) / parts; ++h)
+      AttendHead(qr.data() + h * group * head_dim, kc + h * max_len * head_dim, vc + h * max_len * head_dim, pos,
+                 head_dim, group, attn_len, op + h * group * head_dim, scores.data());
+  });
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(AfActiveMask, ActiveMaskImpl,
@@ -320,3 +422,19 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(AfGatherMatvec, GatherMatvecImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(AfAttendOne, AttendOneImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("heads")
+                                  .Attr<int64_t>("kv_heads")
+                                  .Attr<int64_t>("head_dim")
+                                  .Attr<int64_t>("attn_len")
+                                  .Attr<float>("theta"));
