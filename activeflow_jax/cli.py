@@ -89,13 +89,22 @@ def cmd_eval(args) -> int:
     engine = _load_engine(args)
     prediction = PredictionConfig(distance=args.predict_distance, superset=args.superset) if args.predict_distance else None
     settings = default_settings(_parse_levels(args.sparsities), tuple(args.policies.split(",")), prediction)
-    report = evaluate_quality(engine, args.file, settings, ctx=args.ctx, max_windows=args.max_windows, progress=True)
+    reference = None
+    if args.reference_store:
+        from activeflow_jax.engine import Engine
+
+        reference = Engine.load(args.reference_store)
+    report = evaluate_quality(engine, args.file, settings, ctx=args.ctx, max_windows=args.max_windows, progress=True,
+                              reference=reference)
     if args.json:
         import dataclasses
 
         print(json.dumps(dataclasses.asdict(report)))
     else:
         print(f"{report.text}: {report.windows} windows of {report.ctx}, {report.scored_tokens} scored tokens")
+        if report.reference:
+            print(f"KL, agreement and 'vs dense' against the dense model of {report.reference} "
+                  f"(PPL {report.reference_ppl:.3f})")
         print(report.table())
     return 0
 
@@ -291,6 +300,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--superset", type=float, default=1.5, help="predicted set size in multiples of k")
     p.add_argument("--ctx", type=int, default=512)
     p.add_argument("--max-windows", type=int, default=16)
+    p.add_argument("--reference-store", default=None, help="compare against this store's dense model instead of "
+                   "the evaluated one's (a distilled store against its teacher)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_eval)
 

@@ -91,6 +91,12 @@ def test_calibrate_then_generate_sparse(tiny_model, tmp_path):
     proc = run_cli("eval", text, "--store", store, "--sparsities", "0.5", "--ctx", "64", "--max-windows", "2")
     assert proc.returncode == 0, proc.stderr
     assert "| TEAL 50% |" in proc.stdout
+    proc = run_cli("eval", text, "--store", store, "--reference-store", store, "--sparsities", "0.5", "--ctx", "64",
+                   "--max-windows", "2")
+    assert proc.returncode == 0, proc.stderr
+    assert "against the dense model of" in proc.stdout and "| TEAL 50% |" in proc.stdout
+    assert_clean_error(run_cli("eval", text, "--store", store, "--reference-store", tmp_path / "nowhere",
+                               "--max-windows", "1"), "nowhere")
 
 
 def test_distill_command(tmp_path):

@@ -122,6 +122,23 @@ def test_native_one_token_attention_equals_xla(heads, kv_heads, head_dim, attn_l
     assert k_in.is_deleted() and v_in.is_deleted()  # donated: the outputs alias them, so no cache copy
 
 
+def test_native_one_token_rms_norm_equals_xla():
+    from activeflow_jax.models import llama
+    from activeflow_jax.sparse import native
+
+    assert native.available()
+    rng = np.random.default_rng(2)
+    for d in (64, 576, 37):  # the tail of a non-multiple of the 8 lanes too
+        x = jnp.asarray(rng.standard_normal((1, d)) * 3, jnp.float32)
+        w = jnp.asarray(rng.standard_normal(d), jnp.float32)
+        want = llama.rms_norm(x, w, 1e-5)
+        got = jax.jit(lambda x, w: llama.rms_norm(x, w, 1e-5, native=True))(x, w)
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
+    x2 = jnp.asarray(rng.standard_normal((3, 37)), jnp.float32)  # several tokens: the XLA path, unchanged
+    np.testing.assert_array_equal(np.asarray(llama.rms_norm(x2, w, 1e-5, native=True)),
+                                  np.asarray(llama.rms_norm(x2, w, 1e-5)))
+
+
 def test_active_mask_counts():
     x = jnp.asarray(np.random.default_rng(1).standard_normal((7, 50)), jnp.float32)
     assert (np.asarray(kernels.active_mask(x, 20, 0.0, "topk")).sum(-1) == 20).all()
@@ -331,6 +348,37 @@ def test_quality_harness_pairs_settings_with_dense(calibrated, tmp_path):
 
     assert abs(engine_perplexity(engine, str(text), ctx=64, max_windows=3).ppl - dense.ppl) < 1e-6 * dense.ppl
     assert isinstance(settings[0], QualitySetting)
+
+
+def test_quality_against_a_reference_model(calibrated, tmp_path):
+    """A distilled store is judged against its teacher: KL, agreement and 'vs dense' use the
+    reference's dense logits; the evaluated model's own dense row is then a setting like others."""
+    import dataclasses
+
+    from activeflow_jax.eval.quality import default_settings, evaluate_quality
+    from activeflow_jax.testing import make_tiny_store
+
+    _, engine, _, text = calibrated
+    settings = default_settings((0.5,), ("threshold",))
+    own = evaluate_quality(engine, str(text), settings, ctx=64, max_windows=2)
+    same = evaluate_quality(engine, str(text), settings, ctx=64, max_windows=2, reference=engine)
+    for a, b in zip(own.rows, same.rows):  # the model itself as reference: nothing changes
+        assert (a.ppl, a.kl_mean, a.top1_agreement) == (b.ppl, b.kl_mean, b.top1_agreement)
+    assert same.reference_ppl == pytest.approx(own.rows[0].ppl, rel=1e-9)
+
+    other = af.Engine.load(make_tiny_store(tmp_path / "other", seed=7).store_path)
+    report = evaluate_quality(engine, str(text), settings, ctx=64, max_windows=2, reference=other)
+    dense = report.rows[0]
+    assert dense.kl_mean > 0 and dense.top1_agreement < 1 and dense.ppl == pytest.approx(own.rows[0].ppl, rel=1e-9)
+    assert report.reference == other.store_path and report.reference_ppl != pytest.approx(dense.ppl)
+    assert dense.ppl_increase_pct == pytest.approx(100 * (dense.ppl / report.reference_ppl - 1))
+
+    from activeflow_jax.testing import tiny_config
+
+    small_vocab = dataclasses.replace(tiny_config(), vocab_size=280)
+    mismatched = af.Engine.load(make_tiny_store(tmp_path / "vocab", small_vocab).store_path)
+    with pytest.raises(InvalidArgumentError, match="tokenizer"):
+        evaluate_quality(engine, str(text), settings, ctx=64, max_windows=2, reference=mismatched)
 
 
 def test_predictor_measurement_on_tiny_model(calibrated):

@@ -56,6 +56,8 @@ class QualityReport:
     ctx: int
     windows: int
     scored_tokens: int
+    reference: str | None = None  # store of the reference model when it is not the evaluated one
+    reference_ppl: float | None = None
 
     def table(self) -> str:
         lines = ["| setting | sparsity | PPL | vs dense | KL(dense‖·) | top-1 agree | kept qkv/o/gate_up/down |",
@@ -102,8 +104,17 @@ def kept_fraction(engine, window: np.ndarray) -> dict[str, float] | None:
 
 
 def evaluate_quality(engine, text_path: str | os.PathLike, settings: list[QualitySetting], *, ctx: int = 512,
-                     max_windows: int | None = 16, progress: bool = False) -> QualityReport:
-    """Evaluates `settings` against the dense model on the first `max_windows` windows."""
+                     max_windows: int | None = 16, progress: bool = False, reference=None) -> QualityReport:
+    """Evaluates `settings` against the dense model on the first `max_windows` windows.
+
+    reference: another engine whose dense logits are the yardstick instead of this engine's own
+    (a distilled model against its teacher: KL and agreement to the *original* dense model, and
+    "vs dense" relative to the teacher's perplexity). It must share the tokenizer's vocabulary."""
+    from activeflow_jax.errors import InvalidArgumentError
+
+    if reference is not None and (reference.config.vocab_size != engine.config.vocab_size
+                                  or reference.tokenizer.encode("Hello world") != engine.tokenizer.encode("Hello world")):
+        raise InvalidArgumentError("the reference model has another tokenizer; KL and agreement need the same vocabulary")
     tokens, bos = engine_tokens(engine, text_path, ctx)
     windows = eval_windows(tokens, ctx=ctx, max_windows=max_windows, bos_id=bos)
     scored = scored_slice(ctx)
@@ -114,16 +125,24 @@ def evaluate_quality(engine, text_path: str | os.PathLike, settings: list[Qualit
         from tqdm import tqdm
 
         iterator = tqdm(windows, desc="quality", unit="window")
+    reference_nll = []
     with engine.sparsity_scope():
         for wi, window in enumerate(iterator):
-            engine.configure_sparsity(None)
-            dense = engine.logits(window)[scored]
-            dense_logp = _log_softmax(dense)
             targets = window[scored.start + 1:ctx]
+            if reference is None:
+                engine.configure_sparsity(None)
+                dense = engine.logits(window)[scored]
+            else:
+                with reference.sparsity_scope():
+                    reference.configure_sparsity(None)
+                    dense = reference.logits(window)[scored]
+                reference_nll.append(token_nll(dense, targets))
+            dense_logp = _log_softmax(dense)
             for s in settings:
                 t0 = time.perf_counter()
                 _configure(engine, s)
-                logits = dense if s.sparsity == 0 and s.prediction is None else engine.logits(window)[scored]
+                own_dense = s.sparsity == 0 and s.prediction is None and reference is None
+                logits = dense if own_dense else engine.logits(window)[scored]
                 acc = sums[s.label]
                 acc["nll"].append(token_nll(logits, targets))
                 logp = _log_softmax(logits)
@@ -133,7 +152,7 @@ def evaluate_quality(engine, text_path: str | os.PathLike, settings: list[Qualit
                     kept[s.label] = kept_fraction(engine, window)
                 acc["seconds"] += time.perf_counter() - t0
     n = len(windows) * (scored.stop - scored.start)
-    dense_nll = None
+    dense_nll = float(np.concatenate(reference_nll).mean()) if reference is not None else None
     rows = []
     for s in settings:
         acc = sums[s.label]
@@ -153,7 +172,8 @@ def evaluate_quality(engine, text_path: str | os.PathLike, settings: list[Qualit
         for r in rows:
             r.ppl_increase_pct = 100.0 * (r.ppl / math.exp(dense_nll) - 1.0)
     return QualityReport(rows=rows, text=os.path.basename(os.fspath(text_path)), ctx=ctx, windows=len(windows),
-                         scored_tokens=n)
+                         scored_tokens=n, reference=getattr(reference, "store_path", None),
+                         reference_ppl=math.exp(dense_nll) if reference is not None else None)
 
 
 def _configure(engine, s: QualitySetting) -> None:

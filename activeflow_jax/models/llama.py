@@ -92,11 +92,16 @@ class RMSNorm(nnx.Module):
         self.weight = nnx.Param(jnp.ones((dim,), jnp.float32))
         self.eps = eps
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return rms_norm(x, self.weight[...], self.eps)
+    def __call__(self, x: jax.Array, native: bool = False) -> jax.Array:
+        return rms_norm(x, self.weight[...], self.eps, native)
 
 
-def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float, native: bool = False) -> jax.Array:
+    """native: one token's norm is one native call (XLA:CPU makes it four programs)."""
+    if native and x.ndim == 2 and x.shape[0] == 1:
+        from activeflow_jax.sparse.native import rms_norm_one
+
+        return rms_norm_one(x[0], weight, eps)[None]
     variance = jnp.mean(x * x, axis=-1, keepdims=True)
     return x * jax.lax.rsqrt(variance + eps) * weight
 
@@ -207,11 +212,11 @@ class DecoderLayer(nnx.Module):
     def __call__(self, x, k_cache, v_cache, start_pos, mask_bias, *, attn_len: int, ops: LinearOps = DENSE,
                  native: bool = False):
         with jax.named_scope("attention"):
-            h, k_cache, v_cache = self.attn(self.attn_norm(x), k_cache, v_cache, start_pos, mask_bias,
+            h, k_cache, v_cache = self.attn(self.attn_norm(x, native), k_cache, v_cache, start_pos, mask_bias,
                                             attn_len=attn_len, ops=ops, native=native)
         x = x + h
         with jax.named_scope("mlp"):
-            x = x + self.mlp(self.mlp_norm(x), ops=ops)
+            x = x + self.mlp(self.mlp_norm(x, native), ops=ops)
         return x, k_cache, v_cache
 
 
@@ -225,7 +230,7 @@ class LlamaModel(nnx.Module):
 
     def head(self, x: jax.Array, native: bool = False) -> jax.Array:
         """x: [T, d] -> logits [T, V]."""
-        return head_logits(self.final_norm(x), self.embed[...], None if self.lm_head is None else self.lm_head[...],
+        return head_logits(self.final_norm(x, native), self.embed[...], None if self.lm_head is None else self.lm_head[...],
                            native)
 
     def __call__(self, tokens, cache: KVCache, start_pos, n_valid, *, attn_len: int, all_logits: bool,

@@ -71,7 +71,7 @@ def _linear(hm: jax.Array, src: dict, native: bool) -> jax.Array:
 def start(embed, tokens, norm_w, threshold, n_valid, *, eps: float, sel: Select | None, native: bool):
     """tokens [T] -> (residual [T, d], masked qkv input of the first layer, its union)."""
     x = jnp.take(embed, tokens, axis=0)
-    hm, union = _select(rms_norm(x, norm_w, eps), sel, threshold, n_valid, native)
+    hm, union = _select(rms_norm(x, norm_w, eps, native), sel, threshold, n_valid, native)
     return x, hm, union
 
 
@@ -88,7 +88,7 @@ def qkv_stage(hm, src, k_cache, v_cache, start_pos, threshold, n_valid, *, cfg: 
 @functools.partial(jax.jit, static_argnames=("eps", "sel", "native"))
 def o_stage(x, hm, src, norm_w, threshold, n_valid, *, eps: float, sel: Select | None, native: bool):
     x = x + _linear(hm, src, native)
-    hm_gu, union = _select(rms_norm(x, norm_w, eps), sel, threshold, n_valid, native)
+    hm_gu, union = _select(rms_norm(x, norm_w, eps, native), sel, threshold, n_valid, native)
     return x, hm_gu, union
 
 
@@ -101,7 +101,7 @@ def gate_up_stage(hm, src, threshold, n_valid, *, sel: Select | None, native: bo
 def down_stage(x, hm, src, next_norm_w, threshold, n_valid, *, eps: float, sel: Select | None, native: bool):
     """Ends a layer; selects the next layer's qkv input (normed with `next_norm_w`)."""
     x = x + _linear(hm, src, native)
-    hm_next, union = _select(rms_norm(x, next_norm_w, eps), sel, threshold, n_valid, native)
+    hm_next, union = _select(rms_norm(x, next_norm_w, eps, native), sel, threshold, n_valid, native)
     return x, hm_next, union
 
 
@@ -111,7 +111,7 @@ def last_stage(x, hm, src, final_norm_w, embed, lm_head, n_valid, *, eps: float,
     x = x + _linear(hm, src, native)
     if not all_logits:
         x = jax.lax.dynamic_slice_in_dim(x, n_valid - 1, 1, axis=0)
-    return head_logits(rms_norm(x, final_norm_w, eps), embed, lm_head, native)
+    return head_logits(rms_norm(x, final_norm_w, eps, native), embed, lm_head, native)
 
 
 @functools.partial(jax.jit, static_argnames=("shape",))

@@ -31,6 +31,7 @@ TOPK_TARGET = "activeflow_topk_matvec"
 MASK_TARGET = "activeflow_active_mask"
 ROWS_DOT_TARGET = "activeflow_rows_dot"
 ATTEND_TARGET = "activeflow_attend_one"
+RMS_NORM_TARGET = "activeflow_rms_norm_one"
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "native", "gather_matvec.cc")
 log = logging.getLogger(__name__)
 
@@ -79,6 +80,7 @@ def available() -> bool:
         jax.ffi.register_ffi_target(MASK_TARGET, jax.ffi.pycapsule(lib.AfActiveMask), platform="cpu")
         jax.ffi.register_ffi_target(ROWS_DOT_TARGET, jax.ffi.pycapsule(lib.AfRowsDot), platform="cpu")
         jax.ffi.register_ffi_target(ATTEND_TARGET, jax.ffi.pycapsule(lib.AfAttendOne), platform="cpu")
+        jax.ffi.register_ffi_target(RMS_NORM_TARGET, jax.ffi.pycapsule(lib.AfRmsNormOne), platform="cpu")
         return True
     except Exception as exc:  # any failure means: use the XLA kernel instead
         log.warning("native sparse kernel unavailable, using the XLA gather kernel: %s", exc)
@@ -103,6 +105,14 @@ def rows_dot(x0: jax.Array, e: jax.Array) -> jax.Array:
     """e @ x0 for x0 [d], e [V, d] -> [V] (the tied head of one token), streaming e once."""
     return jax.ffi.ffi_call(ROWS_DOT_TARGET, jax.ShapeDtypeStruct((e.shape[0],), jnp.float32))(
         x0.astype(jnp.float32), e)
+
+
+def rms_norm_one(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
+    """llama.rms_norm of one token: x [d], w [d] -> [d]."""
+    import numpy as np
+
+    return jax.ffi.ffi_call(RMS_NORM_TARGET, jax.ShapeDtypeStruct(x.shape, jnp.float32))(
+        x.astype(jnp.float32), w.astype(jnp.float32), eps=np.float32(eps))
 
 
 def attend_one(qkv: jax.Array, k_cache: jax.Array, v_cache: jax.Array, pos, *, heads: int, kv_heads: int,

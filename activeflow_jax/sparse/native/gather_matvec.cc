@@ -3,6 +3,7 @@
 //   AfGatherMatvec: y[o] = sum_j xk[j] * W[rows[j], o]   (W row-major [in, out]; rows ascending)
 //   AfTopkMatvec:   the same over the active channels of x, selected here (see TopkMatvecImpl)
 //   AfRowsDot:      y[v] = sum_d E[v, d] * x[d]   (the tied head: E is the embedding [V, d])
+//   AfRmsNormOne:   one token's RMSNorm
 //   AfAttendOne:    one decoded token's RoPE, KV-cache write and attention (llama.attend, T = 1)
 //
 // XLA:CPU can only do this as a gather (a copy of the k rows into a temporary, ~5 GB/s) followed
@@ -299,9 +300,16 @@ void AttendHead(const float* q, const float* kc, const float* vc, int64_t pos, i
     const float* qg = q + g * hd;
     float m = -INFINITY;
     for (int64_t s = 0; s <= pos; ++s) {
-      const float* kr = kc + s * hd;
+      const float* __restrict__ kr = kc + s * hd;
+      // sixteen independent lanes: the compiler vectorizes the dot without reassociating it
+      constexpr int L = 16;
+      float lanes[L] = {};
+      int64_t i = 0;
+      for (; i + L <= hd; i += L)
+        for (int l = 0; l < L; ++l) lanes[l] += qg[i + l] * kr[i + l];
       float acc = 0.0f;
-      for (int64_t i = 0; i < hd; ++i) acc += qg[i] * kr[i];
+      for (int l = 0; l < L; ++l) acc += lanes[l];
+      for (; i < hd; ++i) acc += qg[i] * kr[i];
       scores[s] = acc * scale;
       m = std::max(m, scores[s]);
     }
@@ -376,13 +384,36 @@ ffi::Error AttendOneImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qkv, ffi::B
   // a KV head per part once the attended cache is large enough to be worth a second thread
   const int parts = static_cast<int>(std::min<int64_t>(kv_heads, Parts(pool, 2 * (pos + 1) * kv_dim * 4)));
   float* op = out->typed_data();
+  // qr is thread_local: inside the lambda its name would mean the pool thread's own (empty) copy
+  const float* q = qr.data();
   ParallelFor(pool, parts, [&](int t) {
     thread_local std::vector<float> scores;
     scores.resize(pos + 1);
     for (int64_t h = kv_heads * t / parts; h < kv_heads * (t + 1) / parts; ++h)
-      AttendHead(qr.data() + h * group * head_dim, kc + h * max_len * head_dim, vc + h * max_len * head_dim, pos,
+      AttendHead(q + h * group * head_dim, kc + h * max_len * head_dim, vc + h * max_len * head_dim, pos,
                  head_dim, group, attn_len, op + h * group * head_dim, scores.data());
   });
+  return ffi::Error::Success();
+}
+
+
+// RMSNorm of one token: h = x / sqrt(mean(x^2) + eps) * w. XLA:CPU runs it as four programs (square,
+// reduction, rsqrt, scale); a decode step has two per layer.
+ffi::Error RmsNormOneImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> h, float eps) {
+  const int64_t d = x.element_count();
+  if (w.element_count() != d || h->element_count() != d) return ffi::Error::InvalidArgument("x, w, h differ in size");
+  const float* xp = x.typed_data();
+  const float* wp = w.typed_data();
+  float lanes[8] = {};
+  int64_t i = 0;
+  for (; i + 8 <= d; i += 8)
+    for (int l = 0; l < 8; ++l) lanes[l] += xp[i + l] * xp[i + l];
+  float sum = 0.0f;
+  for (int l = 0; l < 8; ++l) sum += lanes[l];
+  for (; i < d; ++i) sum += xp[i] * xp[i];
+  const float scale = 1.0f / std::sqrt(sum / static_cast<float>(d) + eps);
+  float* hp = h->typed_data();
+  for (int64_t j = 0; j < d; ++j) hp[j] = xp[j] * scale * wp[j];
   return ffi::Error::Success();
 }
 
@@ -438,3 +469,10 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(AfAttendOne, AttendOneImpl,
                                   .Attr<int64_t>("head_dim")
                                   .Attr<int64_t>("attn_len")
                                   .Attr<float>("theta"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(AfRmsNormOne, RmsNormOneImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<float>("eps"));
