@@ -203,20 +203,10 @@ class Engine:
             self.stats.loader = self.swap.stats.as_dict()
             self.stats.memory = self.swap.memory_breakdown()
             return out
-        self._resolve_native()
         key = (cache.max_len, tokens.shape[0], attn_len, all_logits, self.sparsity, self.prediction)
         args = (self.params, cache, jnp.asarray(tokens, jnp.int32), jnp.int32(start_pos), jnp.int32(n_valid),
                 self._thresholds)
-        compiled = self._compiled.get(key)
-        if compiled is None:
-            t0 = time.perf_counter()
-            compiled = llama.forward.lower(*args, cfg=self.config, attn_len=attn_len, all_logits=all_logits,
-                                           sparse=self.sparsity, predict=self.prediction,
-                                           native=self._native).compile()
-            self.stats.compile_seconds += time.perf_counter() - t0
-            self.stats.compiles += 1
-            self._compiled[key] = compiled
-        return compiled(*args)
+        return self._program(key, llama.forward, args, attn_len=attn_len, all_logits=all_logits)(*args)
 
     def _decode_step(self, cache: llama.KVCache, token: np.ndarray, pos: int, attn_len: int, key, temperature,
                      top_p) -> tuple[int, jax.Array, llama.KVCache]:
@@ -225,26 +215,28 @@ class Engine:
             logits, cache = self._forward(cache, token, pos, 1, attn_len, False)
             key, sub = jax.random.split(key)
             return int(sample_token(logits[0], sub, temperature, top_p)), key, cache
-        self._resolve_native()
         args = (self.params, cache, jnp.asarray(token, jnp.int32), jnp.int32(pos), self._thresholds, key, temperature,
                 top_p)
-        program = ("step", cache.max_len, attn_len, self.sparsity, self.prediction)
-        compiled = self._compiled.get(program)
-        if compiled is None:
-            t0 = time.perf_counter()
-            compiled = decode_and_sample.lower(*args, cfg=self.config, attn_len=attn_len, sparse=self.sparsity,
-                                               predict=self.prediction, native=self._native).compile()
-            self.stats.compile_seconds += time.perf_counter() - t0
-            self.stats.compiles += 1
-            self._compiled[program] = compiled
-        next_token, key, cache = compiled(*args)
+        program_key = ("step", cache.max_len, attn_len, self.sparsity, self.prediction)
+        next_token, key, cache = self._program(program_key, decode_and_sample, args, attn_len=attn_len)(*args)
         return int(next_token), key, cache
 
-    def _resolve_native(self) -> None:
-        if self._native is None:
-            from activeflow_jax.sparse import native
+    def _program(self, key: tuple, fn, args: tuple, **static):
+        """`fn` compiled for `args` with the engine's model, sparsity and native settings plus `static`;
+        cached under `key`, its compile time counted apart from throughput."""
+        compiled = self._compiled.get(key)
+        if compiled is None:
+            if self._native is None:  # resolved on first compile: this builds the native library
+                from activeflow_jax.sparse import native
 
-            self._native = native.usable()
+                self._native = native.usable()
+            t0 = time.perf_counter()
+            compiled = fn.lower(*args, cfg=self.config, sparse=self.sparsity, predict=self.prediction,
+                                native=self._native, **static).compile()
+            self.stats.compile_seconds += time.perf_counter() - t0
+            self.stats.compiles += 1
+            self._compiled[key] = compiled
+        return compiled
 
     def _new_cache(self, length: int) -> llama.KVCache:
         floor = MIN_CACHE_LEN if self.swap is None else min(MIN_CACHE_LEN, self.swap.memory.kv_tokens)

@@ -208,7 +208,8 @@ def make_train_step(model_cfg, dcfg: DistillConfig, frozen: dict, teacher: dict,
     if mesh is None:
         jitted = jax.jit(step, donate_argnums=(0, 1))
     else:
-        from jax.sharding import NamedSharding, PartitionSpec as P
+        from jax.sharding import NamedSharding
+        from jax.sharding import PartitionSpec as P
 
         trainable_like = jax.eval_shape(lambda p: split_trainable(p, dcfg.trainable, dcfg.lora_rank, dcfg.seed)[0],
                                         teacher)
@@ -228,7 +229,8 @@ def make_train_step(model_cfg, dcfg: DistillConfig, frozen: dict, teacher: dict,
 def param_shardings(tree, mesh, fsdp: bool):
     """Per array: replicated, or (fsdp) split over "data" along its largest dimension that the mesh
     size divides (arrays with no such dimension, like scalars, stay replicated)."""
-    from jax.sharding import NamedSharding, PartitionSpec as P
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
 
     n = mesh.size
 
@@ -248,7 +250,8 @@ def param_shardings(tree, mesh, fsdp: bool):
 def step_shardings(mesh, dcfg: DistillConfig, trainable, tx):
     """Shardings of (trainable, optimizer state, batch) for the step on `mesh`. Adam's moments have
     their parameter's shape, so the same rule gives them their parameter's sharding."""
-    from jax.sharding import NamedSharding, PartitionSpec as P
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
 
     opt_like = jax.eval_shape(tx.init, trainable)
     return (param_shardings(trainable, mesh, dcfg.fsdp), param_shardings(opt_like, mesh, dcfg.fsdp),

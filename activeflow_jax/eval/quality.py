@@ -125,18 +125,15 @@ def evaluate_quality(engine, text_path: str | os.PathLike, settings: list[Qualit
         from tqdm import tqdm
 
         iterator = tqdm(windows, desc="quality", unit="window")
+    yardstick = engine if reference is None else reference  # whose dense logits the settings are judged by
     reference_nll = []
     with engine.sparsity_scope():
         for wi, window in enumerate(iterator):
             targets = window[scored.start + 1:ctx]
-            if reference is None:
-                engine.configure_sparsity(None)
-                dense = engine.logits(window)[scored]
-            else:
-                with reference.sparsity_scope():
-                    reference.configure_sparsity(None)
-                    dense = reference.logits(window)[scored]
-                reference_nll.append(token_nll(dense, targets))
+            with yardstick.sparsity_scope():
+                yardstick.configure_sparsity(None)
+                dense = yardstick.logits(window)[scored]
+            reference_nll.append(token_nll(dense, targets))
             dense_logp = _log_softmax(dense)
             for s in settings:
                 t0 = time.perf_counter()

@@ -293,24 +293,28 @@ ffi::Error ActiveMaskImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> thresho
 // ~13 small programs per layer (two cache updates, RoPE, two batched dots, softmax passes), whose
 // fixed cost per program is a large share of a sparse decode step; here it is one call.
 // The caches are updated in place: the outputs alias the cache operands.
+// dot(a, b) over n floats in sixteen independent lanes: the compiler vectorizes it without
+// reassociating, and the order of the sum is fixed whatever the caller.
+float LaneDot(const float* __restrict__ a, const float* __restrict__ b, int64_t n) {
+  constexpr int L = 16;
+  float lanes[L] = {};
+  int64_t i = 0;
+  for (; i + L <= n; i += L)
+    for (int l = 0; l < L; ++l) lanes[l] += a[i + l] * b[i + l];
+  float acc = 0.0f;
+  for (int l = 0; l < L; ++l) acc += lanes[l];
+  for (; i < n; ++i) acc += a[i] * b[i];
+  return acc;
+}
+
 void AttendHead(const float* q, const float* kc, const float* vc, int64_t pos, int64_t hd, int64_t group,
-                int64_t s_len, float* out, float* scores) {
+                float* out, float* scores) {
   const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
   for (int64_t g = 0; g < group; ++g) {
     const float* qg = q + g * hd;
     float m = -INFINITY;
     for (int64_t s = 0; s <= pos; ++s) {
-      const float* __restrict__ kr = kc + s * hd;
-      // sixteen independent lanes: the compiler vectorizes the dot without reassociating it
-      constexpr int L = 16;
-      float lanes[L] = {};
-      int64_t i = 0;
-      for (; i + L <= hd; i += L)
-        for (int l = 0; l < L; ++l) lanes[l] += qg[i + l] * kr[i + l];
-      float acc = 0.0f;
-      for (int l = 0; l < L; ++l) acc += lanes[l];
-      for (; i < hd; ++i) acc += qg[i] * kr[i];
-      scores[s] = acc * scale;
+      scores[s] = LaneDot(qg, kc + s * hd, hd) * scale;
       m = std::max(m, scores[s]);
     }
     float sum = 0.0f;
@@ -327,7 +331,6 @@ void AttendHead(const float* q, const float* kc, const float* vc, int64_t pos, i
       for (int64_t i = 0; i < hd; ++i) o[i] += p * vr[i];
     }
   }
-  (void)s_len;
 }
 
 void Rope(const float* x, float* y, int64_t hd, const float* cosv, const float* sinv) {
@@ -391,7 +394,7 @@ ffi::Error AttendOneImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qkv, ffi::B
     scores.resize(pos + 1);
     for (int64_t h = kv_heads * t / parts; h < kv_heads * (t + 1) / parts; ++h)
       AttendHead(q + h * group * head_dim, kc + h * max_len * head_dim, vc + h * max_len * head_dim, pos,
-                 head_dim, group, attn_len, op + h * group * head_dim, scores.data());
+                 head_dim, group, op + h * group * head_dim, scores.data());
   });
   return ffi::Error::Success();
 }
@@ -404,14 +407,7 @@ ffi::Error RmsNormOneImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi:
   if (w.element_count() != d || h->element_count() != d) return ffi::Error::InvalidArgument("x, w, h differ in size");
   const float* xp = x.typed_data();
   const float* wp = w.typed_data();
-  float lanes[8] = {};
-  int64_t i = 0;
-  for (; i + 8 <= d; i += 8)
-    for (int l = 0; l < 8; ++l) lanes[l] += xp[i + l] * xp[i + l];
-  float sum = 0.0f;
-  for (int l = 0; l < 8; ++l) sum += lanes[l];
-  for (; i < d; ++i) sum += xp[i] * xp[i];
-  const float scale = 1.0f / std::sqrt(sum / static_cast<float>(d) + eps);
+  const float scale = 1.0f / std::sqrt(LaneDot(xp, xp, d) / static_cast<float>(d) + eps);
   float* hp = h->typed_data();
   for (int64_t j = 0; j < d; ++j) hp[j] = xp[j] * scale * wp[j];
   return ffi::Error::Success();
