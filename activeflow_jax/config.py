@@ -80,6 +80,9 @@ def tiny_config(**overrides: Any) -> ModelConfig:
 # Linear ops grouped by the input they read: q/k/v share the normed attention input, gate/up the
 # normed MLP input; o reads the attention output, down the SwiGLU product. One mask per group.
 OP_GROUPS = ("qkv", "o", "gate_up", "down")
+# The groups whose input derives from the residual stream, so that an earlier layer predicts their
+# active channels: the swapping runtime preloads them a layer group ahead; o and down load on demand.
+PREDICTED_GROUPS = ("qkv", "gate_up")
 MAX_SPARSITY = 0.95
 MASK_POLICIES = ("threshold", "topk")
 DECODE_KERNELS = ("auto", "native", "gather", "mask")

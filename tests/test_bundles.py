@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from activeflow_jax.config import OP_GROUPS, tiny_config
+from activeflow_jax.config import OP_GROUPS, PREDICTED_GROUPS, tiny_config
 from activeflow_jax.errors import InvalidArgumentError, StoreCorruptError, StoreError
 from activeflow_jax.store.bundles import (
     TENSOR_OF_OP,
@@ -90,7 +90,11 @@ def test_shards_are_channel_major(tiny5):
         entry = info["arrays"][f"{op}/g0"]
         meta = json.loads(Path(layout_dir(tiny5, 2), op, "g0", "zarr.json").read_text())
         inner = meta["codecs"][0]["configuration"]["chunk_shape"]
-        assert inner[1:] == entry["shape"][1:]  # an inner chunk holds all layers of its channels
+        # a predicted op's inner chunk holds all layers of its channels; o/down's one layer (they are
+        # only read one layer at a time), and their shard files one layer each
+        layers = entry["shape"][1] if op in PREDICTED_GROUPS else 1
+        assert inner[1:] == [layers, entry["shape"][2]]
+        assert meta["chunk_grid"]["configuration"]["chunk_shape"][1] == layers
         chunks = -(-entry["shard_rows"] // inner[0])
         data = Path(_shard_files(tiny5, 2, op, 0)[0]).read_bytes()
         index = np.frombuffer(data[-(16 * chunks + 4):-4], dtype="<u8").reshape(chunks, 2)

@@ -96,6 +96,37 @@ def test_train_step_lowers_kl_on_a_batch(source, mode, lr):
     assert kls[-1] < 0.7 * kls[0], kls
 
 
+def test_hidden_matching_loss_is_zero_when_dense_and_trains_when_sparse(source):
+    """The residual-stream loss: 0 where the student computes what the teacher does (sparsity 0,
+    one step of lr ~0), positive under the mask, and lowered by training on it."""
+    from activeflow_jax.distill.train import batch_for_step, make_train_step, make_windows, split_trainable
+    from activeflow_jax.sparse.calibrate import read_calibration
+
+    store, _, _ = source
+    engine = af.Engine.load(store)
+    windows = make_windows(np.asarray(engine.tokenizer.encode(TEXT), np.int32), 32, 2)
+    batch = jnp.asarray(batch_for_step(windows, 0, 2, 0))
+
+    def hidden_losses(sparsity, lr, steps):
+        thresholds = jnp.asarray(read_calibration(store, engine.config).thresholds(0.5)) if sparsity else None
+        cfg = DistillConfig(**{**SMALL, "sparsity": sparsity, "policy": "threshold" if sparsity else "topk",
+                               "lr": lr, "hidden_weight": 1.0, "steps": steps})
+        trainable, frozen = split_trainable(engine.params, "all")
+        trainable = jax.tree.map(jnp.copy, trainable)
+        step, tx = make_train_step(engine.config, cfg, frozen, engine.params, thresholds)
+        opt, out = tx.init(trainable), []
+        for _ in range(steps):
+            trainable, opt, metrics = step(trainable, opt, batch)
+            out.append(float(metrics["hidden"]))
+        return out
+
+    assert hidden_losses(0.0, 1e-12, 1)[0] < 1e-10
+    sparse = hidden_losses(0.5, 3e-4, 30)
+    assert sparse[0] > 1e-3 and sparse[-1] < 0.7 * sparse[0], sparse
+    with pytest.raises(InvalidArgumentError, match="hidden_weight"):
+        DistillConfig(hidden_weight=-1.0)
+
+
 def test_killed_run_resumes_without_lost_or_repeated_steps(source, tmp_path):
     store, text, _ = source
     cfg = DistillConfig(**SMALL)

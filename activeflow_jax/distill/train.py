@@ -53,6 +53,7 @@ class DistillConfig:
     warmup_steps: int = 10
     weight_decay: float = 0.0
     ce_weight: float = 0.0  # weight of cross-entropy on the text, added to the KL
+    hidden_weight: float = 0.0  # weight of the residual-stream matching loss, added to the KL
     trainable: str = "all"
     lora_rank: int = 16
     fsdp: bool = False  # shard parameters and optimizer state over the mesh instead of replicating them
@@ -70,8 +71,10 @@ class DistillConfig:
             raise InvalidArgumentError(f"lr must be a positive number, got {self.lr!r}")
         if self.trainable not in TRAINABLE:
             raise InvalidArgumentError(f"trainable must be one of {TRAINABLE}, got {self.trainable!r}")
-        if self.ce_weight < 0:
-            raise InvalidArgumentError(f"ce_weight must be >= 0, got {self.ce_weight!r}")
+        for name in ("ce_weight", "hidden_weight"):
+            value = getattr(self, name)
+            if not (value >= 0 and math.isfinite(value)):
+                raise InvalidArgumentError(f"{name} must be a number >= 0, got {value!r}")
 
 
 @dataclasses.dataclass
@@ -181,29 +184,45 @@ def make_train_step(model_cfg, dcfg: DistillConfig, frozen: dict, teacher: dict,
     dimensions over the same axis (FSDP: XLA gathers a weight where it is used and reduce-scatters
     its gradient), so a device holds about 1/n of the model and of the optimizer state.
     Place the arguments with `step_shardings` so that no step compiles twice."""
-    from activeflow_jax.models.llama import sequence_logits
+    from activeflow_jax.models.llama import forward_with_taps, sequence_logits
 
     sparse = SparsityConfig(dcfg.sparsity, policy=dcfg.policy, kernel="mask", straight_through=True)
     tx = make_optimizer(dcfg)
 
+    def outputs(params, tokens, sparse_cfg):
+        """(logits [T, V], the residual stream leaving each layer [L, T, d], or None)."""
+        if dcfg.hidden_weight == 0:
+            return sequence_logits(params, tokens, thresholds, cfg=model_cfg, sparse=sparse_cfg), None
+        logits, taps = forward_with_taps(params, tokens, thresholds, cfg=model_cfg, sparse=sparse_cfg)
+        return logits, jnp.concatenate([taps["residual"][1:], taps["residual_out"][None]])
+
     def loss_fn(trainable, frozen, teacher, batch):
         inputs, targets = batch[:, :-1], batch[:, 1:]
         student = student_params(frozen, trainable)
-        s_logits = jax.vmap(lambda t: sequence_logits(student, t, thresholds, cfg=model_cfg, sparse=sparse))(inputs)
-        t_logits = jax.lax.stop_gradient(jax.vmap(lambda t: sequence_logits(teacher, t, cfg=model_cfg))(inputs))
+        s_logits, s_hidden = jax.vmap(lambda t: outputs(student, t, sparse))(inputs)
+        t_logits, t_hidden = jax.lax.stop_gradient(jax.vmap(lambda t: outputs(teacher, t, None))(inputs))
         s_logp = jax.nn.log_softmax(s_logits, axis=-1)
         t_logp = jax.nn.log_softmax(t_logits, axis=-1)
         kl = jnp.mean(jnp.sum(jnp.exp(t_logp) * (t_logp - s_logp), axis=-1))
         ce = -jnp.mean(jnp.take_along_axis(s_logp, targets[..., None], axis=-1))
-        return kl + dcfg.ce_weight * ce, (kl, ce)
+        loss = kl + dcfg.ce_weight * ce
+        hidden = jnp.zeros(())
+        if s_hidden is not None:
+            # Sparsity errors compound through the layers; matching the residual stream the teacher
+            # feeds each layer gives every layer its own target. Relative squared error per token, so
+            # the growing residual norm with depth (and outlier tokens) do not set the weights.
+            err = jnp.sum((s_hidden - t_hidden) ** 2, axis=-1) / (jnp.sum(t_hidden ** 2, axis=-1) + 1e-6)
+            hidden = jnp.mean(err)
+            loss = loss + dcfg.hidden_weight * hidden
+        return loss, (kl, ce, hidden)
 
     def step(trainable, opt_state, batch, frozen, teacher):
         import optax
 
-        (loss, (kl, ce)), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable, frozen, teacher, batch)
+        (loss, (kl, ce, hidden)), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable, frozen, teacher, batch)
         updates, opt_state = tx.update(grads, opt_state, trainable)
         trainable = optax.apply_updates(trainable, updates)
-        return trainable, opt_state, {"loss": loss, "kl": kl, "ce": ce}
+        return trainable, opt_state, {"loss": loss, "kl": kl, "ce": ce, "hidden": hidden}
 
     if mesh is None:
         jitted = jax.jit(step, donate_argnums=(0, 1))
@@ -377,10 +396,13 @@ def distill(store_path: str, out_path: str, dcfg: DistillConfig | None = None, *
         trainable, opt_state, metrics = step_fn(trainable, opt_state, batch)
         metrics = {k: float(v) for k, v in metrics.items()}
         history.append({"step": step + 1, **metrics})
+        with open(os.path.join(checkpoint_dir, "history.jsonl"), "a") as f:  # the loss curve, for reports
+            f.write(json.dumps({**history[-1], "seconds": round(time.perf_counter() - t0, 2)}) + "\n")
         manager.save(step + 1, args=ocp.args.StandardSave({"trainable": trainable, "opt_state": opt_state}))
         if bar is not None:
             elapsed = time.perf_counter() - t0
-            bar.set_postfix(loss=f"{metrics['loss']:.4f}", kl=f"{metrics['kl']:.4f}",
+            extra = {"hidden": f"{metrics['hidden']:.4f}"} if dcfg.hidden_weight else {}
+            bar.set_postfix(loss=f"{metrics['loss']:.4f}", kl=f"{metrics['kl']:.4f}", **extra,
                             tok_s=f"{len(history) * dcfg.batch_size * dcfg.seq_len / elapsed:.0f}")
             bar.update(1)
     manager.wait_until_finished()

@@ -241,7 +241,8 @@ class LlamaModel(nnx.Module):
 
         sparse/thresholds ([L, 4], OP_GROUPS order) switch on contextual sparsity; predict
         restricts the residual-stream groups to predicted sets; taps (a list) receives, per layer,
-        the input of each op group and the residual entering the layer."""
+        the input of each op group and the residual entering the layer, then (last entry) the
+        residual leaving the last layer."""
         x = jnp.take(self.embed[...], tokens, axis=0)  # [T, d]
         mask_bias = causal_bias(start_pos, tokens.shape[0], attn_len)  # [T, S]
         ks, vs = list(cache.k), list(cache.v)
@@ -252,6 +253,8 @@ class LlamaModel(nnx.Module):
             with jax.named_scope(f"layer{i}"):
                 x, ks[i], vs[i] = layer(x, ks[i], vs[i], start_pos, mask_bias, attn_len=attn_len, ops=ops,
                                         native=native)
+        if taps is not None:
+            taps.append({"residual": x})
         if not all_logits:
             x = jax.lax.dynamic_slice_in_dim(x, n_valid - 1, 1, axis=0)
         return self.head(x, native), KVCache(tuple(ks), tuple(vs))
@@ -365,11 +368,13 @@ def sequence_logits(params: Params, tokens: jax.Array, thresholds=None, *, cfg: 
 def forward_with_taps(params: Params, tokens, thresholds=None, *, cfg: ModelConfig,
                       sparse: SparsityConfig | None = None):
     """Full-sequence forward from an empty cache that also returns, stacked over layers, each op
-    group's input and the residual entering each layer: {name: [L, T, dim]}, plus logits [T, V]."""
+    group's input and the residual entering each layer: {name: [L, T, dim]}, and "residual_out"
+    [T, d] (leaving the last layer), plus logits [T, V]."""
     model = merge_params(cfg, params)
     t = tokens.shape[0]
     cache = KVCache.zeros(cfg, t)
     taps: list = []
     logits, _ = model(tokens, cache, 0, t, attn_len=t, all_logits=True, sparse=sparse, thresholds=thresholds,
                       taps=taps)
-    return logits, {name: jnp.stack([layer[name] for layer in taps]) for name in taps[0]}
+    stacked = {name: jnp.stack([layer[name] for layer in taps[:-1]]) for name in taps[0]}
+    return logits, {**stacked, "residual_out": taps[-1]["residual"]}

@@ -32,7 +32,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from activeflow_jax.config import OP_GROUPS, ModelConfig, SparsityConfig, op_input_dims
+from activeflow_jax.config import OP_GROUPS, PREDICTED_GROUPS, ModelConfig, SparsityConfig, op_input_dims
 from activeflow_jax.errors import InvalidArgumentError
 from activeflow_jax.runtime import budget as budget_mod
 from activeflow_jax.runtime.bandwidth import Bandwidths
@@ -40,7 +40,7 @@ from activeflow_jax.runtime.bandwidth import Bandwidths
 GROUP_SIZES = (1, 2, 4, 8)
 RECALL_BY_DISTANCE = ((1, 0.909), (2, 0.86), (4, 0.82), (8, 0.75))
 OVERHEAD_PER_OP_S = 0.2e-3
-PREDICTED = ("qkv", "gate_up")
+PREDICTED = PREDICTED_GROUPS
 
 
 def predictor_recall(distance: float) -> float:

@@ -19,6 +19,7 @@ from activeflow_jax.runtime import stages
 from activeflow_jax.store.reader import aligned_float32
 
 MIN_SCATTER = 8  # scatter batches are padded to powers of two from 8: a handful of programs
+SCATTER_BYTES = 2 << 20  # ... up to this many bytes; larger installs go in batches of that size
 
 
 class SlotPool:
@@ -73,19 +74,26 @@ class SlotPool:
         return np.concatenate(out)
 
     def install(self, layers: np.ndarray, cols: np.ndarray, rows: np.ndarray, *, current_layer: int,
-                protect: np.ndarray, pin_until: int = -1) -> np.ndarray:
-        """Puts rows [n, out] of (layers[n], cols[n]) into free or evicted slots; returns the slots."""
+                protect: np.ndarray, pin_until: int = -1, take: np.ndarray | None = None) -> np.ndarray:
+        """Puts rows [n, out] of (layers[n], cols[n]) into free or evicted slots; returns the slots.
+        take: row i is rows[take[i]] (saves the caller a gathered copy of a preload block)."""
         n = len(cols)
         if n == 0:
             return np.zeros(0, np.int32)
         slots = self._allocate(n, current_layer, protect)
-        size = _pow2_at_least(n, MIN_SCATTER)
-        padded_slots = np.full(size, self.trash, np.int32)
-        padded_slots[:n] = slots
-        padded_rows = aligned_float32((size, self.out_dim), zeros=True)  # adopted by the scatter, not copied
-        padded_rows[:n] = rows
-        # numpy straight into the jitted scatter: an eager jnp.asarray costs ~0.4 ms here
-        self.buffer = stages.scatter_rows(self.buffer, padded_slots, padded_rows)
+        # Batches of at most SCATTER_BYTES: the padded host copy a scatter adopts stays a few MB
+        # (one pow2-padded copy of a whole on-demand read was up to 2x its rows on top of the budget).
+        batch = max(MIN_SCATTER, 1 << max(0, (SCATTER_BYTES // (4 * self.out_dim)).bit_length() - 1))
+        for begin in range(0, n, batch):
+            part = slice(begin, min(n, begin + batch))
+            m = part.stop - begin
+            size = _pow2_at_least(m, MIN_SCATTER)
+            padded_slots = np.full(size, self.trash, np.int32)
+            padded_slots[:m] = slots[part]
+            padded_rows = aligned_float32((size, self.out_dim), zeros=size > m)  # adopted by the scatter, not copied
+            padded_rows[:m] = rows[part] if take is None else rows[take[part]]
+            # numpy straight into the jitted scatter: an eager jnp.asarray costs ~0.4 ms here
+            self.buffer = stages.scatter_rows(self.buffer, padded_slots, padded_rows)
         self.slot_of[layers, cols] = slots
         self.owner[slots] = layers.astype(np.int64) * self.in_dim + cols
         self.pin_until[slots] = pin_until

@@ -22,13 +22,23 @@ DEFAULT_KV_TOKENS = 512
 
 
 def _return_freed_memory_to_the_os() -> None:
-    """glibc raises its mmap threshold after large frees, so freed staging buffers (tens of MB,
-    every token) end up on the heap and RSS keeps them; a fixed 256 KiB threshold makes every
-    large buffer its own mapping, returned to the OS when freed. Process-wide, Linux/glibc only."""
+    """glibc keeps freed memory where a budget cannot see it; three process-wide settings
+    (Linux/glibc only) make RSS follow what is really held:
+    - its mmap threshold rises after large frees, so freed staging buffers (tens of MB, every
+      token) end up on the heap and RSS keeps them: a fixed 256 KiB threshold makes every large
+      buffer its own mapping, returned to the OS when freed;
+    - each thread that allocates may get its own arena (up to 8 per core), and TensorStore's and
+      XLA's worker threads each keep their freed blocks: two arenas are shared by all;
+    - the heap top is trimmed once 1 MiB (not 128 KiB... but also not never) is free above it.
+    Measured on the 4.4 GB synthetic model at a 1 GiB budget: peak RSS 1.51 -> 1.40 GB for the
+    first and the other two together (see the closing note of the swapping issue)."""
     try:
         import ctypes
 
-        ctypes.CDLL("libc.so.6").mallopt(-3, 256 << 10)  # M_MMAP_THRESHOLD
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 256 << 10)  # M_MMAP_THRESHOLD
+        libc.mallopt(-8, 2)  # M_ARENA_MAX
+        libc.mallopt(-1, 1 << 20)  # M_TRIM_THRESHOLD
     except (OSError, AttributeError):
         pass
 

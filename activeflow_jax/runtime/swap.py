@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from activeflow_jax.config import OP_GROUPS, ModelConfig, SparsityConfig, op_input_dims
+from activeflow_jax.config import OP_GROUPS, PREDICTED_GROUPS, ModelConfig, SparsityConfig, op_input_dims
 from activeflow_jax.errors import StoreError
 from activeflow_jax.models import llama
 from activeflow_jax.runtime import iostats, stages
@@ -39,7 +39,7 @@ from activeflow_jax.runtime.budget import MemoryPlan, op_output_dims
 from activeflow_jax.runtime.pool import SlotPool, padded_source
 from activeflow_jax.store.reader import StoreReader
 
-PREDICTED = ("qkv", "gate_up")  # residual-stream inputs: preloaded one layer group ahead
+PREDICTED = PREDICTED_GROUPS  # residual-stream inputs: preloaded one layer group ahead
 _COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration",
                    "/jax/core/compile/backend_compile_duration")
 
@@ -260,24 +260,27 @@ class SwapRuntime:
                 group, position = self.bundles.group_of(layer)
                 if position == 0:
                     self._begin_group(group, x)
-            src = self._source(layer, "qkv", union, hm, t)
+            # Each weight source is built inside the call that uses it, so no name keeps the previous
+            # op's transient assembled weight (up to a whole [in, out] matrix) alive next to it.
             hm, union, ks[layer], vs[layer] = stages.qkv_stage(
-                hm, src, ks[layer], vs[layer], start_pos, self._thr[layer][q("o")], n_valid_a, cfg=cfg,
-                sel=self._sel(layer, "o"), native=self.native, attn_len=attn_len)
-            src = self._source(layer, "o", union, hm, t)
-            x, hm, union = stages.o_stage(x, hm, src, self._norm(layer, "mlp_norm"), self._thr[layer][q("gate_up")],
-                                          n_valid_a, eps=eps, sel=self._sel(layer, "gate_up"), native=self.native)
-            src = self._source(layer, "gate_up", union, hm, t)
-            hm, union = stages.gate_up_stage(hm, src, self._thr[layer][q("down")], n_valid_a,
-                                             sel=self._sel(layer, "down"), native=self.native)
-            src = self._source(layer, "down", union, hm, t)
+                hm, self._source(layer, "qkv", union, hm, t), ks[layer], vs[layer], start_pos,
+                self._thr[layer][q("o")], n_valid_a, cfg=cfg, sel=self._sel(layer, "o"), native=self.native,
+                attn_len=attn_len)
+            x, hm, union = stages.o_stage(x, hm, self._source(layer, "o", union, hm, t), self._norm(layer, "mlp_norm"),
+                                          self._thr[layer][q("gate_up")], n_valid_a, eps=eps,
+                                          sel=self._sel(layer, "gate_up"), native=self.native)
+            hm, union = stages.gate_up_stage(hm, self._source(layer, "gate_up", union, hm, t),
+                                             self._thr[layer][q("down")], n_valid_a, sel=self._sel(layer, "down"),
+                                             native=self.native)
             if layer + 1 < cfg.num_layers:
-                x, hm, union = stages.down_stage(x, hm, src, self._norm(layer + 1, "attn_norm"),
-                                                 self._thr[layer + 1][q("qkv")], n_valid_a, eps=eps,
-                                                 sel=self._sel(layer + 1, "qkv"), native=self.native)
+                x, hm, union = stages.down_stage(x, hm, self._source(layer, "down", union, hm, t),
+                                                 self._norm(layer + 1, "attn_norm"), self._thr[layer + 1][q("qkv")],
+                                                 n_valid_a, eps=eps, sel=self._sel(layer + 1, "qkv"),
+                                                 native=self.native)
             else:
-                logits = stages.last_stage(x, hm, src, r["final_norm.weight"], r["embed"], r.get("lm_head"), n_valid_a,
-                                           eps=eps, native=self.native, all_logits=all_logits)
+                logits = stages.last_stage(x, hm, self._source(layer, "down", union, hm, t), r["final_norm.weight"],
+                                           r["embed"], r.get("lm_head"), n_valid_a, eps=eps, native=self.native,
+                                           all_logits=all_logits)
         if decode:
             self.stats.tokens += 1
         return logits, llama.KVCache(tuple(ks), tuple(vs))
@@ -380,8 +383,9 @@ class SwapRuntime:
                 slots = pool.slot_of[layer, pre.read]
                 need = slots < 0
                 if need.any():
-                    pool.install(np.full(int(need.sum()), layer, np.int32), pre.read[need], rows[need, position],
-                                 current_layer=layers[0], protect=np.zeros(0, np.int64), pin_until=last)
+                    pool.install(np.full(int(need.sum()), layer, np.int32), pre.read[need], rows[:, position],
+                                 current_layer=layers[0], protect=np.zeros(0, np.int64), pin_until=last,
+                                 take=np.flatnonzero(need))
         predicted = np.zeros(pool.in_dim, bool)  # one mask for the group: read-only below
         predicted[pre.predicted] = True
         for layer in layers:

@@ -7,10 +7,14 @@ layer. So, next to `tensors/` (which stays as it is), a store gets
     bundles/n<N>/bundles.json            group size N, first layer, groups, fingerprint of the store
     bundles/n<N>/<op>/g<j>/              one zarr3 array per (op group, layer group): [in, n, out]
 
-sharded so that one shard file holds many channels; an inner chunk (with its crc32c) holds one
-channel's rows for all n layers of the group ([1, n, out]; see TARGET_CHUNK_BYTES): a group preload
-of a channel is one chunk, adjacent channels are adjacent chunks (TensorStore merges them into one
-read), and an on-demand row costs one chunk read. No row is stored twice
+sharded so that one shard file holds many channels; an inner chunk (with its crc32c) of a predicted
+op (qkv, gate_up) holds one channel's rows for all n layers of the group ([1, n, out]; see
+TARGET_CHUNK_BYTES): a group preload of a channel is one chunk, adjacent channels are adjacent
+chunks (TensorStore merges them into one read), and an on-demand row costs one chunk read. o and
+down are only ever read one layer at a time (on demand), so their chunks hold one layer's row
+([1, 1, out]): an n-layer chunk made every such read fetch n times the bytes it asked for (1.6x
+over a whole run of the default model at a 60% budget, layout version 1); their shard files hold
+one layer each, so adjacent channels of a layer stay one byte range. No row is stored twice
 within a layout. `activeflow relayout`
 writes the layout for another N (atomically: a layout for the same N is replaced only once the new
 one is complete); layouts for several N may coexist, so runs with different group sizes do not
@@ -28,14 +32,14 @@ from typing import Any
 
 import numpy as np
 
-from activeflow_jax.config import OP_GROUPS
+from activeflow_jax.config import OP_GROUPS, PREDICTED_GROUPS
 from activeflow_jax.errors import InvalidArgumentError, StoreCorruptError, StoreError
 from activeflow_jax.store.reader import StoreReader, read_manifest
 from activeflow_jax.store.writer import new_temporary_dir, replace_dir, write_json_durably
 
 BUNDLE_DIR = "bundles"
 BUNDLE_MANIFEST = "bundles.json"
-BUNDLE_VERSION = 1
+BUNDLE_VERSION = 2  # 2: o/down chunks hold one layer
 TENSOR_OF_OP = {"qkv": "attn.wqkv", "o": "attn.wo", "gate_up": "mlp.w_gate_up", "down": "mlp.w_down"}
 TARGET_SHARD_BYTES = 4 << 20
 # Inner chunk: whole channels x all n layers of the group, ~this many bytes (default: one channel,
@@ -60,7 +64,7 @@ def layer_groups(num_layers: int, group_size: int, first_layer: int) -> list[tup
 
 
 def _spec(path: str, shape: tuple[int, ...], dtype: str, shard_rows: int, *, create: bool,
-          direct_io: bool = False, chunk_rows: int = 1) -> dict[str, Any]:
+          direct_io: bool = False, chunk_rows: int = 1, chunk_layers: int | None = None) -> dict[str, Any]:
     kvstore: dict[str, Any] = {"driver": "file", "path": path}
     if direct_io:
         kvstore["file_io_mode"] = {"mode": "direct"}
@@ -71,9 +75,10 @@ def _spec(path: str, shape: tuple[int, ...], dtype: str, shard_rows: int, *, cre
         return spec
     spec["metadata"] = {
         "shape": list(shape), "data_type": dtype,
-        "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [shard_rows, shape[1], shape[2]]}},
+        "chunk_grid": {"name": "regular", "configuration": {
+            "chunk_shape": [shard_rows, shape[1] if chunk_layers is None else chunk_layers, shape[2]]}},
         "codecs": [{"name": "sharding_indexed", "configuration": {
-            "chunk_shape": [chunk_rows, shape[1], shape[2]],
+            "chunk_shape": [chunk_rows, shape[1] if chunk_layers is None else chunk_layers, shape[2]],
             "codecs": [{"name": "bytes", "configuration": {"endian": "little"}}, {"name": "crc32c"}],
             "index_codecs": [{"name": "bytes", "configuration": {"endian": "little"}}, {"name": "crc32c"}],
             "index_location": "end"}}],
@@ -136,12 +141,14 @@ def write_bundles(store_dir: str | os.PathLike, group_size: int, *, first_layer:
             for op in OP_GROUPS:
                 names = [f"layers.{i}.{TENSOR_OF_OP[op]}" for i in layers]
                 shape = (reader.shape(names[0])[0], len(layers), reader.shape(names[0])[1])  # [in, n, out]
-                channel_bytes = shape[1] * shape[2] * itemsize
-                chunk = max(1, min(shape[0], TARGET_CHUNK_BYTES // channel_bytes))
-                shard = chunk * max(1, TARGET_SHARD_BYTES // (chunk * channel_bytes))
+                chunk_layers = shape[1] if op in PREDICTED_GROUPS else 1
+                chunk = max(1, min(shape[0], TARGET_CHUNK_BYTES // (chunk_layers * shape[2] * itemsize)))
+                # o/down: a shard file holds one layer's channels, so a run of them is one byte range
+                shard = chunk * max(1, TARGET_SHARD_BYTES // (chunk * chunk_layers * shape[2] * itemsize))
                 shard = min(shard, -(-shape[0] // chunk) * chunk)
                 path = os.path.join(tmp, op, f"g{j}")
-                array = ts.open(_spec(path, shape, reader.storage_dtype, shard, create=True, chunk_rows=chunk)).result()
+                array = ts.open(_spec(path, shape, reader.storage_dtype, shard, create=True, chunk_rows=chunk,
+                                      chunk_layers=chunk_layers)).result()
                 # One shard's rows at a time (whole shards, so no shard is rewritten): memory stays at
                 # a few shards whatever N and the model size; the next block is read while one is written.
                 writing = None
@@ -152,7 +159,8 @@ def write_bundles(store_dir: str | os.PathLike, group_size: int, *, first_layer:
                         writing.result()
                     writing = array[rows[0]:rows[-1] + 1].write(block.astype(reader.storage_dtype, copy=False))
                 writing.result()
-                arrays[f"{op}/g{j}"] = {"shape": list(shape), "shard_rows": shard, "chunk_rows": chunk}
+                arrays[f"{op}/g{j}"] = {"shape": list(shape), "shard_rows": shard, "chunk_rows": chunk,
+                                        "chunk_layers": chunk_layers}
                 if bar is not None:
                     bar.update(1)
         info = {"version": BUNDLE_VERSION, "group_size": group_size, "first_layer": first_layer,
@@ -238,7 +246,7 @@ class BundleReader:
             entry = self.info["arrays"][key]
             spec = _spec(os.path.join(self.root, op, f"g{group}"), tuple(entry["shape"]),
                          self.storage_dtype, entry["shard_rows"], create=False, direct_io=self.direct_io,
-                         chunk_rows=entry.get("chunk_rows", 1))
+                         chunk_rows=entry.get("chunk_rows", 1), chunk_layers=entry.get("chunk_layers"))
             try:
                 self._arrays[key] = _ts().open(spec, context=self._context).result()
             except Exception as exc:
