@@ -132,11 +132,14 @@ class MemoryPlan:
 
 def staging_bytes(cfg: ModelConfig, group_size: int, preload_channels: tuple[int, int], ks: tuple[int, ...]) -> int:
     """Host memory for rows in flight -- a group's preload of qkv and gate_up rows plus the largest
-    single on-demand read (k rows of one op: prefill reads its union in slices of k rows) -- and
-    the compute buffer of one op's assembled weight (prefill chunks and dense layers)."""
+    single on-demand read (k rows of one op: prefill reads its union in slices of k rows), each
+    twice: TensorStore holds the bytes it read until it has copied them into the array it returns
+    -- and the compute buffer of one op's assembled weight (prefill chunks and dense layers) with
+    the k-row slice gathered from the pool while it is assembled."""
     rb = op_row_bytes(cfg)
     preload = group_size * (preload_channels[0] * rb[0] + preload_channels[1] * rb[2])
-    return preload + max(k * r for k, r in zip(ks, rb)) + max(layer_op_bytes(cfg))
+    ondemand = max(k * r for k, r in zip(ks, rb))
+    return 2 * (preload + ondemand) + max(layer_op_bytes(cfg)) + ondemand
 
 
 def min_pool_slots(cfg: ModelConfig, group_size: int, preload_channels: tuple[int, int],
