@@ -44,6 +44,18 @@ _COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/
                    "/jax/core/compile/backend_compile_duration")
 
 
+def _trim_heap() -> None:
+    """Compiling a program leaves tens of MB of freed, fragmented blocks on the main heap, which
+    glibc does not give back by itself (measured: the heap grew 40 -> 152 MB over the stage
+    programs' first compiles, 76 MB of it free); malloc_trim returns whole free pages to the OS."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 class _CompileClock:
     """Seconds JAX spent compiling (its monitoring events), so that the stage programs' first-use
     compiles can be kept out of throughput figures like the engine's own programs are."""
@@ -238,11 +250,14 @@ class SwapRuntime:
             read0 = iostats.process_read_bytes() or 0
             for pool in self.pools.values():
                 pool.pin_until[:] = -1  # pins live within one pass (they name layers of this pass)
+            compiled = _CompileClock.programs
             try:
                 return self._forward(cache, tokens, start_pos, n_valid, attn_len, all_logits)
             finally:
                 self._pending.clear()  # an interrupted pass must not leave reads for the next one
                 self.stats.device_read_bytes += (iostats.process_read_bytes() or 0) - read0
+                if _CompileClock.programs != compiled:
+                    _trim_heap()
 
     def _forward(self, cache, tokens, start_pos, n_valid, attn_len, all_logits):
         cfg, eps, r = self.cfg, self.cfg.norm_eps, self.resident
