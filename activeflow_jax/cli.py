@@ -114,7 +114,7 @@ def cmd_distill(args) -> int:
 
     cfg = DistillConfig(sparsity=args.sparsity, policy=args.policy, steps=args.steps, batch_size=args.batch_size,
                         seq_len=args.seq_len, lr=args.lr, warmup_steps=args.warmup_steps, ce_weight=args.ce_weight,
-                        hidden_weight=args.hidden_weight,
+                        hidden_weight=args.hidden_weight, straight_through=not args.no_straight_through,
                         trainable=args.trainable, lora_rank=args.lora_rank, fsdp=args.fsdp, save_every=args.save_every,
                         seed=args.seed)
     text = args.text.split(",") if args.text else None
@@ -279,6 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=5e-5)
     p.add_argument("--warmup-steps", type=int, default=10)
     p.add_argument("--ce-weight", type=float, default=0.0, help="add this times cross-entropy on the text to the KL")
+    p.add_argument("--no-straight-through", action="store_true",
+                   help="give masked channels no gradient (default: straight-through, identity backward)")
     p.add_argument("--hidden-weight", type=float, default=0.0,
                    help="add this times the residual-stream matching loss (student vs teacher, relative "
                         "squared error entering each layer) to the KL")

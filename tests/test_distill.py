@@ -74,15 +74,15 @@ def test_distillation_lowers_kl_and_writes_a_new_calibrated_store(source, tmp_pa
     assert engine.sparsity.sparsity == 0.5
 
 
-@pytest.mark.parametrize("mode,lr", [("all", 1e-3), ("lora", 3e-3)])
-def test_train_step_lowers_kl_on_a_batch(source, mode, lr):
+@pytest.mark.parametrize("mode,lr,ste", [("all", 1e-3, True), ("lora", 3e-3, True), ("all", 1e-3, False)])
+def test_train_step_lowers_kl_on_a_batch(source, mode, lr, ste):
     from activeflow_jax.distill.train import batch_for_step, make_train_step, make_windows, split_trainable
     from activeflow_jax.sparse.calibrate import read_calibration
 
     store, text, _ = source
     engine = af.Engine.load(store)
     thresholds = jnp.asarray(read_calibration(store, engine.config).thresholds(0.5))
-    cfg = DistillConfig(**{**SMALL, "steps": 15, "lr": lr, "trainable": mode, "lora_rank": 4})
+    cfg = DistillConfig(**{**SMALL, "steps": 15, "lr": lr, "trainable": mode, "lora_rank": 4, "straight_through": ste})
     windows = make_windows(np.asarray(engine.tokenizer.encode(TEXT), np.int32), cfg.seq_len, cfg.batch_size)
     batch = jnp.asarray(batch_for_step(windows, 0, cfg.batch_size, 0))
     trainable, frozen = split_trainable(engine.params, mode, cfg.lora_rank)

@@ -54,6 +54,7 @@ class DistillConfig:
     weight_decay: float = 0.0
     ce_weight: float = 0.0  # weight of cross-entropy on the text, added to the KL
     hidden_weight: float = 0.0  # weight of the residual-stream matching loss, added to the KL
+    straight_through: bool = True  # False: the masked channels get no gradient (the mask is a constant)
     trainable: str = "all"
     lora_rank: int = 16
     fsdp: bool = False  # shard parameters and optimizer state over the mesh instead of replicating them
@@ -186,7 +187,8 @@ def make_train_step(model_cfg, dcfg: DistillConfig, frozen: dict, teacher: dict,
     Place the arguments with `step_shardings` so that no step compiles twice."""
     from activeflow_jax.models.llama import forward_with_taps, sequence_logits
 
-    sparse = SparsityConfig(dcfg.sparsity, policy=dcfg.policy, kernel="mask", straight_through=True)
+    sparse = SparsityConfig(dcfg.sparsity, policy=dcfg.policy, kernel="mask",
+                            straight_through=dcfg.straight_through)
     tx = make_optimizer(dcfg)
 
     def outputs(params, tokens, sparse_cfg):

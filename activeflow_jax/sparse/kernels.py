@@ -102,4 +102,5 @@ def sparse_linear(x: jax.Array, w: jax.Array, *, k: int, threshold: jax.Array | 
         return (x + jax.lax.stop_gradient(jnp.where(mask, x, 0.0) - x)) @ w
     if restrict is not None:
         x = jnp.where(restrict, x, 0.0)
-    return masked_linear(x, w, active_mask(x, k, threshold, policy))
+    # the selection is a constant for autodiff (training without the straight-through estimator)
+    return masked_linear(x, w, active_mask(jax.lax.stop_gradient(x), k, threshold, policy))
