@@ -50,7 +50,7 @@ def test_tiny_synthetic_store_runs_and_swaps(tmp_path):
     logits = engine.logits([1, 2, 3, 4, 5])
     assert np.isfinite(logits).all() and logits.std() > 0.1
     assert len(list(engine.generate_ids([1, 2, 3], max_new_tokens=4))) == 4
-    swapped = af.Engine.load(path, sparsity=0.5, policy="topk", dram_budget="4MB", kv_tokens=32, plan=False,
+    swapped = af.Engine.load(path, sparsity=0.5, policy="topk", dram_budget="5MB", kv_tokens=32, plan=False,
                              group_size=2, progress=False)
     reference = af.Engine.load(path, sparsity=0.5, policy="topk")
     assert list(swapped.generate_ids([1, 2, 3], max_new_tokens=6)) == list(reference.generate_ids([1, 2, 3],
