@@ -105,10 +105,16 @@ def test_runtime_budget_change(swap_store, reference):
     _assert_same(engine, reference[0.5])  # a refused change leaves the engine as it was
 
 
-def test_cold_and_direct_io(swap_store, reference):
+def test_cold_and_direct_io(swap_store, reference, monkeypatch):
+    from activeflow_jax.runtime import iostats
+
     engine = af.Engine.load(swap_store, sparsity=0.5, policy="topk", dram_budget=0.5, cold=True, direct_io=True,
                             **OPTS)
+    dropped = []  # under O_DIRECT the layout leaves the page cache before every pass (whole-file reads)
+    real_drop = iostats.drop_page_cache
+    monkeypatch.setattr(iostats, "drop_page_cache", lambda path: dropped.append(path) or real_drop(path))
     _assert_same(engine, reference[0.5])
+    assert len(dropped) >= 8 and set(dropped) == {engine.swap.bundles.root}
 
 
 def _bundle_shards(store):

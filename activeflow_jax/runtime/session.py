@@ -83,7 +83,9 @@ def load_swapping(engine_cls, store_path, dram_budget: Any, *, sparsity: float |
     kv_tokens    KV cache positions the budget reserves (longer requests are refused)
     superset     channels preloaded per predicted op, as a multiple of k
     cold         drop the store from the page cache first, so reads come from the device
-    direct_io    read with O_DIRECT (no page cache at all: what is read is really read)
+    direct_io    read with O_DIRECT, and drop the streaming layout from the page cache before every
+                 forward pass (TensorStore serves repeated whole-file reads from it even so):
+                 what is read is really read
     budget_includes_process  count the process's memory before loading (Python, JAX) too
     relayout     write the streaming layout for group_size if the store lacks it
     plan         with sparsity None, let the planner pick sparsity and group size

@@ -162,6 +162,11 @@ class SwapRuntime:
         # rows an op computes with at once; dense layers (and prefill unions) run in slices of it
         self.slice = dict(zip(OP_GROUPS, sparsity.ks(cfg) if sparsity is not None else op_input_dims(cfg)))
         self.bundles = BundleReader(store_path, group_size, direct_io=direct_io)
+        # TensorStore's direct mode still serves a read of a whole shard file (a dense layer, a
+        # prefill union, dense streaming) from the page cache when it is read again (measured: 0
+        # device bytes the second time), so under O_DIRECT the layout's pages are also dropped
+        # before every pass: what is read is really read (a few ms per pass).
+        self.direct_io = direct_io
         if self.bundles.first_layer != 0:
             raise StoreError(
                 f"store {store_path} is laid out for groups of {self.bundles.group_size} from layer "
@@ -251,6 +256,8 @@ class SwapRuntime:
             for pool in self.pools.values():
                 pool.pin_until[:] = -1  # pins live within one pass (they name layers of this pass)
             compiled = _CompileClock.programs
+            if self.direct_io:
+                iostats.drop_page_cache(self.bundles.root)
             try:
                 return self._forward(cache, tokens, start_pos, n_valid, attn_len, all_logits)
             finally:
