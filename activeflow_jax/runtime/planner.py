@@ -40,7 +40,6 @@ from activeflow_jax.runtime.bandwidth import Bandwidths
 GROUP_SIZES = (1, 2, 4, 8)
 RECALL_BY_DISTANCE = ((1, 0.909), (2, 0.86), (4, 0.82), (8, 0.75))
 OVERHEAD_PER_OP_S = 0.2e-3
-PREDICTED = PREDICTED_GROUPS
 
 
 def predictor_recall(distance: float) -> float:
@@ -144,9 +143,9 @@ def evaluate(cfg: ModelConfig, budget: int, bw: Bandwidths, sparsity: float, gro
     onload = preload_group = 0.0
     for g, op in enumerate(OP_GROUPS):
         active_bytes = layers * ks[g] * rb[g] * (1 - hits[g])
-        if op in PREDICTED:
+        if op in PREDICTED_GROUPS:
             onload += active_bytes * (1 - recall) / bw.flash_bps(rb[g])
-            preload_group += group_size * pre[PREDICTED.index(op)] * rb[g] * (1 - hits[g]) / bw.flash_bps(group_size * rb[g])
+            preload_group += group_size * pre[PREDICTED_GROUPS.index(op)] * rb[g] * (1 - hits[g]) / bw.flash_bps(group_size * rb[g])
         else:
             onload += active_bytes / bw.flash_bps(rb[g])
     t_comp_group = t_comp / groups

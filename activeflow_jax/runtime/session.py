@@ -15,32 +15,11 @@ import numpy as np
 from activeflow_jax.config import SparsityConfig
 from activeflow_jax.errors import InvalidArgumentError
 from activeflow_jax.runtime import budget as budget_mod
+from activeflow_jax.runtime import heap
 from activeflow_jax.store.reader import StoreReader
 
 DEFAULT_GROUP_SIZE = 4
 DEFAULT_KV_TOKENS = 512
-
-
-def _return_freed_memory_to_the_os() -> None:
-    """glibc keeps freed memory where a budget cannot see it; three process-wide settings
-    (Linux/glibc only) make RSS follow what is really held:
-    - its mmap threshold rises after large frees, so freed staging buffers (tens of MB, every
-      token) end up on the heap and RSS keeps them: a fixed 256 KiB threshold makes every large
-      buffer its own mapping, returned to the OS when freed;
-    - each thread that allocates may get its own arena (up to 8 per core), and TensorStore's and
-      XLA's worker threads each keep their freed blocks: two arenas are shared by all;
-    - the heap top is trimmed once 1 MiB (not 128 KiB... but also not never) is free above it.
-    Measured on the 4.4 GB synthetic model at a 1 GiB budget: peak RSS 1.51 -> 1.40 GB for the
-    first and the other two together (see the closing note of the swapping issue)."""
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 256 << 10)  # M_MMAP_THRESHOLD
-        libc.mallopt(-8, 2)  # M_ARENA_MAX
-        libc.mallopt(-1, 1 << 20)  # M_TRIM_THRESHOLD
-    except (OSError, AttributeError):
-        pass
 
 
 def _current_rss() -> int:
@@ -99,7 +78,7 @@ def load_swapping(engine_cls, store_path, dram_budget: Any, *, sparsity: float |
     reader = StoreReader(store_path)
     cfg = reader.config
     budget = budget_mod.parse_budget(dram_budget, cfg)
-    _return_freed_memory_to_the_os()
+    heap.limit_retention()
     if not isinstance(kv_tokens, int) or kv_tokens < 16:
         raise InvalidArgumentError(f"kv_tokens must be an int >= 16, got {kv_tokens!r}")
     kv_tokens = 1 << (kv_tokens.bit_length() - 1)  # KV caches come in powers of two

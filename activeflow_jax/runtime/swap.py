@@ -34,26 +34,13 @@ import numpy as np
 from activeflow_jax.config import OP_GROUPS, PREDICTED_GROUPS, ModelConfig, SparsityConfig, op_input_dims
 from activeflow_jax.errors import StoreError
 from activeflow_jax.models import llama
-from activeflow_jax.runtime import iostats, stages
+from activeflow_jax.runtime import heap, iostats, stages
 from activeflow_jax.runtime.budget import MemoryPlan, op_output_dims
 from activeflow_jax.runtime.pool import SlotPool, padded_source
 from activeflow_jax.store.reader import StoreReader
 
-PREDICTED = PREDICTED_GROUPS  # residual-stream inputs: preloaded one layer group ahead
 _COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration",
                    "/jax/core/compile/backend_compile_duration")
-
-
-def _trim_heap() -> None:
-    """Compiling a program leaves tens of MB of freed, fragmented blocks on the main heap, which
-    glibc does not give back by itself (measured: the heap grew 40 -> 152 MB over the stage
-    programs' first compiles, 76 MB of it free); malloc_trim returns whole free pages to the OS."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 class _CompileClock:
@@ -264,7 +251,7 @@ class SwapRuntime:
                 self._pending.clear()  # an interrupted pass must not leave reads for the next one
                 self.stats.device_read_bytes += (iostats.process_read_bytes() or 0) - read0
                 if _CompileClock.programs != compiled:
-                    _trim_heap()
+                    heap.trim()
 
     def _forward(self, cache, tokens, start_pos, n_valid, attn_len, all_logits):
         cfg, eps, r = self.cfg, self.cfg.norm_eps, self.resident
@@ -360,7 +347,7 @@ class SwapRuntime:
     def _begin_group(self, group: int, x) -> None:
         """At the first layer of `group`: install its preloaded rows, start reading group+1's."""
         layers = self.bundles.layer_groups[group]
-        for op in PREDICTED:
+        for op in PREDICTED_GROUPS:
             pre = self._pending.pop(op, None)
             if pre is not None and pre.group == group:
                 self._install_preload(pre, layers)
@@ -368,7 +355,7 @@ class SwapRuntime:
             return
         nxt = self.bundles.layer_groups[group + 1]
         residual = np.abs(np.asarray(x)[-1])
-        for op in PREDICTED:
+        for op in PREDICTED_GROUPS:
             channels = self._predict(op, nxt, residual)
             pool = self.pools[op]
             have = pool.slot_of[list(nxt)][:, channels] >= 0  # [n_layers, n]
