@@ -42,8 +42,8 @@ BUNDLE_MANIFEST = "bundles.json"
 BUNDLE_VERSION = 2  # 2: o/down chunks hold one layer
 TENSOR_OF_OP = {"qkv": "attn.wqkv", "o": "attn.wo", "gate_up": "mlp.w_gate_up", "down": "mlp.w_down"}
 TARGET_SHARD_BYTES = 4 << 20
-# Inner chunk: whole channels x all n layers of the group, ~this many bytes (default: one channel,
-# [1, n, out]). bench/bundles.py: [1, 1, out] chunks made group reads 1.5-2.5x slower (per-chunk
+# Inner chunk of a predicted op: whole channels x all n layers of the group, ~this many bytes
+# (default: one channel, [1, n, out]; o/down chunks hold one layer, see the module docstring). bench/bundles.py: [1, 1, out] chunks made group reads 1.5-2.5x slower (per-chunk
 # CPU cost in TensorStore); ~32 KiB multi-channel chunks read as fast as [1, n, out] but fetch 5-7x
 # the bytes asked for on single-layer (on-demand) reads, taking bandwidth from the preloads.
 TARGET_CHUNK_BYTES = int(os.environ.get("ACTIVEFLOW_BUNDLE_CHUNK_BYTES", 1))
@@ -73,12 +73,12 @@ def _spec(path: str, shape: tuple[int, ...], dtype: str, shard_rows: int, *, cre
         # A missing shard file (or store) would otherwise read as zeros: the fill value.
         spec.update(open=True, fill_missing_data_reads=False)
         return spec
+    layers = shape[1] if chunk_layers is None else chunk_layers  # per shard file and per inner chunk
     spec["metadata"] = {
         "shape": list(shape), "data_type": dtype,
-        "chunk_grid": {"name": "regular", "configuration": {
-            "chunk_shape": [shard_rows, shape[1] if chunk_layers is None else chunk_layers, shape[2]]}},
+        "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [shard_rows, layers, shape[2]]}},
         "codecs": [{"name": "sharding_indexed", "configuration": {
-            "chunk_shape": [chunk_rows, shape[1] if chunk_layers is None else chunk_layers, shape[2]],
+            "chunk_shape": [chunk_rows, layers, shape[2]],
             "codecs": [{"name": "bytes", "configuration": {"endian": "little"}}, {"name": "crc32c"}],
             "index_codecs": [{"name": "bytes", "configuration": {"endian": "little"}}, {"name": "crc32c"}],
             "index_location": "end"}}],
@@ -142,9 +142,10 @@ def write_bundles(store_dir: str | os.PathLike, group_size: int, *, first_layer:
                 names = [f"layers.{i}.{TENSOR_OF_OP[op]}" for i in layers]
                 shape = (reader.shape(names[0])[0], len(layers), reader.shape(names[0])[1])  # [in, n, out]
                 chunk_layers = shape[1] if op in PREDICTED_GROUPS else 1
-                chunk = max(1, min(shape[0], TARGET_CHUNK_BYTES // (chunk_layers * shape[2] * itemsize)))
+                row_bytes = chunk_layers * shape[2] * itemsize  # one channel's rows in a chunk
+                chunk = max(1, min(shape[0], TARGET_CHUNK_BYTES // row_bytes))
                 # o/down: a shard file holds one layer's channels, so a run of them is one byte range
-                shard = chunk * max(1, TARGET_SHARD_BYTES // (chunk * chunk_layers * shape[2] * itemsize))
+                shard = chunk * max(1, TARGET_SHARD_BYTES // (chunk * row_bytes))
                 shard = min(shard, -(-shape[0] // chunk) * chunk)
                 path = os.path.join(tmp, op, f"g{j}")
                 array = ts.open(_spec(path, shape, reader.storage_dtype, shard, create=True, chunk_rows=chunk,
@@ -245,8 +246,7 @@ class BundleReader:
         if key not in self._arrays:
             entry = self.info["arrays"][key]
             spec = _spec(os.path.join(self.root, op, f"g{group}"), tuple(entry["shape"]),
-                         self.storage_dtype, entry["shard_rows"], create=False, direct_io=self.direct_io,
-                         chunk_rows=entry.get("chunk_rows", 1), chunk_layers=entry.get("chunk_layers"))
+                         self.storage_dtype, entry["shard_rows"], create=False, direct_io=self.direct_io)
             try:
                 self._arrays[key] = _ts().open(spec, context=self._context).result()
             except Exception as exc:
