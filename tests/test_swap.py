@@ -111,10 +111,10 @@ def test_cold_and_direct_io(swap_store, reference, monkeypatch):
     engine = af.Engine.load(swap_store, sparsity=0.5, policy="topk", dram_budget=0.5, cold=True, direct_io=True,
                             **OPTS)
     dropped = []  # under O_DIRECT the layout leaves the page cache before every pass (whole-file reads)
-    real_drop = iostats.drop_page_cache
-    monkeypatch.setattr(iostats, "drop_page_cache", lambda path: dropped.append(path) or real_drop(path))
+    real_drop = iostats.drop_files
+    monkeypatch.setattr(iostats, "drop_files", lambda paths, **kw: dropped.append(tuple(paths)) or real_drop(paths, **kw))
     _assert_same(engine, reference[0.5])
-    assert len(dropped) >= 8 and set(dropped) == {engine.swap.bundles.root}
+    assert len(dropped) >= 8 and set(dropped) == {tuple(iostats.files_under(engine.swap.bundles.root))}
 
 
 def _bundle_shards(store):

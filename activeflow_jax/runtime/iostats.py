@@ -21,29 +21,43 @@ def process_read_bytes() -> int | None:
     return None
 
 
+def files_under(path: str | os.PathLike) -> list[str]:
+    """`path` itself if it is a file, else every file below it."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise InvalidArgumentError(f"cannot drop the page cache of {path}: it does not exist")
+    if os.path.isfile(path):
+        return [path]
+    return [os.path.join(root, name) for root, _, names in os.walk(path) for name in names]
+
+
 def drop_page_cache(path: str | os.PathLike) -> dict[str, int]:
     """Asks the kernel to evict every file under `path` from the page cache
     (posix_fadvise(POSIX_FADV_DONTNEED)), so the next reads come from the device. Dirty pages are
     written first (fdatasync), otherwise they could not be dropped. Returns files and bytes
     advised. Not available on macOS (no posix_fadvise): raises InvalidArgumentError there."""
-    path = os.fspath(path)
-    if not os.path.exists(path):
-        raise InvalidArgumentError(f"cannot drop the page cache of {path}: it does not exist")
+    return drop_files(files_under(path))
+
+
+def drop_files(paths: list[str], *, sync: bool = True) -> dict[str, int]:
+    """drop_page_cache of these files. sync=False skips the fdatasync: for files known to be clean
+    (read-only while in use, and dropped once with sync before), where it is most of the cost
+    (the default model's 271 layout files: 17 ms with it, under 1 ms without, plus 5 ms of
+    directory walk that a caller holding the list saves too)."""
     if not hasattr(os, "posix_fadvise"):
         raise InvalidArgumentError("posix_fadvise is not available on this OS; cold runs need O_DIRECT reads here")
     files = nbytes = 0
-    paths = [path] if os.path.isfile(path) else [os.path.join(root, name) for root, _, names in os.walk(path)
-                                                   for name in names]
     for file_path in paths:
         try:
             fd = os.open(file_path, os.O_RDONLY)
         except OSError:
             continue  # vanished or unreadable: nothing of it to evict
         try:
-            try:
-                os.fdatasync(fd)
-            except OSError:
-                pass
+            if sync:
+                try:
+                    os.fdatasync(fd)
+                except OSError:
+                    pass
             size = os.fstat(fd).st_size
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
             files += 1
