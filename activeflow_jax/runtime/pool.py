@@ -16,6 +16,7 @@ import jax.numpy as jnp
 
 from activeflow_jax.engine import _pow2_at_least
 from activeflow_jax.runtime import stages
+from activeflow_jax.store.layout import _pow2_floor
 from activeflow_jax.store.reader import aligned_float32
 
 MIN_SCATTER = 8  # scatter batches are padded to powers of two from 8: a handful of programs
@@ -33,6 +34,8 @@ class SlotPool:
         self.freq = np.zeros((num_layers, in_dim), np.int32)
         self._free = np.arange(slots, dtype=np.int32)  # free slots: self._free[:self._n_free]
         self._n_free = slots
+        # rows per scatter batch: the padded host copy a scatter adopts stays within SCATTER_BYTES
+        self._scatter_batch = max(MIN_SCATTER, _pow2_floor(SCATTER_BYTES // (4 * out_dim)))
 
     @property
     def nbytes(self) -> int:
@@ -81,9 +84,9 @@ class SlotPool:
         if n == 0:
             return np.zeros(0, np.int32)
         slots = self._allocate(n, current_layer, protect)
-        # Batches of at most SCATTER_BYTES: the padded host copy a scatter adopts stays a few MB
-        # (one pow2-padded copy of a whole on-demand read was up to 2x its rows on top of the budget).
-        batch = max(MIN_SCATTER, 1 << max(0, (SCATTER_BYTES // (4 * self.out_dim)).bit_length() - 1))
+        # Batches of at most SCATTER_BYTES: one pow2-padded copy of a whole on-demand read was up to
+        # 2x its rows on top of the budget.
+        batch = self._scatter_batch
         for begin in range(0, n, batch):
             part = slice(begin, min(n, begin + batch))
             m = part.stop - begin
