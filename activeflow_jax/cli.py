@@ -172,14 +172,19 @@ def cmd_plan(args) -> int:
     from activeflow_jax.sparse.calibrate import read_calibration
     from activeflow_jax.store.reader import StoreReader
 
+    from activeflow_jax.models.embedding import Q8Table
+    from activeflow_jax.runtime.session import resident_embedding
+
     store = _store_or_default(args)
-    cfg = StoreReader(store).config
+    reader = StoreReader(store)
+    cfg = reader.config
     calibration = read_calibration(store, cfg)
     levels = sorted(calibration.levels) if calibration is not None else []
     bw = get_bandwidths(store, remeasure=args.remeasure)
+    q8 = isinstance(resident_embedding(reader, "auto", "auto"), Q8Table)  # as Engine.load will hold it
     result = planner.plan(cfg, budget.parse_budget(args.dram_budget, cfg), bw, levels=levels,
                           kv_tokens=args.kv_tokens, sparsity=args.sparsity, group_size=args.group_size or None,
-                          max_sparsity=args.max_sparsity)
+                          max_sparsity=args.max_sparsity, q8_embed=q8)
     if args.json:
         c = result.chosen
         print(json.dumps({"sparsity": result.sparsity, "group_size": result.group_size,

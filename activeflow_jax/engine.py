@@ -61,6 +61,36 @@ def decode_and_sample(params, cache, token, pos, thresholds, key, temperature, t
     return sample_token(logits[0], sub, temperature, top_p), key, cache
 
 
+def q8_embedding_wanted(cfg: ModelConfig, option: Any) -> bool:
+    """Whether to try holding the embedding as a Q8 table: only a tied one (the head is what
+    gains), and with "auto" only where the native kernels run (elsewhere the head would widen
+    the whole table every token)."""
+    if option is False or not cfg.tie_embeddings:
+        if option is True:
+            raise InvalidArgumentError("q8_embedding=True needs a tied embedding (this model has its own lm_head)")
+        return False
+    from activeflow_jax.sparse import native
+
+    if option is True or native.usable():
+        return True
+    return False
+
+
+def resident_tensor(name: str, arr: np.ndarray, q8: bool, insist: bool, store_path: str):
+    """A store tensor on the device: the embedding as a Q8 table when asked and exact, else f32."""
+    if name == "embed" and q8:
+        from activeflow_jax.models.embedding import to_q8
+
+        table = to_q8(arr)
+        if table is not None:
+            return table
+        if insist:
+            raise InvalidArgumentError(f"the embedding of {store_path} is not exactly Q8_0 blocks (it was not "
+                                       "converted from a Q8_0 GGUF tensor), so it cannot be held as one losslessly; "
+                                       "load with q8_embedding='auto' or False")
+    return jax.device_put(arr)
+
+
 def enable_compilation_cache() -> None:
     if jax.config.jax_compilation_cache_dir is None:
         jax.config.update("jax_compilation_cache_dir", os.path.join(activeflow_home(), "jax_cache"))
@@ -123,19 +153,24 @@ class Engine:
 
     @classmethod
     def load(cls, store_path: str | os.PathLike, *, sparsity: float | None = None, policy: str = "threshold",
-             kernel: str = "auto", dense_layers: int = 1, dram_budget: Any = None, **budget_options) -> "Engine":
+             kernel: str = "auto", dense_layers: int = 1, dram_budget: Any = None, q8_embedding: Any = "auto",
+             **budget_options) -> "Engine":
         """Loads a store. Without `dram_budget` every weight goes into DRAM (all-in-DRAM engine);
         with one (bytes, "200MB", or a fraction of the model such as 0.5) the weights stay on
         flash and only active rows are swapped in: see `runtime.session.load_swapping` for the
         options (group_size, kv_tokens, cold, direct_io, superset, ...). `sparsity` (0..0.95)
         switches on contextual sparsity with the store's calibrated thresholds; see
-        `configure_sparsity`."""
+        `configure_sparsity`. q8_embedding ("auto", True, False): hold a tied embedding as exact
+        Q8_0 blocks (models/embedding.py: 3.6x fewer bytes, bit-identical logits); "auto" does
+        where the table is exactly Q8_0 and the native CPU kernels run, True insists."""
         enable_compilation_cache()
+        if q8_embedding not in ("auto", True, False):
+            raise InvalidArgumentError(f"q8_embedding must be 'auto', True or False, got {q8_embedding!r}")
         if dram_budget is not None:
             from activeflow_jax.runtime.session import load_swapping
 
             return load_swapping(cls, store_path, dram_budget, sparsity=sparsity, policy=policy, kernel=kernel,
-                                 dense_layers=dense_layers, **budget_options)
+                                 dense_layers=dense_layers, q8_embedding=q8_embedding, **budget_options)
         if budget_options:
             raise InvalidArgumentError(f"{sorted(budget_options)} only apply with dram_budget=...")
         start = time.perf_counter()
@@ -147,8 +182,10 @@ class Engine:
             from activeflow_jax.errors import StoreError
 
             raise StoreError(f"store {reader.path} lacks tensors {missing[:3]}...; re-convert it")
+        q8 = q8_embedding_wanted(cfg, q8_embedding)
         # one tensor at a time onto the device, so the host never holds a second copy of the model
-        params = llama.params_from_flat(cfg, {name: jax.device_put(arr) for name, arr in reader.iter_many(shapes)})
+        params = llama.params_from_flat(cfg, {name: resident_tensor(name, arr, q8, q8_embedding is True, reader.path)
+                                              for name, arr in reader.iter_many(shapes)})
         tokenizer = Tokenizer.from_spec(reader.tokenizer_spec) if reader.tokenizer_spec else None
         engine = cls(cfg, params, tokenizer, store_path=reader.path)
         if sparsity:

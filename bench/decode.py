@@ -33,6 +33,8 @@ flags.DEFINE_integer("seed", 0, "seed of the random prompt")
 flags.DEFINE_list("sparsity", [], "sparsity levels to measure next to dense, e.g. 0.3,0.5,0.7")
 flags.DEFINE_list("kernels", ["native", "gather"], "sparse decode kernels to measure: native, gather, mask")
 flags.DEFINE_enum("policy", "topk", ["topk", "threshold"], "mask policy (threshold needs a calibrated store)")
+flags.DEFINE_enum("q8_embedding", "auto", ["auto", "false"],
+                  "hold the tied embedding as exact Q8_0 blocks where it is one (auto), or as f32 (false)")
 flags.DEFINE_string("output", None, "append the JSON record to this file as well (JSON lines)")
 
 
@@ -72,7 +74,7 @@ def main(argv):
 
     store = FLAGS.store or af.fetch_default_model(quiet=True)
     t0 = time.perf_counter()
-    engine = af.Engine.load(store)
+    engine = af.Engine.load(store, q8_embedding=FLAGS.q8_embedding == "auto")
     load_s = time.perf_counter() - t0
     rng = np.random.default_rng(FLAGS.seed)
     prompt = rng.integers(100, engine.config.vocab_size, FLAGS.prompt_len).astype(np.int32)
@@ -131,7 +133,7 @@ def main(argv):
     emit({
         "bench": "decode",
         "config": {"store": os.path.abspath(store), "model": engine.config.name, "prompt_len": FLAGS.prompt_len,
-                   "decode_tokens": FLAGS.decode_tokens, "repeats": FLAGS.repeats, "mode": "all weights in DRAM"},
+                   "decode_tokens": FLAGS.decode_tokens, "repeats": FLAGS.repeats, "mode": "all weights in DRAM", "embedding": type(engine.params["embed"]).__name__},
         "load_seconds": load_s,
         "compile_seconds": compile_s,
         "compiled_programs": compiles,

@@ -268,3 +268,27 @@ def test_scoring_under_a_budget_equals_all_in_dram(swap_store):
     for ref_row, row in zip(reference, got):
         for a, b in zip(ref_row, row):
             np.testing.assert_allclose(b, a, atol=1e-4)
+
+
+def test_q8_embedding_under_a_budget(tmp_path_factory):
+    """A store whose embedding is exactly Q8_0 keeps it as Q8 blocks under a budget too: the same
+    outputs as the all-in-DRAM engine, and the budget counts the smaller table (more left for
+    the pools than with the f32 table)."""
+    from activeflow_jax.models.embedding import Q8Table
+    from activeflow_jax.testing import make_tiny_store
+
+    store = make_tiny_store(tmp_path_factory.mktemp("swap_q8"), SWAP_CFG, qtype="Q8_0").store_path
+    dram = af.Engine.load(store, sparsity=0.5, policy="topk")
+    assert isinstance(dram.params["embed"], Q8Table)
+    reference = (dram.logits(PROMPT), list(dram.generate_ids(PROMPT, max_new_tokens=8)))
+    q8 = af.Engine.load(store, sparsity=0.5, policy="topk", dram_budget=0.5, **OPTS)
+    f32 = af.Engine.load(store, sparsity=0.5, policy="topk", dram_budget=0.5, q8_embedding=False, **OPTS)
+    assert isinstance(q8.swap.resident["embed"], Q8Table)
+    _assert_same(q8, reference)
+    _assert_same(f32, reference)
+    assert q8.stats.memory["resident"] < f32.stats.memory["resident"]
+    assert q8.stats.memory["total"] <= parse_budget(0.5, SWAP_CFG)
+    assert sum(q8.swap.memory.pool_slots) > sum(f32.swap.memory.pool_slots)
+    with pytest.raises(InvalidArgumentError, match="native kernels"):
+        af.Engine.load(store, sparsity=0.5, policy="topk", kernel="gather", dram_budget=0.5, q8_embedding=True,
+                       **OPTS)

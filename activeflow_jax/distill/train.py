@@ -328,7 +328,7 @@ def distill(store_path: str, out_path: str, dcfg: DistillConfig | None = None, *
         raise InvalidArgumentError("the output store must differ from the source store (which is never modified)")
     if os.path.exists(out_path) and not overwrite:
         raise InvalidArgumentError(f"{out_path} exists; pass overwrite=True (--overwrite) or choose another path")
-    engine = Engine.load(store_path)
+    engine = Engine.load(store_path, q8_embedding=False)  # training reads the f32 table whole
     cfg = engine.config
     calibration = read_calibration(store_path, cfg)  # its levels are calibrated again for the output
     thresholds = jnp.asarray(store_thresholds(store_path, cfg, dcfg.sparsity)) if dcfg.policy == "threshold" else None

@@ -20,6 +20,7 @@ import numpy as np
 from flax import nnx
 
 from activeflow_jax.config import OP_GROUPS, ModelConfig, PredictionConfig, SparsityConfig
+from activeflow_jax.models.embedding import Q8Table, as_f32, lookup
 from activeflow_jax.sparse.kernels import sparse_linear
 from activeflow_jax.sparse.predictor import prediction_score, top_mask
 
@@ -128,15 +129,18 @@ def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
 
-def head_logits(x_normed: jax.Array, embed: jax.Array, lm_head: jax.Array | None, native: bool = False) -> jax.Array:
-    """[T, d] final-normed -> logits [T, V]; a tied head multiplies by the embedding [V, d].
-    native: one token's tied head runs on the native kernel (XLA:CPU streams [V, d] slowly here)."""
+def head_logits(x_normed: jax.Array, embed, lm_head: jax.Array | None, native: bool = False) -> jax.Array:
+    """[T, d] final-normed -> logits [T, V]; a tied head multiplies by the embedding [V, d] (f32,
+    or an exact Q8 table: models/embedding.py). native: one token's tied head runs on the native
+    kernel (XLA:CPU streams [V, d] slowly here)."""
     if lm_head is None and native and x_normed.shape[0] == 1:
-        from activeflow_jax.sparse.native import rows_dot
+        from activeflow_jax.sparse.native import rows_dot, rows_dot_q8
 
+        if isinstance(embed, Q8Table):
+            return rows_dot_q8(x_normed[0], embed.q, embed.scale)[None]
         return rows_dot(x_normed[0], embed)[None]
     if lm_head is None:
-        return jnp.einsum("td,vd->tv", x_normed, embed)
+        return jnp.einsum("td,vd->tv", x_normed, as_f32(embed))
     return x_normed @ lm_head
 
 
@@ -230,8 +234,8 @@ class LlamaModel(nnx.Module):
 
     def head(self, x: jax.Array, native: bool = False) -> jax.Array:
         """x: [T, d] -> logits [T, V]."""
-        return head_logits(self.final_norm(x, native), self.embed[...], None if self.lm_head is None else self.lm_head[...],
-                           native)
+        return head_logits(self.final_norm(x, native), self.embed.get_value(),
+                           None if self.lm_head is None else self.lm_head[...], native)
 
     def __call__(self, tokens, cache: KVCache, start_pos, n_valid, *, attn_len: int, all_logits: bool,
                  sparse: SparsityConfig | None = None, thresholds: jax.Array | None = None,
@@ -243,7 +247,7 @@ class LlamaModel(nnx.Module):
         restricts the residual-stream groups to predicted sets; taps (a list) receives, per layer,
         the input of each op group and the residual entering the layer, then (last entry) the
         residual leaving the last layer."""
-        x = jnp.take(self.embed[...], tokens, axis=0)  # [T, d]
+        x = lookup(self.embed.get_value(), tokens)  # [T, d]; the value may be a Q8Table
         mask_bias = causal_bias(start_pos, tokens.shape[0], attn_len)  # [T, S]
         ks, vs = list(cache.k), list(cache.v)
         residuals = []

@@ -56,9 +56,18 @@ def model_weight_bytes(cfg: ModelConfig) -> int:
     return cfg.num_params() * F32
 
 
-def resident_bytes(cfg: ModelConfig) -> int:
-    embed = cfg.vocab_size * cfg.d_model * F32
-    head = 0 if cfg.tie_embeddings else embed
+def embedding_bytes(cfg: ModelConfig, q8_embed: bool = False) -> int:
+    """The embedding table in DRAM: f32, or exact Q8_0 blocks (models/embedding.py)."""
+    if q8_embed:
+        from activeflow_jax.models.embedding import BLOCK
+
+        return cfg.vocab_size * cfg.d_model + cfg.vocab_size * (cfg.d_model // BLOCK) * F32
+    return cfg.vocab_size * cfg.d_model * F32
+
+
+def resident_bytes(cfg: ModelConfig, q8_embed: bool = False) -> int:
+    embed = embedding_bytes(cfg, q8_embed)
+    head = 0 if cfg.tie_embeddings else cfg.vocab_size * cfg.d_model * F32
     norms = (2 * cfg.num_layers + 1) * cfg.d_model * F32
     return embed + head + norms
 
@@ -154,22 +163,25 @@ def min_pool_slots(cfg: ModelConfig, group_size: int, preload_channels: tuple[in
 
 
 def plan_memory(cfg: ModelConfig, budget: int, *, baseline: int, kv_tokens: int,
-                group_size: int, preload_channels: tuple[int, int], ks: tuple[int, ...]) -> MemoryPlan:
+                group_size: int, preload_channels: tuple[int, int], ks: tuple[int, ...],
+                q8_embed: bool = False) -> MemoryPlan:
     """Splits `budget` bytes; raises BudgetTooSmallError (stating the minimum) if it cannot hold
     the minimum working set. preload_channels: channels predicted per layer for (qkv, gate_up);
-    ks: channels each op computes with per token (op_input_dims for a dense model)."""
+    ks: channels each op computes with per token (op_input_dims for a dense model); q8_embed: the
+    embedding is held as Q8_0 blocks."""
+    resident = resident_bytes(cfg, q8_embed)
     row_bytes = op_row_bytes(cfg)
     total_rows = tuple(d * cfg.num_layers for d in op_input_dims(cfg))
     min_slots = min_pool_slots(cfg, group_size, preload_channels, ks)
     staging = staging_bytes(cfg, group_size, preload_channels, ks)
     padding_rows = sum(row_bytes)  # each pool's extra all-zero row (padding target)
-    fixed = baseline + resident_bytes(cfg) + kv_bytes(cfg, kv_tokens) + staging + padding_rows
+    fixed = baseline + resident + kv_bytes(cfg, kv_tokens) + staging + padding_rows
     minimum = fixed + sum(m * r for m, r in zip(min_slots, row_bytes))
     if budget < minimum:
         raise BudgetTooSmallError(
             f"a DRAM budget of {budget / 1e6:.1f} MB is below the minimum working set of {minimum / 1e6:.1f} MB "
             f"for this model and setting (process baseline {baseline / 1e6:.0f} MB, resident embedding/norms"
-            f" {resident_bytes(cfg) / 1e6:.1f} MB, KV cache for {kv_tokens} tokens "
+            f" {resident / 1e6:.1f} MB, KV cache for {kv_tokens} tokens "
             f"{kv_bytes(cfg, kv_tokens) / 1e6:.1f} MB, the active rows of one layer and one group's preload "
             f"{(minimum - fixed + staging) / 1e6:.1f} MB); raise the budget, raise the sparsity, lower kv_tokens "
             "or use a smaller layer group"
@@ -180,6 +192,6 @@ def plan_memory(cfg: ModelConfig, budget: int, *, baseline: int, kv_tokens: int,
     extra_bytes = sum(e * r for e, r in zip(extra_rows, row_bytes))
     share = min(1.0, spare / extra_bytes) if extra_bytes else 0.0
     slots = tuple(m + int(e * share) for m, e in zip(min_slots, extra_rows))
-    return MemoryPlan(budget=budget, baseline=baseline, resident=resident_bytes(cfg),
+    return MemoryPlan(budget=budget, baseline=baseline, resident=resident,
                       kv=kv_bytes(cfg, kv_tokens), kv_tokens=kv_tokens, staging=staging, pool_slots=slots,
                       row_bytes=row_bytes, min_pool_slots=min_slots)

@@ -117,7 +117,7 @@ class Plan:
 
 
 def evaluate(cfg: ModelConfig, budget: int, bw: Bandwidths, sparsity: float, group_size: int, *, kv_tokens: int,
-             superset: float, baseline: int, hit_rate_fn: Callable | None = None) -> Candidate:
+             superset: float, baseline: int, hit_rate_fn: Callable | None = None, q8_embed: bool = False) -> Candidate:
     """The cost model for one (sparsity, group size)."""
     from activeflow_jax.runtime.session import memory_for, op_ks, preload_channels
 
@@ -126,7 +126,7 @@ def evaluate(cfg: ModelConfig, budget: int, bw: Bandwidths, sparsity: float, gro
     pre = preload_channels(cfg, config, superset)
     try:
         memory = memory_for(cfg, budget, config, baseline=baseline, kv_tokens=kv_tokens, group_size=group_size,
-                            superset=superset)
+                            superset=superset, q8_embed=q8_embed)
     except budget_mod.BudgetTooSmallError as exc:
         return Candidate(sparsity, group_size, False, reason=str(exc))
     layers, ins, rb = cfg.num_layers, op_input_dims(cfg), memory.row_bytes
@@ -135,7 +135,7 @@ def evaluate(cfg: ModelConfig, budget: int, bw: Bandwidths, sparsity: float, gro
         share = memory.pool_slots[g] / (ins[g] * layers)
         shares.append(share)
         hits.append(hit_rate_fn(op, share, ks[g] / ins[g]) if hit_rate_fn else modelled_hit_rate(share, ks[g] / ins[g]))
-    head = cfg.vocab_size * cfg.d_model * 4
+    head = budget_mod.embedding_bytes(cfg, q8_embed) if cfg.tie_embeddings else cfg.vocab_size * cfg.d_model * 4
     active = sum(layers * k * r for k, r in zip(ks, rb))
     t_comp = (head + active) / bw.dram_bps + 4 * layers * OVERHEAD_PER_OP_S
     groups = -(-layers // group_size)
@@ -156,7 +156,8 @@ def evaluate(cfg: ModelConfig, budget: int, bw: Bandwidths, sparsity: float, gro
 
 def plan(cfg: ModelConfig, budget: int, bw: Bandwidths, *, levels: Sequence[float], kv_tokens: int = 512,
          superset: float = 1.5, max_sparsity: float = 0.5, sparsity: float | None = None,
-         group_size: int | None = None, baseline: int = 0, hit_rate_fn: Callable | None = None) -> Plan:
+         group_size: int | None = None, baseline: int = 0, hit_rate_fn: Callable | None = None,
+         q8_embed: bool = False) -> Plan:
     if isinstance(budget, bool) or not isinstance(budget, (int, np.integer)) or budget <= 0:
         raise InvalidArgumentError(f"budget must be a positive number of bytes, got {budget!r}")
     if group_size is not None and (not isinstance(group_size, int) or group_size < 1):
@@ -167,7 +168,7 @@ def plan(cfg: ModelConfig, budget: int, bw: Bandwidths, *, levels: Sequence[floa
     sparsities = [sparsity] if sparsity is not None else [0.0] + levels
     sizes = [group_size] if group_size is not None else list(GROUP_SIZES)
     cands = tuple(evaluate(cfg, budget, bw, s, n, kv_tokens=kv_tokens, superset=superset, baseline=baseline,
-                           hit_rate_fn=hit_rate_fn) for s in sparsities for n in sizes if n <= cfg.num_layers)
+                           hit_rate_fn=hit_rate_fn, q8_embed=q8_embed) for s in sparsities for n in sizes if n <= cfg.num_layers)
     feasible = [c for c in cands if c.feasible]
     if not feasible:
         smallest = min((c for c in cands), key=lambda c: _minimum_of(c.reason))

@@ -45,17 +45,30 @@ def preload_channels(cfg, sparsity: SparsityConfig | None, superset: float) -> t
 
 
 def memory_for(cfg, budget: int, sparsity: SparsityConfig | None, *, baseline: int, kv_tokens: int,
-               group_size: int, superset: float) -> budget_mod.MemoryPlan:
+               group_size: int, superset: float, q8_embed: bool = False) -> budget_mod.MemoryPlan:
     """The memory plan of one setting (what load, a budget change and the planner all size by)."""
     return budget_mod.plan_memory(cfg, budget, baseline=baseline, kv_tokens=kv_tokens, group_size=group_size,
-                                  preload_channels=preload_channels(cfg, sparsity, superset), ks=op_ks(cfg, sparsity))
+                                  preload_channels=preload_channels(cfg, sparsity, superset), ks=op_ks(cfg, sparsity),
+                                  q8_embed=q8_embed)
+
+
+def resident_embedding(reader: StoreReader, option: Any, kernel: str):
+    """The store's embedding as it will stay in DRAM: a Q8 table where `option` (Engine.load's
+    q8_embedding) allows and the table is exactly Q8_0, else the f32 array (adopted by JAX).
+    Read before planning, since its size is part of every plan."""
+    from activeflow_jax.engine import q8_embedding_wanted, resident_tensor
+
+    wanted = q8_embedding_wanted(reader.config, option) and kernel not in ("gather", "mask")
+    if option is True and not wanted:
+        raise InvalidArgumentError(f"q8_embedding=True needs the native kernels; kernel={kernel!r} does not use them")
+    return resident_tensor("embed", reader.read_aligned("embed"), wanted, option is True, reader.path)
 
 
 def load_swapping(engine_cls, store_path, dram_budget: Any, *, sparsity: float | None, policy: str, kernel: str,
                   dense_layers: int, group_size: int | None = None, kv_tokens: int = DEFAULT_KV_TOKENS,
                   superset: float = 1.5, cold: bool = False, direct_io: bool = False,
                   budget_includes_process: bool = False, relayout: bool = True, plan: bool = True,
-                  progress: bool = True):
+                  progress: bool = True, q8_embedding: Any = "auto"):
     """An Engine whose weights stay on flash; see Engine.load.
 
     group_size   layers per preload group (and the store's bundle layout); None: the planner's
@@ -85,13 +98,17 @@ def load_swapping(engine_cls, store_path, dram_budget: Any, *, sparsity: float |
     if group_size is not None and (not isinstance(group_size, int) or group_size < 1):
         raise InvalidArgumentError(f"group_size must be an int >= 1, got {group_size!r}")
     baseline = _current_rss() if budget_includes_process else 0
-    chosen = _choose(reader, cfg, budget, sparsity, group_size, kv_tokens, superset, baseline, plan)
+    from activeflow_jax.models.embedding import Q8Table
+
+    embed = resident_embedding(reader, q8_embedding, kernel)
+    q8 = isinstance(embed, Q8Table)
+    chosen = _choose(reader, cfg, budget, sparsity, group_size, kv_tokens, superset, baseline, plan, q8)
     sparsity, group_size, explanation = chosen
     config = None
     if sparsity:
         config = SparsityConfig(sparsity, policy=policy, kernel=kernel, dense_layers=dense_layers).resolved()
     memory = memory_for(cfg, budget, config, baseline=baseline, kv_tokens=kv_tokens, group_size=group_size,
-                        superset=superset)
+                        superset=superset, q8_embed=q8)
     thresholds = None
     if config is not None and config.policy == "threshold":
         thresholds = np.asarray(store_thresholds(reader.path, cfg, config.sparsity))
@@ -108,19 +125,21 @@ def load_swapping(engine_cls, store_path, dram_budget: Any, *, sparsity: float |
 
         drop_page_cache(reader.path)
     runtime = SwapRuntime(reader.path, cfg, config, thresholds, memory, group_size=group_size, superset=superset,
-                          direct_io=direct_io)
+                          direct_io=direct_io, embed=embed)
+    del embed
     tokenizer = Tokenizer.from_spec(reader.tokenizer_spec) if reader.tokenizer_spec else None
     engine = engine_cls(cfg, {}, tokenizer, store_path=reader.path)
     engine.swap = runtime
     engine.sparsity, engine.plan_explanation = config, explanation
-    engine._swap_settings = dict(group_size=group_size, kv_tokens=kv_tokens, superset=superset, baseline=baseline)
+    engine._swap_settings = dict(group_size=group_size, kv_tokens=kv_tokens, superset=superset, baseline=baseline,
+                                 q8_embed=q8)
     engine.stats.weight_bytes = runtime.resident_bytes
     engine.stats.memory = runtime.memory_breakdown()
     engine.stats.load_seconds = time.perf_counter() - start
     return engine
 
 
-def _choose(reader, cfg, budget, sparsity, group_size, kv_tokens, superset, baseline, plan):
+def _choose(reader, cfg, budget, sparsity, group_size, kv_tokens, superset, baseline, plan, q8_embed):
     """(sparsity, group_size, explanation): the planner's choice where not given."""
     if not plan or (sparsity is not None and group_size is not None):
         return sparsity, group_size or DEFAULT_GROUP_SIZE, ""
@@ -131,7 +150,8 @@ def _choose(reader, cfg, budget, sparsity, group_size, kv_tokens, superset, base
     calibration = read_calibration(reader.path, cfg)
     levels = sorted(calibration.levels) if calibration is not None else []
     chosen = planner.plan(cfg, budget, get_bandwidths(reader.path), levels=levels, kv_tokens=kv_tokens,
-                          superset=superset, sparsity=sparsity, group_size=group_size, baseline=baseline)
+                          superset=superset, sparsity=sparsity, group_size=group_size, baseline=baseline,
+                          q8_embed=q8_embed)
     return chosen.sparsity or None, chosen.group_size, chosen.explain()
 
 
@@ -141,4 +161,4 @@ def replan(engine, dram_budget: Any) -> None:
     cfg = engine.config
     budget = budget_mod.parse_budget(dram_budget, cfg)
     engine.swap.replan(memory_for(cfg, budget, engine.sparsity, baseline=s["baseline"], kv_tokens=s["kv_tokens"],
-                                  group_size=s["group_size"], superset=s["superset"]))
+                                  group_size=s["group_size"], superset=s["superset"], q8_embed=s["q8_embed"]))

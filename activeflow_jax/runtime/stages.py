@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from activeflow_jax.config import ModelConfig
+from activeflow_jax.models.embedding import lookup
 from activeflow_jax.models.llama import attend, causal_bias, head_logits, rms_norm, swiglu
 from activeflow_jax.sparse.kernels import active_mask
 
@@ -70,7 +71,7 @@ def _linear(hm: jax.Array, src: dict, native: bool) -> jax.Array:
 @functools.partial(jax.jit, static_argnames=("eps", "sel", "native"))
 def start(embed, tokens, norm_w, threshold, n_valid, *, eps: float, sel: Select | None, native: bool):
     """tokens [T] -> (residual [T, d], masked qkv input of the first layer, its union)."""
-    x = jnp.take(embed, tokens, axis=0)
+    x = lookup(embed, tokens)  # embed: f32 or a Q8 table
     hm, union = _select(rms_norm(x, norm_w, eps, native), sel, threshold, n_valid, native)
     return x, hm, union
 

@@ -138,7 +138,9 @@ class SwapRuntime:
 
     def __init__(self, store_path: str, cfg: ModelConfig, sparsity: SparsityConfig | None,
                  thresholds: np.ndarray | None, memory: MemoryPlan, *, group_size: int, superset: float = 1.5,
-                 direct_io: bool = False):
+                 direct_io: bool = False, embed=None):
+        """embed: the resident embedding if already loaded (session.resident_embedding: f32 or
+        a Q8 table), else it is read here as f32."""
         from activeflow_jax.store.bundles import BundleReader
 
         self.cfg, self.sparsity, self.memory, self.superset = cfg, sparsity, memory, superset
@@ -161,7 +163,7 @@ class SwapRuntime:
                 f"store {store_path} is laid out for groups of {self.bundles.group_size} from layer "
                 f"{self.bundles.first_layer}; run `activeflow relayout --store {store_path} --group-size {group_size}` "
                 "(which lays out every layer)")
-        self._load_resident(store_path)
+        self._load_resident(store_path, embed)
         thr = np.zeros((cfg.num_layers, len(OP_GROUPS)), np.float32) if thresholds is None else thresholds
         self._thr = [[jnp.float32(thr[i, g]) for g in range(len(OP_GROUPS))] for i in range(cfg.num_layers)]
         self.pools = self._make_pools(memory)
@@ -175,13 +177,16 @@ class SwapRuntime:
 
     # -- setup ---------------------------------------------------------------------------------
 
-    def _load_resident(self, store_path: str) -> None:
+    def _load_resident(self, store_path: str, embed) -> None:
         cfg = self.cfg
         reader = StoreReader(store_path)
-        names = ["embed", "final_norm.weight"] + ([] if cfg.tie_embeddings else ["lm_head"])
+        names = ["final_norm.weight"] + ([] if cfg.tie_embeddings else ["lm_head"])
         names += [f"layers.{i}.{n}.weight" for i in range(cfg.num_layers) for n in ("attn_norm", "mlp_norm")]
+        if embed is None:
+            names.insert(0, "embed")
         # one tensor at a time, into aligned buffers that device_put adopts without a copy
-        self.resident = {name: jax.device_put(reader.read_aligned(name)) for name in names}
+        self.resident = {"embed": embed} if embed is not None else {}
+        self.resident.update({name: jax.device_put(reader.read_aligned(name)) for name in names})
         self.resident_bytes = sum(a.nbytes for a in self.resident.values())
 
     def _make_pools(self, memory: MemoryPlan) -> dict[str, SlotPool]:

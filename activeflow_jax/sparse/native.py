@@ -30,6 +30,7 @@ TARGET = "activeflow_gather_matvec"
 TOPK_TARGET = "activeflow_topk_matvec"
 MASK_TARGET = "activeflow_active_mask"
 ROWS_DOT_TARGET = "activeflow_rows_dot"
+ROWS_DOT_Q8_TARGET = "activeflow_rows_dot_q8"
 ATTEND_TARGET = "activeflow_attend_one"
 RMS_NORM_TARGET = "activeflow_rms_norm_one"
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "native", "gather_matvec.cc")
@@ -79,6 +80,7 @@ def available() -> bool:
         jax.ffi.register_ffi_target(TOPK_TARGET, jax.ffi.pycapsule(lib.AfTopkMatvec), platform="cpu")
         jax.ffi.register_ffi_target(MASK_TARGET, jax.ffi.pycapsule(lib.AfActiveMask), platform="cpu")
         jax.ffi.register_ffi_target(ROWS_DOT_TARGET, jax.ffi.pycapsule(lib.AfRowsDot), platform="cpu")
+        jax.ffi.register_ffi_target(ROWS_DOT_Q8_TARGET, jax.ffi.pycapsule(lib.AfRowsDotQ8), platform="cpu")
         jax.ffi.register_ffi_target(ATTEND_TARGET, jax.ffi.pycapsule(lib.AfAttendOne), platform="cpu")
         jax.ffi.register_ffi_target(RMS_NORM_TARGET, jax.ffi.pycapsule(lib.AfRmsNormOne), platform="cpu")
         return True
@@ -105,6 +107,13 @@ def rows_dot(x0: jax.Array, e: jax.Array) -> jax.Array:
     """e @ x0 for x0 [d], e [V, d] -> [V] (the tied head of one token), streaming e once."""
     return jax.ffi.ffi_call(ROWS_DOT_TARGET, jax.ShapeDtypeStruct((e.shape[0],), jnp.float32))(
         x0.astype(jnp.float32), e)
+
+
+def rows_dot_q8(x0: jax.Array, q: jax.Array, scale: jax.Array) -> jax.Array:
+    """rows_dot on a Q8_0 table (q int8 [V, d], scale f32 [V, d / 32]): the same logits, bit for bit,
+    as rows_dot on its dequantized f32 copy, reading 3.6x fewer bytes."""
+    return jax.ffi.ffi_call(ROWS_DOT_Q8_TARGET, jax.ShapeDtypeStruct((q.shape[0],), jnp.float32))(
+        x0.astype(jnp.float32), q, scale)
 
 
 def rms_norm_one(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:

@@ -18,6 +18,9 @@
 #include <cstdint>
 #include <thread>
 #include <vector>
+#ifdef __AVX2__
+#include <immintrin.h>
+#endif
 
 #include "xla/ffi/api/ffi.h"
 
@@ -182,6 +185,82 @@ ffi::Error RowsDotImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
     const int64_t b0 = (v / 4) * t / parts * 4, b1 = t == parts - 1 ? v : (v / 4) * (t + 1) / parts * 4;
     RowsDot(ep, xp, d, b0, b1, yp);
   });
+  return ffi::Error::Success();
+}
+
+// The tied head on an embedding kept as Q8_0 blocks (the GGUF type of SmolLM2's token_embd):
+// E[v, c] = scale[v, c / 32] * q[v, c]. Each element is widened to exactly the f32 value the f32
+// store holds (an f16 scale times a 7-bit integer is exact in f32) and summed in RowsDot's lane
+// order, so the logits equal RowsDot's on the dequantized table bit for bit, from 3.6x fewer bytes.
+void RowsDotQ8(const int8_t* __restrict__ q, const float* __restrict__ scale, const float* __restrict__ x,
+               int64_t d, int64_t v0, int64_t v1, float* __restrict__ y) {
+  constexpr int L = 16, B = 32;
+  const int64_t nb = d / B;
+  auto finish = [](const float* acc) {
+    float t = 0.0f;
+    for (int l = 0; l < L; ++l) t += acc[l];
+    return t;
+  };
+  int64_t v = v0;
+#ifdef __AVX2__
+  // two rows per pass share each load of x; the widening (int8 -> f32, times the scale), not
+  // DRAM, bounds this kernel, and the compiler does not find this schedule by itself
+  for (; v + 2 <= v1; v += 2) {
+    const int8_t* r0 = q + v * d;
+    const int8_t* r1 = r0 + d;
+    __m256 a0 = _mm256_setzero_ps(), b0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), b1 = _mm256_setzero_ps();
+    for (int64_t blk = 0; blk < nb; ++blk) {
+      const __m256 s0 = _mm256_set1_ps(scale[v * nb + blk]), s1 = _mm256_set1_ps(scale[(v + 1) * nb + blk]);
+      for (int h = 0; h < B; h += L) {
+        const int64_t o = blk * B + h;
+        const __m256 xl = _mm256_loadu_ps(x + o), xh = _mm256_loadu_ps(x + o + 8);
+        const __m128i q0 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(r0 + o));
+        const __m128i q1 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(r1 + o));
+        const __m256 w0l = _mm256_mul_ps(s0, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q0)));
+        const __m256 w0h = _mm256_mul_ps(s0, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(q0, 8))));
+        const __m256 w1l = _mm256_mul_ps(s1, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q1)));
+        const __m256 w1h = _mm256_mul_ps(s1, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(q1, 8))));
+        a0 = _mm256_fmadd_ps(w0l, xl, a0);
+        b0 = _mm256_fmadd_ps(w0h, xh, b0);
+        a1 = _mm256_fmadd_ps(w1l, xl, a1);
+        b1 = _mm256_fmadd_ps(w1h, xh, b1);
+      }
+    }
+    float acc[L];
+    _mm256_storeu_ps(acc, a0);
+    _mm256_storeu_ps(acc + 8, b0);
+    y[v] = finish(acc);
+    _mm256_storeu_ps(acc, a1);
+    _mm256_storeu_ps(acc + 8, b1);
+    y[v + 1] = finish(acc);
+  }
+#endif
+  for (; v < v1; ++v) {
+    const int8_t* __restrict__ r = q + v * d;
+    float a[L] = {};
+    for (int64_t blk = 0; blk < nb; ++blk) {
+      const float sb = scale[v * nb + blk];
+      for (int h = 0; h < B; h += L)
+        for (int l = 0; l < L; ++l) a[l] += (sb * static_cast<float>(r[blk * B + h + l])) * x[blk * B + h + l];
+    }
+    y[v] = finish(a);
+  }
+}
+
+ffi::Error RowsDotQ8Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> q,
+                         ffi::Buffer<ffi::F32> scale, ffi::ResultBuffer<ffi::F32> y) {
+  auto qd = q.dimensions();
+  if (qd.size() != 2) return ffi::Error::InvalidArgument("q must be 2-D [V, d]");
+  const int64_t v = qd[0], d = qd[1];
+  if (d % 32) return ffi::Error::InvalidArgument("d must be a multiple of 32 (Q8_0 blocks)");
+  if (x.element_count() != d) return ffi::Error::InvalidArgument("x must have d elements");
+  if (scale.element_count() != v * (d / 32)) return ffi::Error::InvalidArgument("scale must be [V, d / 32]");
+  if (y->element_count() != v) return ffi::Error::InvalidArgument("y must have V elements");
+  const int parts = Parts(pool, v * d);
+  const int8_t* qp = q.typed_data();
+  const float *sp = scale.typed_data(), *xp = x.typed_data();
+  float* yp = y->typed_data();
+  ParallelFor(pool, parts, [&](int t) { RowsDotQ8(qp, sp, xp, d, v * t / parts, v * (t + 1) / parts, yp); });
   return ffi::Error::Success();
 }
 
@@ -438,6 +517,14 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(AfRowsDot, RowsDotImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(AfRowsDotQ8, RowsDotQ8Impl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
