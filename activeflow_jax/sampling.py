@@ -29,6 +29,15 @@ class SamplingParams:
             raise InvalidArgumentError(f"seed must be an int, got {self.seed!r}")
 
 
+def first_argmax(x: jax.Array) -> jax.Array:
+    """jnp.argmax of a 1-D array (the first maximum; the first NaN if there is one) as int32.
+    XLA:CPU runs argmax as a variadic (value, index) reduction: ~0.24 ms for SmolLM2's 49152
+    logits, 1-2% of a decode step; a max and a min over the hits take ~0.05 ms."""
+    m = jnp.max(x)
+    hit = (x == m) | jnp.isnan(x)
+    return jnp.min(jnp.where(hit, jnp.arange(x.shape[0], dtype=jnp.int32), x.shape[0]))
+
+
 @jax.jit
 def sample_token(logits: jax.Array, key: jax.Array, temperature: jax.Array, top_p: jax.Array) -> jax.Array:
     """logits: [V] float32 -> token id (int32 scalar). Branches are taken at run time, so
@@ -46,4 +55,4 @@ def sample_token(logits: jax.Array, key: jax.Array, temperature: jax.Array, top_
         scaled = jax.lax.cond(top_p < 1.0, nucleus, lambda s: s, scaled)
         return jax.random.categorical(key, scaled).astype(jnp.int32)
 
-    return jax.lax.cond(temperature <= 0.0, lambda: jnp.argmax(logits).astype(jnp.int32), sample)
+    return jax.lax.cond(temperature <= 0.0, lambda: first_argmax(logits), sample)

@@ -153,3 +153,17 @@ def test_untied_head(tmp_path):
     ids = np.arange(3, 20)
     np.testing.assert_allclose(engine.logits(ids), reference_logits(load_reference_weights(tiny.gguf_path), ids),
                                atol=1e-4, rtol=1e-4)
+
+
+def test_first_argmax_is_argmax():
+    """The greedy choice: the first maximum, the first NaN where there is one (jnp.argmax's rule)."""
+    import jax.numpy as jnp
+
+    from activeflow_jax.sampling import first_argmax
+
+    rng = np.random.default_rng(3)
+    cases = [rng.standard_normal(1000).astype(np.float32), np.array([1.0, 3.0, 3.0, 2.0], np.float32),
+             np.array([-np.inf, -np.inf], np.float32), np.array([0.0, np.nan, 5.0, np.nan], np.float32),
+             np.array([7.0], np.float32)]
+    for x in cases:
+        assert int(first_argmax(jnp.asarray(x))) == int(jnp.argmax(jnp.asarray(x)))
