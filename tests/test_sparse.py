@@ -159,9 +159,9 @@ def test_sparse_decode_gather_equals_mask_kernel(calibrated, policy):
     for kernel in kernels_to_test:
         sparse = SparsityConfig(0.5, policy=policy, kernel=kernel)
         cache = llama.KVCache.zeros(cfg, 64)
-        _, cache = llama.forward(engine.params, cache, jnp.asarray(prompt), 0, len(prompt), thresholds, cfg=cfg,
-                                 attn_len=64, all_logits=False, sparse=sparse)
-        steps = []
+        prefill, cache = llama.forward(engine.params, cache, jnp.asarray(prompt), 0, len(prompt), thresholds,
+                                       cfg=cfg, attn_len=64, all_logits=True, sparse=sparse)
+        steps = [np.asarray(prefill)]  # the prefill's masks too (native: selected by the native kernel)
         for i, tok in enumerate([5, 77, 123]):
             logits, cache = llama.forward(engine.params, cache, jnp.asarray([tok], jnp.int32), len(prompt) + i, 1,
                                           thresholds, cfg=cfg, attn_len=64, all_logits=False, sparse=sparse)

@@ -159,6 +159,7 @@ def active_mask(x: jax.Array, k: int, threshold: jax.Array | float, use_threshol
     import numpy as np
 
     thr = jnp.asarray(threshold, jnp.float32).reshape(1)
-    mask = jax.ffi.ffi_call(MASK_TARGET, jax.ShapeDtypeStruct(x.shape, jnp.float32))(
+    # under vmap (batched scoring of a sparse model) one call per batch element
+    mask = jax.ffi.ffi_call(MASK_TARGET, jax.ShapeDtypeStruct(x.shape, jnp.float32), vmap_method="sequential")(
         x.astype(jnp.float32), thr, k=np.int64(k), use_threshold=np.int64(bool(use_threshold)))
     return mask > 0.5
