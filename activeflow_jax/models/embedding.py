@@ -68,7 +68,8 @@ def to_q8(table: np.ndarray) -> Q8Table | None:
 
 
 def as_f32(table) -> jax.Array:
-    """The f32 [V, d] values of an f32 or Q8 table (a Q8 table is widened: 4x its bytes)."""
+    """The f32 [V, d] values of an f32 or Q8 table (a Q8 table is widened: 4x its bytes); also
+    widens a table of gathered rows (`lookup`)."""
     if not isinstance(table, Q8Table):
         return table
     v, d = table.shape
@@ -79,6 +80,4 @@ def lookup(table, tokens: jax.Array) -> jax.Array:
     """Rows of the table for tokens [T] -> [T, d] f32 (a Q8 table widens only those rows)."""
     if not isinstance(table, Q8Table):
         return jnp.take(table, tokens, axis=0)
-    t, (v, d) = tokens.shape[0], table.shape
-    q = jnp.take(table.q, tokens, axis=0).reshape(t, d // BLOCK, BLOCK).astype(jnp.float32)
-    return (q * jnp.take(table.scale, tokens, axis=0)[..., None]).reshape(t, d)
+    return as_f32(Q8Table(jnp.take(table.q, tokens, axis=0), jnp.take(table.scale, tokens, axis=0)))

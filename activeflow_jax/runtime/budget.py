@@ -65,9 +65,14 @@ def embedding_bytes(cfg: ModelConfig, q8_embed: bool = False) -> int:
     return cfg.vocab_size * cfg.d_model * F32
 
 
+def head_bytes(cfg: ModelConfig, q8_embed: bool = False) -> int:
+    """What the lm head reads per token: the tied embedding, or its own f32 [d, V]."""
+    return embedding_bytes(cfg, q8_embed) if cfg.tie_embeddings else cfg.vocab_size * cfg.d_model * F32
+
+
 def resident_bytes(cfg: ModelConfig, q8_embed: bool = False) -> int:
     embed = embedding_bytes(cfg, q8_embed)
-    head = 0 if cfg.tie_embeddings else cfg.vocab_size * cfg.d_model * F32
+    head = 0 if cfg.tie_embeddings else head_bytes(cfg)
     norms = (2 * cfg.num_layers + 1) * cfg.d_model * F32
     return embed + head + norms
 

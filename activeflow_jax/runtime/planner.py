@@ -135,7 +135,7 @@ def evaluate(cfg: ModelConfig, budget: int, bw: Bandwidths, sparsity: float, gro
         share = memory.pool_slots[g] / (ins[g] * layers)
         shares.append(share)
         hits.append(hit_rate_fn(op, share, ks[g] / ins[g]) if hit_rate_fn else modelled_hit_rate(share, ks[g] / ins[g]))
-    head = budget_mod.embedding_bytes(cfg, q8_embed) if cfg.tie_embeddings else cfg.vocab_size * cfg.d_model * 4
+    head = budget_mod.head_bytes(cfg, q8_embed)
     active = sum(layers * k * r for k, r in zip(ks, rb))
     t_comp = (head + active) / bw.dram_bps + 4 * layers * OVERHEAD_PER_OP_S
     groups = -(-layers // group_size)

@@ -138,9 +138,9 @@ class SwapRuntime:
 
     def __init__(self, store_path: str, cfg: ModelConfig, sparsity: SparsityConfig | None,
                  thresholds: np.ndarray | None, memory: MemoryPlan, *, group_size: int, superset: float = 1.5,
-                 direct_io: bool = False, embed=None):
-        """embed: the resident embedding if already loaded (session.resident_embedding: f32 or
-        a Q8 table), else it is read here as f32."""
+                 direct_io: bool = False, embed):
+        """embed: the resident embedding, already loaded before planning (its size is part of the
+        plan): session.resident_embedding, f32 or a Q8 table."""
         from activeflow_jax.store.bundles import BundleReader
 
         self.cfg, self.sparsity, self.memory, self.superset = cfg, sparsity, memory, superset
@@ -182,11 +182,8 @@ class SwapRuntime:
         reader = StoreReader(store_path)
         names = ["final_norm.weight"] + ([] if cfg.tie_embeddings else ["lm_head"])
         names += [f"layers.{i}.{n}.weight" for i in range(cfg.num_layers) for n in ("attn_norm", "mlp_norm")]
-        if embed is None:
-            names.insert(0, "embed")
         # one tensor at a time, into aligned buffers that device_put adopts without a copy
-        self.resident = {"embed": embed} if embed is not None else {}
-        self.resident.update({name: jax.device_put(reader.read_aligned(name)) for name in names})
+        self.resident = {"embed": embed, **{name: jax.device_put(reader.read_aligned(name)) for name in names}}
         self.resident_bytes = sum(a.nbytes for a in self.resident.values())
 
     def _make_pools(self, memory: MemoryPlan) -> dict[str, SlotPool]:

@@ -102,12 +102,14 @@ def sparse_linear(x: jax.Array, w: jax.Array, *, k: int, threshold: jax.Array | 
         return (x + jax.lax.stop_gradient(jnp.where(mask, x, 0.0) - x)) @ w
     if restrict is not None:
         x = jnp.where(restrict, x, 0.0)
+    # the selection is a constant for autodiff (training without the straight-through estimator)
+    selected_from = jax.lax.stop_gradient(x)
     if kernel == "native" and k < x.shape[-1]:
         # prefill with the native kernels: the same mask, selected natively (XLA's bisection and
         # cumsum made a sparse prefill half as fast as a dense one)
         from activeflow_jax.sparse.native import active_mask as native_active_mask
 
-        mask = native_active_mask(jax.lax.stop_gradient(x), k, threshold, policy == "threshold")
-        return masked_linear(x, w, mask)
-    # the selection is a constant for autodiff (training without the straight-through estimator)
-    return masked_linear(x, w, active_mask(jax.lax.stop_gradient(x), k, threshold, policy))
+        mask = native_active_mask(selected_from, k, threshold, policy == "threshold")
+    else:
+        mask = active_mask(selected_from, k, threshold, policy)
+    return masked_linear(x, w, mask)

@@ -3,6 +3,7 @@
 //   AfGatherMatvec: y[o] = sum_j xk[j] * W[rows[j], o]   (W row-major [in, out]; rows ascending)
 //   AfTopkMatvec:   the same over the active channels of x, selected here (see TopkMatvecImpl)
 //   AfRowsDot:      y[v] = sum_d E[v, d] * x[d]   (the tied head: E is the embedding [V, d])
+//   AfRowsDotQ8:    the same on E held as Q8_0 blocks, with the same logits bit for bit
 //   AfRmsNormOne:   one token's RMSNorm
 //   AfAttendOne:    one decoded token's RoPE, KV-cache write and attention (llama.attend, T = 1)
 //
@@ -30,6 +31,7 @@ namespace ffi = xla::ffi;
 namespace {
 
 constexpr int kMaxParts = 8;
+constexpr int kQ8Block = 32;  // values per scale in a Q8_0 table (models/embedding.py BLOCK)
 
 // y[col0:col1] = sum_j xk[j] * W[rows[j], col0:col1]. Eight rows per pass: eight independent
 // memory streams keep enough cache-line fills in flight for scattered rows, and y (in L1) is
@@ -195,7 +197,7 @@ ffi::Error RowsDotImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
 // order, so the logits equal RowsDot's on the dequantized table bit for bit, from 3.6x fewer bytes.
 void RowsDotQ8(const int8_t* __restrict__ q, const float* __restrict__ scale, const float* __restrict__ x,
                int64_t d, int64_t v0, int64_t v1, float* __restrict__ y) {
-  constexpr int L = 16, B = 32;
+  constexpr int L = 16, B = kQ8Block;
   const int64_t nb = d / B;
   auto finish = [](const float* acc) {
     float t = 0.0f;
@@ -253,9 +255,9 @@ ffi::Error RowsDotQ8Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buf
   auto qd = q.dimensions();
   if (qd.size() != 2) return ffi::Error::InvalidArgument("q must be 2-D [V, d]");
   const int64_t v = qd[0], d = qd[1];
-  if (d % 32) return ffi::Error::InvalidArgument("d must be a multiple of 32 (Q8_0 blocks)");
+  if (d % kQ8Block) return ffi::Error::InvalidArgument("d must be a multiple of 32 (Q8_0 blocks)");
   if (x.element_count() != d) return ffi::Error::InvalidArgument("x must have d elements");
-  if (scale.element_count() != v * (d / 32)) return ffi::Error::InvalidArgument("scale must be [V, d / 32]");
+  if (scale.element_count() != v * (d / kQ8Block)) return ffi::Error::InvalidArgument("scale must be [V, d / 32]");
   if (y->element_count() != v) return ffi::Error::InvalidArgument("y must have V elements");
   const int parts = Parts(pool, v * d);
   const int8_t* qp = q.typed_data();
