@@ -41,6 +41,8 @@ def _load_engine(args):
         options = dict(dram_budget=budget, kv_tokens=args.kv_tokens, cold=args.cold, direct_io=args.direct_io)
         if args.group_size:
             options["group_size"] = args.group_size
+    if getattr(args, "op_sparsity", None) and hasattr(args, "policy"):  # eval's --op-sparsity is a setting
+        options["op_sparsity"] = args.op_sparsity
     engine = Engine.load(_store_or_default(args), sparsity=getattr(args, "sparsity", None) or None,
                          policy=getattr(args, "policy", "threshold"), **options)
     if budget is not None and getattr(engine, "plan_explanation", "") and getattr(args, "stats", False):
@@ -63,6 +65,13 @@ def _add_sparsity_flags(p) -> None:
                    help="contextual sparsity in [0, 0.95] (needs `activeflow calibrate` for the threshold policy)")
     p.add_argument("--policy", default="threshold", choices=["threshold", "topk"],
                    help="threshold: top-k minus channels under the calibrated threshold (TEAL); topk: exact top-k")
+    _add_op_sparsity_flag(p)
+
+
+def _add_op_sparsity_flag(p) -> None:
+    p.add_argument("--op-sparsity", default=None,
+                   help="a per-op allocation instead of --sparsity, e.g. qkv=0.4,o=0.45,gate_up=0.45,down=0.69 "
+                        "(`activeflow allocate` finds one); its sparsity is the share of weight bytes left unread")
 
 
 def _parse_levels(text: str) -> list[float]:
@@ -88,7 +97,14 @@ def cmd_eval(args) -> int:
 
     engine = _load_engine(args)
     prediction = PredictionConfig(distance=args.predict_distance, superset=args.superset) if args.predict_distance else None
-    settings = default_settings(_parse_levels(args.sparsities), tuple(args.policies.split(",")), prediction)
+    policies = tuple(args.policies.split(","))
+    settings = default_settings(_parse_levels(args.sparsities), policies, prediction)
+    if args.op_sparsity:
+        from activeflow_jax.config import parse_op_sparsity
+        from activeflow_jax.eval.quality import POLICY_NAMES, QualitySetting
+
+        levels = parse_op_sparsity(args.op_sparsity)
+        settings += [QualitySetting(f"{POLICY_NAMES[p]} allocated", policy=p, op_sparsity=levels) for p in policies]
     reference = None
     if args.reference_store:
         from activeflow_jax.engine import Engine
@@ -109,10 +125,29 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_allocate(args) -> int:
+    from activeflow_jax.engine import Engine
+    from activeflow_jax.sparse.allocate import allocate
+
+    engine = Engine.load(_store_or_default(args))
+    result = allocate(engine, args.sparsity, policy="topk", text_path=args.text, windows=args.windows, ctx=args.ctx,
+                      step=args.step, progress=not args.json)
+    if args.json:
+        import dataclasses
+
+        print(json.dumps({**dataclasses.asdict(result), "op_sparsity": result.flag()}))
+    else:
+        print(f"--op-sparsity {result.flag()}")
+        print(f"share of weight bytes unread {result.sparsity:.4f}; KL to dense on the calibration text "
+              f"{result.kl:.4f} (uniform {args.sparsity:g}: {result.uniform_kl:.4f}); {result.evaluations} "
+              f"evaluations, {result.seconds:.0f} s")
+    return 0
+
+
 def cmd_distill(args) -> int:
     from activeflow_jax.distill import DistillConfig, distill
 
-    cfg = DistillConfig(sparsity=args.sparsity, policy=args.policy, steps=args.steps, batch_size=args.batch_size,
+    cfg = DistillConfig(sparsity=args.sparsity, op_sparsity=args.op_sparsity, policy=args.policy, steps=args.steps, batch_size=args.batch_size,
                         seq_len=args.seq_len, lr=args.lr, warmup_steps=args.warmup_steps, ce_weight=args.ce_weight,
                         hidden_weight=args.hidden_weight, straight_through=not args.no_straight_through,
                         trainable=args.trainable, lora_rank=args.lora_rank, fsdp=args.fsdp, save_every=args.save_every,
@@ -273,11 +308,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=32768, help="use at most this many tokens of the text")
     p.set_defaults(func=cmd_calibrate)
 
+    p = sub.add_parser("allocate", help="split a sparsity between the op groups (top-k masks, least KL on the "
+                       "calibration text); calibrate the levels it prints to use them with thresholds")
+    p.add_argument("--store", help="store directory (default: the default model)")
+    p.add_argument("--sparsity", type=float, default=0.5, help="share of weight bytes to leave unread")
+    p.add_argument("--text", default=None, help="search text (default: the shipped calibration corpus)")
+    p.add_argument("--windows", type=int, default=4, help="windows of the text to measure KL on")
+    p.add_argument("--ctx", type=int, default=512, help="window length (the second half of each is scored)")
+    p.add_argument("--step", type=float, default=0.04, help="first transfer size; halved down to 0.01")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_allocate)
+
     p = sub.add_parser("distill", help="sparsity-aware self-distillation into a new store (resumable)")
     p.add_argument("--store", help="source store (default: the default model); never modified")
     p.add_argument("--out", required=True, help="directory of the distilled store to create")
     p.add_argument("--sparsity", type=float, default=0.5)
     p.add_argument("--policy", default="threshold", choices=["threshold", "topk"])
+    _add_op_sparsity_flag(p)
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--seq-len", type=int, default=256)
@@ -309,6 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--predict-distance", type=int, default=0,
                    help="also evaluate with sets predicted this many layers ahead (misses dropped); 0 = off")
     p.add_argument("--superset", type=float, default=1.5, help="predicted set size in multiples of k")
+    _add_op_sparsity_flag(p)
     p.add_argument("--ctx", type=int, default=512)
     p.add_argument("--max-windows", type=int, default=16)
     p.add_argument("--reference-store", default=None, help="compare against this store's dense model instead of "

@@ -106,6 +106,11 @@ class SparsityConfig:
                  masked input: same result, dense cost), or "auto" (native where it builds on the
                  CPU backend, else gather; resolved by the engine).
     dense_layers how many leading layers stay dense (the paper keeps layer 0 dense).
+    op_sparsity  optional per-op-group allocation (OP_GROUPS order) that replaces `sparsity` for
+                 each op; build it with `allocated_sparsity`, which sets `sparsity` to the share of
+                 a layer's weight bytes left unread, so figures compare with uniform settings.
+                 Ops differ widely in how much dropping input channels costs (on SmolLM2 gate_up
+                 is the costly one and down the cheap one; `sparse/allocate.py` finds the split).
     """
 
     sparsity: float
@@ -113,6 +118,7 @@ class SparsityConfig:
     kernel: str = "auto"
     dense_layers: int = 1
     straight_through: bool = False  # training only: mask in the forward pass, identity backward
+    op_sparsity: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         from activeflow_jax.errors import InvalidArgumentError
@@ -127,6 +133,8 @@ class SparsityConfig:
             raise InvalidArgumentError(f"kernel must be one of {DECODE_KERNELS}, got {self.kernel!r}")
         if not isinstance(self.dense_layers, int) or self.dense_layers < 0:
             raise InvalidArgumentError(f"dense_layers must be an int >= 0, got {self.dense_layers!r}")
+        if self.op_sparsity is not None:
+            object.__setattr__(self, "op_sparsity", parse_op_sparsity(self.op_sparsity))
 
     def resolved(self) -> "SparsityConfig":
         """This config with kernel "auto" replaced by the kernel that will run here; "native" is
@@ -147,10 +155,65 @@ class SparsityConfig:
 
     def ks(self, cfg: ModelConfig) -> tuple[int, ...]:
         """Channels kept per op group (OP_GROUPS order)."""
-        return tuple(max(1, round((1.0 - self.sparsity) * d)) for d in op_input_dims(cfg))
+        per_op = self.op_sparsity or (self.sparsity,) * len(OP_GROUPS)
+        return tuple(max(1, round((1.0 - s) * d)) for s, d in zip(per_op, op_input_dims(cfg)))
+
+    def op_levels(self) -> tuple[float, ...]:
+        """The sparsity of each op group (OP_GROUPS order): the allocation, or `sparsity` for all."""
+        return self.op_sparsity or (self.sparsity,) * len(OP_GROUPS)
 
     def is_sparse_layer(self, layer: int) -> bool:
         return self.sparsity > 0 and layer >= self.dense_layers
+
+
+def parse_op_sparsity(value) -> tuple[float, ...]:
+    """A per-op allocation from a sequence in OP_GROUPS order, a {op: sparsity} dict, or text such
+    as "qkv=0.4,o=0.45,gate_up=0.45,down=0.69"; every op group must be given once."""
+    from activeflow_jax.errors import InvalidArgumentError
+
+    expected = ", ".join(f"{op}=S" for op in OP_GROUPS)
+    try:
+        if isinstance(value, str):
+            pairs = [item.split("=") for item in value.replace(" ", "").split(",") if item]
+            if any(len(p) != 2 for p in pairs):
+                raise ValueError
+            value = {op: float(s) for op, s in pairs}
+            if len(value) != len(pairs):
+                raise ValueError
+        if isinstance(value, dict):
+            if sorted(value) != sorted(OP_GROUPS):
+                raise ValueError
+            value = [value[op] for op in OP_GROUPS]
+        levels = tuple(round(float(s), 4) for s in value)
+        if len(levels) != len(OP_GROUPS) or any(isinstance(s, bool) for s in value):
+            raise ValueError
+    except (TypeError, ValueError):
+        raise InvalidArgumentError(f"op sparsity must give each op group once, as {expected} "
+                                   f"(each in [0, {MAX_SPARSITY}]), got {value!r}") from None
+    if not all(0.0 <= s <= MAX_SPARSITY for s in levels):
+        raise InvalidArgumentError(f"op sparsity must be in [0, {MAX_SPARSITY}] for every op, got {levels}")
+    return levels
+
+
+def allocation_mean(cfg: ModelConfig, op_sparsity) -> float:
+    """Share of one layer's linear-weight bytes that a per-op allocation leaves unread."""
+    from activeflow_jax.runtime.budget import layer_op_bytes
+
+    levels = parse_op_sparsity(op_sparsity)
+    sizes = layer_op_bytes(cfg)
+    ks = [max(1, round((1.0 - s) * d)) for s, d in zip(levels, op_input_dims(cfg))]
+    kept = sum(k / d * b for k, d, b in zip(ks, op_input_dims(cfg), sizes))
+    return round(1.0 - kept / sum(sizes), 4)
+
+
+def allocated_sparsity(cfg: ModelConfig, op_sparsity, **options) -> SparsityConfig:
+    """A SparsityConfig with a per-op allocation; its `sparsity` is the allocation's byte mean."""
+    levels = parse_op_sparsity(op_sparsity)
+    if max(levels) == 0:
+        from activeflow_jax.errors import InvalidArgumentError
+
+        raise InvalidArgumentError("an op sparsity allocation needs at least one op above 0")
+    return SparsityConfig(allocation_mean(cfg, levels), op_sparsity=levels, **options)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -154,7 +154,7 @@ class Engine:
     @classmethod
     def load(cls, store_path: str | os.PathLike, *, sparsity: float | None = None, policy: str = "threshold",
              kernel: str = "auto", dense_layers: int = 1, dram_budget: Any = None, q8_embedding: Any = "auto",
-             **budget_options) -> "Engine":
+             op_sparsity=None, **budget_options) -> "Engine":
         """Loads a store. Without `dram_budget` every weight goes into DRAM (all-in-DRAM engine);
         with one (bytes, "200MB", or a fraction of the model such as 0.5) the weights stay on
         flash and only active rows are swapped in: see `runtime.session.load_swapping` for the
@@ -162,10 +162,15 @@ class Engine:
         switches on contextual sparsity with the store's calibrated thresholds; see
         `configure_sparsity`. q8_embedding ("auto", True, False): hold a tied embedding as exact
         Q8_0 blocks (models/embedding.py: 3.6x fewer bytes, bit-identical logits); "auto" does
-        where the table is exactly Q8_0 and the native CPU kernels run, True insists."""
+        where the table is exactly Q8_0 and the native CPU kernels run, True insists.
+        op_sparsity: a per-op allocation instead of `sparsity` (all-in-DRAM only), see
+        `configure_sparsity`."""
         enable_compilation_cache()
         if q8_embedding not in ("auto", True, False):
             raise InvalidArgumentError(f"q8_embedding must be 'auto', True or False, got {q8_embedding!r}")
+        if op_sparsity is not None and dram_budget is not None:
+            raise InvalidArgumentError("a per-op sparsity allocation does not run under a DRAM budget yet (the "
+                                       "planner chooses one level for all ops); give --sparsity, or drop the budget")
         if dram_budget is not None:
             from activeflow_jax.runtime.session import load_swapping
 
@@ -188,29 +193,41 @@ class Engine:
                                               for name, arr in reader.iter_many(shapes)})
         tokenizer = Tokenizer.from_spec(reader.tokenizer_spec) if reader.tokenizer_spec else None
         engine = cls(cfg, params, tokenizer, store_path=reader.path)
-        if sparsity:
-            engine.configure_sparsity(sparsity, policy=policy, kernel=kernel, dense_layers=dense_layers)
+        if sparsity or op_sparsity is not None:
+            engine.configure_sparsity(sparsity or None, policy=policy, kernel=kernel, dense_layers=dense_layers,
+                                      op_sparsity=op_sparsity)
         engine.stats.load_seconds = time.perf_counter() - start
         return engine
 
     def configure_sparsity(self, sparsity: float | None, *, policy: str = "threshold", kernel: str = "auto",
-                           dense_layers: int = 1, prediction: PredictionConfig | None = None) -> None:
+                           dense_layers: int = 1, prediction: PredictionConfig | None = None,
+                           op_sparsity=None) -> None:
         """Switches contextual sparsity on (0 < sparsity <= 0.95) or off (None or 0) for later
-        calls. The "threshold" policy needs the store's calibration for that level."""
+        calls. The "threshold" policy needs the store's calibration for that level.
+
+        op_sparsity: a per-op allocation instead of one level ({"qkv": 0.4, ...}, a sequence in
+        OP_GROUPS order, or "qkv=0.4,o=0.45,gate_up=0.45,down=0.69"); `sparsity` must then be
+        None, and becomes the allocation's share of weight bytes left unread."""
+        from activeflow_jax.config import allocated_sparsity
         from activeflow_jax.sparse.calibrate import store_thresholds
 
         if self.swap is not None:
             raise InvalidArgumentError("this engine runs under a DRAM budget, which was planned for its sparsity; "
                                        "load it again with Engine.load(store, dram_budget=..., sparsity=...)")
-        if sparsity is None or sparsity == 0:
+        options = dict(policy=policy, kernel=kernel, dense_layers=dense_layers)
+        if op_sparsity is not None:
+            if sparsity is not None:
+                raise InvalidArgumentError("give either sparsity or op_sparsity, not both")
+            config = allocated_sparsity(self.config, op_sparsity, **options).resolved()
+        elif sparsity is None or sparsity == 0:
             config = None
             if sparsity == 0:
-                SparsityConfig(0.0, policy=policy, kernel=kernel, dense_layers=dense_layers)  # validates
+                SparsityConfig(0.0, **options)  # validates
         else:
-            config = SparsityConfig(sparsity, policy=policy, kernel=kernel, dense_layers=dense_layers).resolved()
+            config = SparsityConfig(sparsity, **options).resolved()
         thresholds = None
         if config is not None and config.policy == "threshold":
-            thresholds = jnp.asarray(store_thresholds(self.store_path, self.config, config.sparsity))
+            thresholds = jnp.asarray(store_thresholds(self.store_path, self.config, config))
         with self._lock:
             self.sparsity, self._thresholds = config, thresholds
             self.prediction = prediction if config is not None else None

@@ -97,6 +97,22 @@ def test_calibrate_then_generate_sparse(tiny_model, tmp_path):
     assert "against the dense model of" in proc.stdout and "| TEAL 50% |" in proc.stdout
     assert_clean_error(run_cli("eval", text, "--store", store, "--reference-store", tmp_path / "nowhere",
                                "--max-windows", "1"), "nowhere")
+    # a per-op allocation: searched, evaluated, generated with; bad ones are clear errors
+    proc = run_cli("allocate", "--store", store, "--text", text, "--ctx", "64", "--windows", "1", "--step", "0.2",
+                   "--json")
+    assert proc.returncode == 0, proc.stderr
+    found = json.loads(proc.stdout)
+    assert found["sparsity"] >= 0.5 - 1e-4 and found["kl"] <= found["uniform_kl"]
+    proc = run_cli("eval", text, "--store", store, "--sparsities", "0.5", "--policies", "topk", "--ctx", "64",
+                   "--max-windows", "2", "--op-sparsity", found["op_sparsity"])
+    assert proc.returncode == 0, proc.stderr
+    assert "| top-k allocated |" in proc.stdout
+    proc = run_cli("generate", "hi", "--store", store, "--policy", "topk", "--max-new-tokens", "4",
+                   "--op-sparsity", "qkv=0.3,o=0.5,gate_up=0.3,down=0.7")
+    assert proc.returncode == 0, proc.stderr
+    assert_clean_error(run_cli("generate", "hi", "--store", store, "--op-sparsity", "qkv=0.3,o=0.5,gate_up=0.3,down=0.7"),
+                       "no thresholds for sparsity 0.3")
+    assert_clean_error(run_cli("generate", "hi", "--store", store, "--op-sparsity", "qkv=0.3,o=0.5"), "each op group once")
 
 
 def test_distill_command(tmp_path):

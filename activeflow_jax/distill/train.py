@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from activeflow_jax.config import SparsityConfig
+from activeflow_jax.config import SparsityConfig, allocated_sparsity, parse_op_sparsity
 from activeflow_jax.errors import InvalidArgumentError, StoreError
 
 TRAINABLE = ("all", "norms", "lora")
@@ -46,6 +46,7 @@ LORA_TARGETS = (("attn", "wqkv"), ("attn", "wo"), ("mlp", "w_gate_up"), ("mlp", 
 class DistillConfig:
     sparsity: float = 0.5
     policy: str = "threshold"
+    op_sparsity: tuple[float, ...] | None = None  # a per-op allocation instead of `sparsity` (config.py)
     steps: int = 100
     batch_size: int = 2
     seq_len: int = 256
@@ -64,6 +65,8 @@ class DistillConfig:
 
     def __post_init__(self) -> None:
         SparsityConfig(self.sparsity, policy=self.policy)  # validates sparsity and policy
+        if self.op_sparsity is not None:
+            object.__setattr__(self, "op_sparsity", parse_op_sparsity(self.op_sparsity))
         for name in ("steps", "batch_size", "seq_len", "save_every", "keep_checkpoints", "lora_rank"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
@@ -177,6 +180,14 @@ def make_optimizer(cfg: DistillConfig):
     return optax.adamw(schedule, weight_decay=cfg.weight_decay)
 
 
+def student_sparsity(model_cfg, dcfg: DistillConfig) -> SparsityConfig:
+    """The student's masks: one level for every op, or the per-op allocation."""
+    options = dict(policy=dcfg.policy, kernel="mask", straight_through=dcfg.straight_through)
+    if dcfg.op_sparsity is not None:
+        return allocated_sparsity(model_cfg, dcfg.op_sparsity, **options)
+    return SparsityConfig(dcfg.sparsity, **options)
+
+
 def make_train_step(model_cfg, dcfg: DistillConfig, frozen: dict, teacher: dict, thresholds, mesh=None):
     """A jitted step: (trainable, opt_state, batch [B, T+1]) -> (trainable, opt_state, metrics).
 
@@ -187,8 +198,7 @@ def make_train_step(model_cfg, dcfg: DistillConfig, frozen: dict, teacher: dict,
     Place the arguments with `step_shardings` so that no step compiles twice."""
     from activeflow_jax.models.llama import forward_with_taps, sequence_logits
 
-    sparse = SparsityConfig(dcfg.sparsity, policy=dcfg.policy, kernel="mask",
-                            straight_through=dcfg.straight_through)
+    sparse = student_sparsity(model_cfg, dcfg)
     tx = make_optimizer(dcfg)
 
     def outputs(params, tokens, sparse_cfg):
@@ -331,7 +341,8 @@ def distill(store_path: str, out_path: str, dcfg: DistillConfig | None = None, *
     engine = Engine.load(store_path, q8_embedding=False)  # training reads the f32 table whole
     cfg = engine.config
     calibration = read_calibration(store_path, cfg)  # its levels are calibrated again for the output
-    thresholds = jnp.asarray(store_thresholds(store_path, cfg, dcfg.sparsity)) if dcfg.policy == "threshold" else None
+    thresholds = (jnp.asarray(store_thresholds(store_path, cfg, student_sparsity(cfg, dcfg)))
+                  if dcfg.policy == "threshold" else None)
     texts = default_distillation_texts() if text_path is None else (
         [text_path] if isinstance(text_path, (str, os.PathLike)) else list(text_path))
     from activeflow_jax.eval.perplexity import read_text
@@ -431,8 +442,9 @@ def distill(store_path: str, out_path: str, dcfg: DistillConfig | None = None, *
                 overwrite=True, progress=progress, total=len(flat))
     if recalibrate and calibration is not None:
         # the calibration corpus unless the caller chose the text (whose first file then serves)
+        levels = set(calibration.available) | {s for s in (dcfg.op_sparsity or ()) if s > 0}
         calibrate(out_path, default_calibration_text() if text_path is None else texts[0],
-                  levels=calibration.available, progress=progress)
+                  levels=sorted(levels), progress=progress)
     return DistillResult(out_store=out_path, steps=dcfg.steps, resumed_from=resumed_from,
                          final_loss=history[-1]["loss"] if history else float("nan"),
                          final_kl=history[-1]["kl"] if history else float("nan"), seconds=seconds,

@@ -24,6 +24,9 @@ from activeflow_jax.config import OP_GROUPS, PredictionConfig, SparsityConfig
 from activeflow_jax.eval.perplexity import engine_tokens, eval_windows, scored_slice, token_nll
 
 
+POLICY_NAMES = {"threshold": "TEAL", "topk": "top-k"}
+
+
 @dataclasses.dataclass(frozen=True)
 class QualitySetting:
     """One evaluated configuration; sparsity 0 is the dense model."""
@@ -32,6 +35,11 @@ class QualitySetting:
     sparsity: float = 0.0
     policy: str = "threshold"
     prediction: PredictionConfig | None = None
+    op_sparsity: tuple[float, ...] | None = None  # a per-op allocation instead of `sparsity`
+
+    @property
+    def dense(self) -> bool:
+        return self.sparsity == 0 and self.op_sparsity is None
 
 
 @dataclasses.dataclass
@@ -120,6 +128,7 @@ def evaluate_quality(engine, text_path: str | os.PathLike, settings: list[Qualit
     scored = scored_slice(ctx)
     sums = {s.label: {"nll": [], "kl": 0.0, "agree": 0, "seconds": 0.0} for s in settings}
     kept: dict[str, Any] = {}
+    levels: dict[str, float] = {}  # the sparsity each setting ran at (an allocation's byte mean)
     iterator = windows
     if progress:
         from tqdm import tqdm
@@ -138,7 +147,7 @@ def evaluate_quality(engine, text_path: str | os.PathLike, settings: list[Qualit
             for s in settings:
                 t0 = time.perf_counter()
                 _configure(engine, s)
-                own_dense = s.sparsity == 0 and s.prediction is None and reference is None
+                own_dense = s.dense and s.prediction is None and reference is None
                 logits = dense if own_dense else engine.logits(window)[scored]
                 acc = sums[s.label]
                 acc["nll"].append(token_nll(logits, targets))
@@ -147,6 +156,7 @@ def evaluate_quality(engine, text_path: str | os.PathLike, settings: list[Qualit
                 acc["agree"] += int((logits.argmax(-1) == dense.argmax(-1)).sum())
                 if wi == 0:
                     kept[s.label] = kept_fraction(engine, window)
+                    levels[s.label] = engine.sparsity.sparsity if engine.sparsity is not None else 0.0
                 acc["seconds"] += time.perf_counter() - t0
     n = len(windows) * (scored.stop - scored.start)
     dense_nll = float(np.concatenate(reference_nll).mean()) if reference is not None else None
@@ -155,11 +165,11 @@ def evaluate_quality(engine, text_path: str | os.PathLike, settings: list[Qualit
         acc = sums[s.label]
         nll = np.concatenate(acc["nll"])
         mean = float(nll.mean())
-        if dense_nll is None and s.sparsity == 0 and s.prediction is None:
+        if dense_nll is None and s.dense and s.prediction is None:
             dense_nll = mean
         ppl = math.exp(mean)
         rows.append(QualityRow(
-            label=s.label, sparsity=s.sparsity, policy=s.policy,
+            label=s.label, sparsity=levels.get(s.label, s.sparsity), policy=s.policy,
             prediction=dataclasses.asdict(s.prediction) if s.prediction else None,
             ppl=ppl, ppl_stderr=ppl * float(nll.std(ddof=1) / math.sqrt(len(nll))),
             ppl_increase_pct=0.0, kl_mean=acc["kl"] / n, top1_agreement=acc["agree"] / n,
@@ -174,7 +184,9 @@ def evaluate_quality(engine, text_path: str | os.PathLike, settings: list[Qualit
 
 
 def _configure(engine, s: QualitySetting) -> None:
-    if s.sparsity == 0:
+    if s.op_sparsity is not None:
+        engine.configure_sparsity(None, policy=s.policy, prediction=s.prediction, op_sparsity=s.op_sparsity)
+    elif s.sparsity == 0:
         engine.configure_sparsity(None)
     else:
         engine.configure_sparsity(s.sparsity, policy=s.policy, prediction=s.prediction)
@@ -184,13 +196,12 @@ def default_settings(sparsities=(0.3, 0.4, 0.5, 0.6, 0.7), policies=("threshold"
                      prediction: PredictionConfig | None = None) -> list[QualitySetting]:
     """Dense, then each sparsity for each policy ("threshold" is TEAL), then with predicted sets."""
     settings = [QualitySetting("dense")]
-    names = {"threshold": "TEAL", "topk": "top-k"}
     for p in policies:
         for s in sparsities:
-            settings.append(QualitySetting(f"{names[p]} {s:.0%}", s, p))
+            settings.append(QualitySetting(f"{POLICY_NAMES[p]} {s:.0%}", s, p))
     if prediction is not None:
         for s in sparsities:
-            settings.append(QualitySetting(f"{names[policies[0]]} {s:.0%} predicted", s, policies[0], prediction))
+            settings.append(QualitySetting(f"{POLICY_NAMES[policies[0]]} {s:.0%} predicted", s, policies[0], prediction))
     return settings
 
 

@@ -111,7 +111,7 @@ def load_swapping(engine_cls, store_path, dram_budget: Any, *, sparsity: float |
                         superset=superset, q8_embed=q8)
     thresholds = None
     if config is not None and config.policy == "threshold":
-        thresholds = np.asarray(store_thresholds(reader.path, cfg, config.sparsity))
+        thresholds = np.asarray(store_thresholds(reader.path, cfg, config))
     info = bundles.bundle_info(reader.path, group_size)
     if info is None or info.get("first_layer") != 0:
         if not relayout:

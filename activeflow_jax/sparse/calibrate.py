@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from activeflow_jax.config import MAX_SPARSITY, OP_GROUPS, ModelConfig
+from activeflow_jax.config import MAX_SPARSITY, OP_GROUPS, ModelConfig, SparsityConfig
 from activeflow_jax.errors import InvalidArgumentError, StoreError
 from activeflow_jax.store import layout
 
@@ -49,7 +49,16 @@ class Calibration:
     def available(self) -> list[float]:
         return sorted(self.levels)
 
-    def thresholds(self, sparsity: float) -> np.ndarray:
+    def thresholds(self, sparsity) -> np.ndarray:
+        """[L, G] thresholds for one level, or for a per-op allocation (a level per op group, in
+        OP_GROUPS order: each op's column comes from its own level; 0 means dense, threshold 0)."""
+        if isinstance(sparsity, (tuple, list)):
+            missing = sorted({round(float(s), 4) for s in sparsity if s > 0} - set(self.levels))
+            if missing:
+                self.thresholds(missing[0])  # the error that names the level to calibrate
+            columns = [np.zeros(next(iter(self.levels.values())).shape[0], np.float32) if s == 0
+                       else self.levels[round(float(s), 4)][:, g] for g, s in enumerate(sparsity)]
+            return np.stack(columns, axis=1)
         key = round(float(sparsity), 4)
         if key not in self.levels:
             raise InvalidArgumentError(
@@ -170,9 +179,12 @@ def write_calibration(store_dir: str, calibration: Calibration, counts: np.ndarr
     os.replace(tmp, path)
 
 
-def store_thresholds(store_dir: str | None, cfg: ModelConfig, sparsity: float) -> np.ndarray:
-    """Thresholds [L, G] the store holds for `sparsity`; a clear error if it holds none (or not
-    that level). The one place every user of the threshold policy gets them from."""
+def store_thresholds(store_dir: str | None, cfg: ModelConfig, sparsity) -> np.ndarray:
+    """Thresholds [L, G] the store holds for `sparsity` (a level, or a SparsityConfig, whose
+    per-op allocation takes each op's column from its own level); a clear error if it holds none
+    (or not that level). The one place every user of the threshold policy gets them from."""
+    if isinstance(sparsity, SparsityConfig):
+        sparsity = sparsity.op_sparsity or sparsity.sparsity
     calibration = read_calibration(store_dir, cfg) if store_dir else None
     if calibration is None:
         raise InvalidArgumentError(
