@@ -66,7 +66,7 @@ def resident_embedding(reader: StoreReader, option: Any, kernel: str):
 
 def load_swapping(engine_cls, store_path, dram_budget: Any, *, sparsity: float | None, policy: str, kernel: str,
                   dense_layers: int, group_size: int | None = None, kv_tokens: int = DEFAULT_KV_TOKENS,
-                  superset: float = 1.5, cold: bool = False, direct_io: bool = False,
+                  superset: float = budget_mod.DEFAULT_PRELOAD_SUPERSET, cold: bool = False, direct_io: bool = False,
                   budget_includes_process: bool = False, relayout: bool = True, plan: bool = True,
                   progress: bool = True, q8_embedding: Any = "auto"):
     """An Engine whose weights stay on flash; see Engine.load.

@@ -35,7 +35,7 @@ from activeflow_jax.config import OP_GROUPS, PREDICTED_GROUPS, ModelConfig, Spar
 from activeflow_jax.errors import StoreError
 from activeflow_jax.models import llama
 from activeflow_jax.runtime import heap, iostats, stages
-from activeflow_jax.runtime.budget import MemoryPlan, op_output_dims
+from activeflow_jax.runtime.budget import DEFAULT_PRELOAD_SUPERSET, MemoryPlan, op_output_dims
 from activeflow_jax.runtime.pool import SlotPool, padded_source
 from activeflow_jax.store.reader import StoreReader
 
@@ -137,7 +137,8 @@ class SwapRuntime:
     """Resident weights (embedding, norms) + slot pools + loader for one store and memory plan."""
 
     def __init__(self, store_path: str, cfg: ModelConfig, sparsity: SparsityConfig | None,
-                 thresholds: np.ndarray | None, memory: MemoryPlan, *, group_size: int, superset: float = 1.5,
+                 thresholds: np.ndarray | None, memory: MemoryPlan, *, group_size: int,
+                 superset: float = DEFAULT_PRELOAD_SUPERSET,
                  direct_io: bool = False, embed):
         """embed: the resident embedding, already loaded before planning (its size is part of the
         plan): session.resident_embedding, f32 or a Q8 table."""
