@@ -85,6 +85,7 @@ def run_setting(spec: dict) -> dict:
 
     import activeflow_jax as af
     from activeflow_jax.errors import ActiveFlowError
+    from activeflow_jax.runtime.bandwidth import flash_use, get_bandwidths
     from activeflow_jax.runtime.iostats import drop_page_cache
 
     store = spec["store"]
@@ -132,6 +133,7 @@ def run_setting(spec: dict) -> dict:
             hit_rate=loader["hit_rate"], preload_precision=loader["preload_precision"],
             preload_recall=loader["preload_recall"], io_hidden_share=loader["io_hidden_share"],
             io_wait_seconds_per_token=loader["io_wait_seconds"] / n,
+            flash_use=flash_use(loader, get_bandwidths(store)),
         )
     return out
 

@@ -246,3 +246,28 @@ def test_relayout_cli(store, capsys):
     assert main(["relayout", "--store", store, "--group-size", "0"]) == 2
     assert "group size" in capsys.readouterr().err
     assert main(["relayout", "--store", os.path.join(store, "nope"), "--group-size", "2"]) == 2
+
+
+def test_extents_count_contiguous_ranges_of_whole_chunks(tiny5):
+    write_bundles(tiny5, 2, first_layer=1)
+    tensors, bundles = StoreReader(tiny5), BundleReader(tiny5, 2)
+    channels = np.array([0, 1, 2, 10, 11, 40])
+    out_qkv = tensors.shape("layers.1.attn.wqkv")[1]
+    out_down = tensors.shape("layers.1.mlp.w_down")[1]
+    # a predicted op's chunk holds the channel's rows for both layers of the group
+    assert bundles.extents("qkv", 0, channels) == (3, 6 * 2 * out_qkv * 4)
+    assert bundles.extents("down", 0, channels) == (3, 6 * out_down * 4)  # one layer per chunk
+    assert bundles.extents("down", 0, np.array([], np.int64)) == (0, 0)
+
+
+def test_flash_use_judges_each_kind_at_its_read_size():
+    from activeflow_jax.runtime.bandwidth import Bandwidths, flash_use
+
+    bw = Bandwidths(dram_bps=1e10, flash_bps_by_chunk=((4096, 1e8), (65536, 8e8)))
+    loader = {"ondemand_extents": 100, "ondemand_extent_bytes": 409600, "ondemand_seconds": 0.008,
+              "preload_extents": 0, "preload_extent_bytes": 0, "preload_seconds": 0.0}
+    use = flash_use(loader, bw)
+    assert set(use) == {"ondemand"}
+    assert use["ondemand"]["mean_extent_bytes"] == 4096
+    assert use["ondemand"]["achieved_bps"] == pytest.approx(409600 / 0.008)
+    assert use["ondemand"]["share"] == pytest.approx(409600 / 0.008 / 1e8)

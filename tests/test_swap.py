@@ -56,6 +56,8 @@ def test_sparse_swapping_equals_all_in_dram(swap_store, reference, budget):
     assert loader["active_rows"] > 0 and 0 < loader["hit_rate"] <= 1
     if budget < 1.0:
         assert loader["ondemand_rows"] + loader["preload_rows_read"] > 0  # rows really came from flash
+        assert loader["ondemand_extent_bytes"] + loader["preload_extent_bytes"] >= loader["bytes_requested"]
+        assert (loader["ondemand_extents"] > 0) == (loader["ondemand_rows"] > 0)
     engine.close()
 
 

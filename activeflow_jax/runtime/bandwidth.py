@@ -128,3 +128,23 @@ def get_bandwidths(store_dir: str, *, remeasure: bool = False) -> Bandwidths:
         json.dump(cache, f, indent=1)
     os.replace(tmp, path)
     return result
+
+
+def flash_use(loader: dict, bw: Bandwidths) -> dict:
+    """How well the decode's reads used the flash: per kind (on-demand, preload), the mean
+    contiguous read (extent), the throughput achieved (extent bytes over the seconds the reads
+    took) and its share of what this machine measured at that read size. The preload seconds run
+    from issue to data in hand, with qkv and gate_up reads of a group in flight together and next
+    to the on-demand reads, so its share understates the device's use."""
+    out = {}
+    for kind in ("ondemand", "preload"):
+        extents, nbytes, seconds = (loader.get(f"{kind}_extents", 0), loader.get(f"{kind}_extent_bytes", 0),
+                                    loader.get(f"{kind}_seconds", 0.0))
+        if not extents or seconds <= 0:
+            continue
+        mean = nbytes / extents
+        achieved = nbytes / seconds
+        expected = bw.flash_bps(mean)
+        out[kind] = {"mean_extent_bytes": mean, "achieved_bps": achieved, "measured_bps_at_extent": expected,
+                     "share": achieved / expected}
+    return out

@@ -74,10 +74,14 @@ class SwapStats:
     ondemand_rows: int = 0
     ondemand_bytes: int = 0
     ondemand_seconds: float = 0.0  # the compute waited for all of it
+    ondemand_extents: int = 0  # contiguous byte ranges the storage read for them
+    ondemand_extent_bytes: int = 0  # ... and their bytes (whole chunks: bundles.extents)
     preload_rows_read: int = 0
     preload_bytes: int = 0
     preload_seconds: float = 0.0  # issue -> data in hand, summed over group reads
     preload_wait_seconds: float = 0.0  # of which the compute waited
+    preload_extents: int = 0
+    preload_extent_bytes: int = 0
     predicted_rows: int = 0  # (layer, channel) pairs predicted for qkv/gate_up
     predicted_used: int = 0  # ... that turned out active
     predictable_active: int = 0  # active qkv/gate_up rows of layers that had a prediction
@@ -338,6 +342,9 @@ class SwapRuntime:
                 st.ondemand_seconds += time.perf_counter() - t0
                 st.ondemand_rows += len(want)
                 st.ondemand_bytes += rows.nbytes
+                extents, extent_bytes = self.bundles.extents(op, self.bundles.group_of(layer)[0], want)
+                st.ondemand_extents += extents
+                st.ondemand_extent_bytes += extent_bytes
             else:
                 st.prefill_bytes += rows.nbytes
                 st.prefill_read_seconds += time.perf_counter() - t0
@@ -366,6 +373,10 @@ class SwapRuntime:
             have = pool.slot_of[list(nxt)][:, channels] >= 0  # [n_layers, n]
             read = channels[~have.all(axis=0)]
             handle = self.bundles.read_group_async(op, group + 1, read) if len(read) else None
+            if handle is not None:
+                extents, extent_bytes = self.bundles.extents(op, group + 1, read)
+                self.stats.preload_extents += extents
+                self.stats.preload_extent_bytes += extent_bytes
             self._pending[op] = _Preload(group + 1, op, channels, read, handle)
 
     def _predict(self, op: str, layers: tuple[int, ...], residual: np.ndarray) -> np.ndarray:

@@ -229,6 +229,18 @@ class BundleReader:
         self.bytes_requested = 0
         self.reads = 0
 
+    def extents(self, op: str, group: int, channels: np.ndarray) -> tuple[int, int]:
+        """(contiguous byte ranges, bytes) the storage must read for `channels` (sorted) of `op` in
+        layer group `group`: adjacent channels are adjacent chunks, and a chunk is read whole (a
+        predicted op's chunk holds the channel's rows for every layer of the group, so a one-layer
+        read of it still reads all of them). What the achieved flash throughput is judged by."""
+        if len(channels) == 0:
+            return 0, 0
+        entry = self.info["arrays"][f"{op}/g{group}"]
+        chunk_bytes = entry.get("chunk_layers", entry["shape"][1]) * entry["shape"][2] * 4
+        runs = 1 + int(np.count_nonzero(np.diff(np.asarray(channels)) != 1))
+        return runs, len(channels) * chunk_bytes
+
     def group_of(self, layer: int) -> tuple[int, int]:
         """(group index, position inside the group) of a layer."""
         try:
