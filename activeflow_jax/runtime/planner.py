@@ -163,7 +163,9 @@ def evaluate(cfg: ModelConfig, budget: int, bw: Bandwidths, sparsity: float, gro
     for g, op in enumerate(OP_GROUPS):
         active_bytes = layers * ks[g] * rb[g] * (1 - hits[g])
         if op in PREDICTED_GROUPS:
-            onload += active_bytes * (1 - recall) / bw.flash_bps(rb[g])
+            # a miss reads the channel's whole chunk: its rows for all layers of the group
+            chunk = group_size * rb[g]
+            onload += active_bytes * (1 - recall) * group_size / bw.flash_bps(chunk)
             preload_group += group_size * pre[PREDICTED_GROUPS.index(op)] * rb[g] * (1 - hits[g]) / bw.flash_bps(group_size * rb[g])
         else:
             onload += active_bytes / bw.flash_bps(rb[g])
