@@ -155,8 +155,7 @@ class SparsityConfig:
 
     def ks(self, cfg: ModelConfig) -> tuple[int, ...]:
         """Channels kept per op group (OP_GROUPS order)."""
-        per_op = self.op_sparsity or (self.sparsity,) * len(OP_GROUPS)
-        return tuple(max(1, round((1.0 - s) * d)) for s, d in zip(per_op, op_input_dims(cfg)))
+        return kept_channels(cfg, self.op_levels())
 
     def op_levels(self) -> tuple[float, ...]:
         """The sparsity of each op group (OP_GROUPS order): the allocation, or `sparsity` for all."""
@@ -164,6 +163,11 @@ class SparsityConfig:
 
     def is_sparse_layer(self, layer: int) -> bool:
         return self.sparsity > 0 and layer >= self.dense_layers
+
+
+def kept_channels(cfg: ModelConfig, levels) -> tuple[int, ...]:
+    """Channels each op group keeps at per-op sparsity `levels` (OP_GROUPS order): a static k."""
+    return tuple(max(1, round((1.0 - s) * d)) for s, d in zip(levels, op_input_dims(cfg)))
 
 
 def parse_op_sparsity(value) -> tuple[float, ...]:
@@ -199,9 +203,8 @@ def allocation_mean(cfg: ModelConfig, op_sparsity) -> float:
     """Share of one layer's linear-weight bytes that a per-op allocation leaves unread."""
     from activeflow_jax.runtime.budget import layer_op_bytes
 
-    levels = parse_op_sparsity(op_sparsity)
     sizes = layer_op_bytes(cfg)
-    ks = [max(1, round((1.0 - s) * d)) for s, d in zip(levels, op_input_dims(cfg))]
+    ks = kept_channels(cfg, parse_op_sparsity(op_sparsity))
     kept = sum(k / d * b for k, d, b in zip(ks, op_input_dims(cfg), sizes))
     return round(1.0 - kept / sum(sizes), 4)
 
