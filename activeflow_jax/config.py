@@ -176,6 +176,7 @@ def parse_op_sparsity(value) -> tuple[float, ...]:
     from activeflow_jax.errors import InvalidArgumentError
 
     expected = ", ".join(f"{op}=S" for op in OP_GROUPS)
+    given = value
     try:
         if isinstance(value, str):
             pairs = [item.split("=") for item in value.replace(" ", "").split(",") if item]
@@ -193,7 +194,7 @@ def parse_op_sparsity(value) -> tuple[float, ...]:
             raise ValueError
     except (TypeError, ValueError):
         raise InvalidArgumentError(f"op sparsity must give each op group once, as {expected} "
-                                   f"(each in [0, {MAX_SPARSITY}]), got {value!r}") from None
+                                   f"(each in [0, {MAX_SPARSITY}]), got {given!r}") from None
     if not all(0.0 <= s <= MAX_SPARSITY for s in levels):
         raise InvalidArgumentError(f"op sparsity must be in [0, {MAX_SPARSITY}] for every op, got {levels}")
     return levels
