@@ -219,7 +219,7 @@ def cmd_plan(args) -> int:
     q8 = isinstance(resident_embedding(reader, "auto", "auto"), Q8Table)  # as Engine.load will hold it
     result = planner.plan(cfg, budget.parse_budget(args.dram_budget, cfg), bw, levels=levels,
                           kv_tokens=args.kv_tokens, sparsity=args.sparsity, group_size=args.group_size or None,
-                          max_sparsity=args.max_sparsity, q8_embed=q8)
+                          max_sparsity=args.max_sparsity, q8_embed=q8, op_sparsity=args.op_sparsity)
     if args.json:
         c = result.chosen
         print(json.dumps({"sparsity": result.sparsity, "group_size": result.group_size,
@@ -383,6 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--group-size", type=int, default=0, help="fix the layer-group size")
     p.add_argument("--kv-tokens", type=int, default=512, help="KV cache positions the budget reserves")
     p.add_argument("--max-sparsity", type=float, default=0.5, help="quality cap on the sparsity the planner picks")
+    _add_op_sparsity_flag(p)
     p.add_argument("--remeasure", action="store_true", help="measure flash and DRAM bandwidth again")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_plan)

@@ -163,19 +163,19 @@ class Engine:
         `configure_sparsity`. q8_embedding ("auto", True, False): hold a tied embedding as exact
         Q8_0 blocks (models/embedding.py: 3.6x fewer bytes, bit-identical logits); "auto" does
         where the table is exactly Q8_0 and the native CPU kernels run, True insists.
-        op_sparsity: a per-op allocation instead of `sparsity` (all-in-DRAM only), see
-        `configure_sparsity`."""
+        op_sparsity: a per-op allocation instead of `sparsity`, see `configure_sparsity` (under a
+        budget the planner then picks only the group size and the cache)."""
         enable_compilation_cache()
         if q8_embedding not in ("auto", True, False):
             raise InvalidArgumentError(f"q8_embedding must be 'auto', True or False, got {q8_embedding!r}")
-        if op_sparsity is not None and dram_budget is not None:
-            raise InvalidArgumentError("a per-op sparsity allocation does not run under a DRAM budget yet (the "
-                                       "planner chooses one level for all ops); give --sparsity, or drop the budget")
+        if op_sparsity is not None and sparsity:
+            raise InvalidArgumentError("give either sparsity or op_sparsity, not both")
         if dram_budget is not None:
             from activeflow_jax.runtime.session import load_swapping
 
             return load_swapping(cls, store_path, dram_budget, sparsity=sparsity, policy=policy, kernel=kernel,
-                                 dense_layers=dense_layers, q8_embedding=q8_embedding, **budget_options)
+                                 dense_layers=dense_layers, q8_embedding=q8_embedding, op_sparsity=op_sparsity,
+                                 **budget_options)
         if budget_options:
             raise InvalidArgumentError(f"{sorted(budget_options)} only apply with dram_budget=...")
         start = time.perf_counter()

@@ -2,6 +2,7 @@
 
     python bench/swap.py --output results/swap.jsonl --plot results/swap.png
     python bench/swap.py --budgets 0.6,0.4 --sparsity 0.5 --group_size 2 --decode_tokens 32
+    python bench/swap.py --store DISTILLED --policy topk --op_sparsity qkv=0.36,o=0.5,gate_up=0.48,down=0.64
 
 For each budget (a fraction of the model's weight bytes, or a size such as 200MB):
     ours             Engine.load(store, dram_budget=b): the planner picks sparsity and group size
@@ -35,6 +36,8 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("store", None, "store directory; default: the default model")
 flags.DEFINE_list("budgets", ["1.0", "0.6", "0.4", "0.25"], "DRAM budgets: fractions of the weight bytes or sizes")
 flags.DEFINE_string("sparsity", "", "fix the sparsity of 'ours' (default: the planner's choice)")
+flags.DEFINE_string("op_sparsity", "", "a per-op allocation for 'ours' instead (qkv=0.36,o=0.5,gate_up=0.48,"
+                    "down=0.64; `activeflow allocate`); the planner then picks only the group size")
 flags.DEFINE_integer("group_size", 0, "fix the layer-group size of 'ours' (0: the planner's choice)")
 flags.DEFINE_integer("stream_group_size", 1, "layer-group size of the dense streaming baseline")
 flags.DEFINE_integer("prompt_len", 64, "prompt tokens (from the WikiText-2 test text)")
@@ -102,7 +105,8 @@ def run_setting(spec: dict) -> dict:
             else:
                 sparsity = float(spec["sparsity"]) if spec["sparsity"] else None
                 engine = af.Engine.load(store, dram_budget=spec["budget"], sparsity=sparsity, policy=spec["policy"],
-                                        group_size=spec["group_size"] or None, **options)
+                                        group_size=spec["group_size"] or None, op_sparsity=spec["op_sparsity"] or None,
+                                        **options)
     except ActiveFlowError as exc:
         return {"feasible": False, "reason": str(exc)}
     load_s = time.perf_counter() - t0
@@ -121,6 +125,7 @@ def run_setting(spec: dict) -> dict:
         "prefill_tokens_per_s": stats["prefill_tokens_per_s"], "decode_tokens": stats["decode_tokens"],
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "generated": tokens[:8], "sparsity": engine.sparsity.sparsity if engine.sparsity else 0.0,
+        "op_sparsity": list(engine.sparsity.op_sparsity) if engine.sparsity and engine.sparsity.op_sparsity else None,
     }
     if engine.swap is not None:
         loader = stats["loader"]
@@ -138,11 +143,12 @@ def run_setting(spec: dict) -> dict:
     return out
 
 
-def ppl_of(store: str, sparsity: float, windows: int) -> float:
+def ppl_of(store: str, sparsity: float, windows: int, op_sparsity=None) -> float:
     import activeflow_jax as af
     from activeflow_jax.eval.perplexity import engine_perplexity
 
-    engine = af.Engine.load(store, sparsity=sparsity or None, policy=FLAGS.policy)
+    engine = af.Engine.load(store, sparsity=None if op_sparsity else sparsity or None, policy=FLAGS.policy,
+                            op_sparsity=op_sparsity)
     return float(engine_perplexity(engine, _default_text(), max_windows=windows).ppl)
 
 
@@ -195,6 +201,7 @@ def main(argv):
     base = dict(store=store, prompt_len=FLAGS.prompt_len, decode_tokens=FLAGS.decode_tokens, cold=FLAGS.cold,
                 direct_io=FLAGS.direct_io, kv_tokens=FLAGS.kv_tokens, sparsity=FLAGS.sparsity,
                 group_size=FLAGS.group_size, stream_group_size=FLAGS.stream_group_size, policy=FLAGS.policy,
+                op_sparsity=FLAGS.op_sparsity,
                 budget_includes_process=FLAGS.budget_includes_process)
     settings = [dict(base, kind="dense_all_in_dram", budget=None)]
     for b in FLAGS.budgets:
@@ -210,17 +217,17 @@ def main(argv):
               + (f"{result['decode_tokens_per_s']:.2f} tok/s" if result.get("feasible") else result["reason"][:200]),
               file=sys.stderr)
     dense = rows[0]["result"].get("decode_tokens_per_s") or float("nan")
-    ppls: dict[float, float] = {}
+    ppls: dict[tuple, float] = {}
     for row in rows:
         res = row["result"]
         if not res.get("feasible"):
             continue
         res["vs_dense_all_in_dram"] = res["decode_tokens_per_s"] / dense
         if FLAGS.ppl_windows and engine_has_tokenizer(store):
-            s = res["sparsity"]
-            if s not in ppls:
-                ppls[s] = ppl_of(store, s, FLAGS.ppl_windows)
-            row["ppl"] = ppls[s]
+            key = (res["sparsity"], tuple(res.get("op_sparsity") or ()))
+            if key not in ppls:
+                ppls[key] = ppl_of(store, key[0], FLAGS.ppl_windows, key[1] or None)
+            row["ppl"] = ppls[key]
     for b in FLAGS.budgets:
         ours = next((r for r in rows if r["kind"] == "ours" and str(r["budget"]) == str(b)), None)
         stream = next((r for r in rows if r["kind"] == "dense_streaming" and str(r["budget"]) == str(b)), None)

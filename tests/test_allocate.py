@@ -109,8 +109,34 @@ def test_engine_and_harness_take_an_allocation(calibrated):
     assert engine.sparsity is None
     loaded = af.Engine.load(tiny.store_path, op_sparsity="qkv=0.3,o=0.5,gate_up=0.3,down=0.7", policy="topk")
     assert loaded.sparsity.op_sparsity == ALLOC
-    with pytest.raises(InvalidArgumentError, match="DRAM budget"):
-        af.Engine.load(tiny.store_path, op_sparsity=ALLOC, dram_budget=1.0)
+    # under a DRAM budget: the same outputs as all in DRAM, with each op's own k (thresholds too)
+    ids = [5, 17, 33, 2, 90, 41]
+    for policy in ("topk", "threshold"):
+        dram = af.Engine.load(tiny.store_path, op_sparsity=ALLOC, policy=policy)
+        budgeted = af.Engine.load(tiny.store_path, op_sparsity=ALLOC, policy=policy, dram_budget="2MB", group_size=1,
+                                  kv_tokens=32, plan=False, progress=False)
+        assert budgeted.sparsity.op_sparsity == ALLOC and budgeted.sparsity.ks(engine.config) == dram.sparsity.ks(
+            engine.config)
+        want = dram.logits(ids)
+        np.testing.assert_allclose(budgeted.logits(ids), want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+        assert list(budgeted.generate_ids(ids, max_new_tokens=6)) == list(dram.generate_ids(ids, max_new_tokens=6))
+    with pytest.raises(InvalidArgumentError, match="not both"):
+        af.Engine.load(tiny.store_path, sparsity=0.5, op_sparsity=ALLOC, dram_budget=1.0)
+
+
+def test_planner_takes_an_allocation():
+    from activeflow_jax.runtime import bandwidth, planner
+    from activeflow_jax.runtime.budget import parse_budget
+
+    cfg = tiny_config(num_layers=20, d_model=128, d_ff=512, vocab_size=300)
+    bw = bandwidth.Bandwidths(14.5e9, ((4096, 35e6), (65536, 560e6), (1 << 20, 690e6)))
+    chosen = planner.plan(cfg, parse_budget(0.5, cfg), bw, levels=[0.5], kv_tokens=32, op_sparsity=ALLOC)
+    assert chosen.sparsity == allocation_mean(cfg, ALLOC) and chosen.chosen.op_sparsity == ALLOC
+    assert {c.sparsity for c in chosen.candidates} == {chosen.sparsity}  # only the group size is chosen
+    uniform = planner.plan(cfg, parse_budget(0.5, cfg), bw, levels=[0.5], kv_tokens=32, sparsity=0.5,
+                           group_size=chosen.group_size)
+    assert chosen.memory.min_pool_slots != uniform.memory.min_pool_slots  # each op's own k
+    assert "allocated: qkv 30%" in chosen.explain()
 
 
 def test_transfers_keep_the_byte_share():

@@ -294,3 +294,47 @@ def test_q8_embedding_under_a_budget(tmp_path_factory):
     with pytest.raises(InvalidArgumentError, match="native kernels"):
         af.Engine.load(store, sparsity=0.5, policy="topk", kernel="gather", dram_budget=0.5, q8_embedding=True,
                        **OPTS)
+
+
+def test_untied_embedding_stays_on_flash(tmp_path_factory):
+    """An untied model's input embedding is not resident under a budget (a token reads only its
+    own row from flash): same outputs as all in DRAM, the resident bytes exclude the table, and
+    the rows read for decoded tokens are counted."""
+    import dataclasses
+
+    from activeflow_jax.runtime.budget import resident_bytes
+    from activeflow_jax.testing import make_tiny_store
+
+    cfg = dataclasses.replace(SWAP_CFG, tie_embeddings=False, name="tiny-swap-untied")
+    store = make_tiny_store(tmp_path_factory.mktemp("swap_untied"), cfg).store_path
+    dram = af.Engine.load(store, sparsity=0.5, policy="topk")
+    reference = (dram.logits(PROMPT), list(dram.generate_ids(PROMPT, max_new_tokens=8)))
+    for budget in (1.0, 0.4):
+        engine = af.Engine.load(store, sparsity=0.5, policy="topk", dram_budget=budget, **OPTS)
+        assert "embed" not in engine.swap.resident and "lm_head" in engine.swap.resident
+        assert engine.stats.memory["resident"] == resident_bytes(cfg)
+        assert resident_bytes(cfg) < cfg.vocab_size * cfg.d_model * 4 * 2  # head, not head + embedding
+        _assert_same(engine, reference)
+        assert engine.stats.memory["total"] <= parse_budget(budget, cfg)
+        loader = engine.stats.loader
+        assert loader["embed_bytes"] == loader["tokens"] * cfg.d_model * 4 > 0
+        engine.close()
+    streaming = af.Engine.load(store, dram_budget=0.5, **OPTS)  # dense layer streaming, same path
+    dense = af.Engine.load(store)
+    np.testing.assert_allclose(streaming.logits(PROMPT), dense.logits(PROMPT), rtol=1e-5, atol=1e-5)
+
+
+def test_budget_including_the_process_reserves_its_growth(swap_store):
+    """With budget_includes_process the plan counts the process as measured at load plus the
+    reserve for what compiling will add; a budget that cannot hold both is refused, naming them."""
+    from activeflow_jax.runtime.budget import COMPILE_GROWTH_RESERVE
+    from activeflow_jax.runtime.session import _current_rss
+
+    rss = _current_rss()
+    engine = af.Engine.load(swap_store, sparsity=0.5, policy="topk", dram_budget="3GB",
+                            budget_includes_process=True, **OPTS)
+    assert engine.swap.memory.baseline >= rss + COMPILE_GROWTH_RESERVE
+    assert engine.stats.memory["total"] + engine.swap.memory.baseline <= 3e9
+    with pytest.raises(BudgetTooSmallError, match="process baseline"):
+        af.Engine.load(swap_store, sparsity=0.5, policy="topk", dram_budget=int(rss + COMPILE_GROWTH_RESERVE // 2),
+                       budget_includes_process=True, **OPTS)

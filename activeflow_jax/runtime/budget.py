@@ -3,9 +3,12 @@
 This is the one place that turns a budget into sizes. Everything the engine holds counts:
 
     baseline   the process before the model was loaded (Python, JAX, XLA's runtime); measured at
-               load time, because a budget the process cannot keep is no budget
-    resident   weights that stay in DRAM: embedding (also the tied lm_head: every token reads
-               all of it) and norms. Decoder layers, dense ones included, are streamed.
+               load time, because a budget the process cannot keep is no budget, plus
+               COMPILE_GROWTH_RESERVE for what compiling the runtime's programs will add
+    resident   weights that stay in DRAM: the head (a tied embedding is the head: every token
+               reads all of it; an untied model's lm_head) and the norms. Decoder layers, dense
+               ones included, are streamed, and so is an untied input embedding: a token needs
+               only its own row, read from flash with the token (runtime/swap.py).
     kv         the KV cache for `kv_tokens` positions
     staging    host copies of rows in flight from flash: one layer group's preload plus one
                op's on-demand rows
@@ -41,6 +44,12 @@ DEFAULT_PRELOAD_SUPERSET = 1.0
 # same runs): 4 against 1 gave 2.54 -> 2.88 tok/s at a 60% budget and 1.42 -> 1.52 at 40%; 100
 # (o/down cached first) was no better than 4.
 ONDEMAND_CACHE_WEIGHT = 4.0
+# What the process grows by when it first compiles the runtime's stage programs, reserved when a
+# budget counts the whole process (budget_includes_process): jaxlib code pages the compiler faults
+# in (RssFile 103 -> 170 MB) and heap the compiles leave grown and fragmented (40 -> 152 MB, 14 MB
+# of it returned by malloc_trim). Measured on the 4.4 GB synthetic model (stop 11): without the
+# reserve its peak RSS was 1.147-1.157x a 1 GiB budget. An estimate: the peak is what counts.
+COMPILE_GROWTH_RESERVE = 160_000_000
 _UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9, "t": 1e12, "tb": 1e12,
           "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
 
@@ -82,10 +91,17 @@ def head_bytes(cfg: ModelConfig, q8_embed: bool = False) -> int:
 
 
 def resident_bytes(cfg: ModelConfig, q8_embed: bool = False) -> int:
-    embed = embedding_bytes(cfg, q8_embed)
-    head = 0 if cfg.tie_embeddings else head_bytes(cfg)
+    """The head and the norms (an untied input embedding is not resident: embedding_rows_bytes)."""
     norms = (2 * cfg.num_layers + 1) * cfg.d_model * F32
-    return embed + head + norms
+    return head_bytes(cfg, q8_embed) + norms
+
+
+def embedding_rows_bytes(cfg: ModelConfig) -> int:
+    """Host memory for the embedding rows of one prefill chunk read from flash (untied models),
+    twice: TensorStore's copy and ours."""
+    from activeflow_jax.engine import PREFILL_CHUNK
+
+    return 0 if cfg.tie_embeddings else 2 * PREFILL_CHUNK * cfg.d_model * F32
 
 
 def kv_bytes(cfg: ModelConfig, tokens: int) -> int:
@@ -160,11 +176,12 @@ def staging_bytes(cfg: ModelConfig, group_size: int, preload_channels: tuple[int
     single on-demand read (k rows of one op: prefill reads its union in slices of k rows), each
     twice: TensorStore holds the bytes it read until it has copied them into the array it returns
     -- and the compute buffer of one op's assembled weight (prefill chunks and dense layers) with
-    the k-row slice gathered from the pool while it is assembled."""
+    the k-row slice gathered from the pool while it is assembled; for an untied model also the
+    embedding rows of one prefill chunk."""
     rb = op_row_bytes(cfg)
     preload = group_size * (preload_channels[0] * rb[0] + preload_channels[1] * rb[2])
     ondemand = max(k * r for k, r in zip(ks, rb))
-    return 2 * (preload + ondemand) + max(layer_op_bytes(cfg)) + ondemand
+    return 2 * (preload + ondemand) + max(layer_op_bytes(cfg)) + ondemand + embedding_rows_bytes(cfg)
 
 
 def min_pool_slots(cfg: ModelConfig, group_size: int, preload_channels: tuple[int, int],
@@ -196,7 +213,7 @@ def plan_memory(cfg: ModelConfig, budget: int, *, baseline: int, kv_tokens: int,
     if budget < minimum:
         raise BudgetTooSmallError(
             f"a DRAM budget of {budget / 1e6:.1f} MB is below the minimum working set of {minimum / 1e6:.1f} MB "
-            f"for this model and setting (process baseline {baseline / 1e6:.0f} MB, resident embedding/norms"
+            f"for this model and setting (process baseline {baseline / 1e6:.0f} MB, resident head/norms"
             f" {resident / 1e6:.1f} MB, KV cache for {kv_tokens} tokens "
             f"{kv_bytes(cfg, kv_tokens) / 1e6:.1f} MB, the active rows of one layer and one group's preload "
             f"{(minimum - fixed + staging) / 1e6:.1f} MB); raise the budget, raise the sparsity, lower kv_tokens "

@@ -83,6 +83,7 @@ class Candidate:
     cache_shares: tuple[float, ...] = ()  # per op: share of its rows the pools can hold
     memory: budget_mod.MemoryPlan | None = None
     reason: str = ""
+    op_sparsity: tuple[float, ...] | None = None  # a per-op allocation (OP_GROUPS order), if given
 
     @property
     def tokens_per_s(self) -> float:
@@ -110,6 +111,8 @@ class Plan:
         pools = sum((s + 1) * r for s, r in zip(m.pool_slots, m.row_bytes))
         shares = c.cache_shares
         sp = "no sparsity (dense)" if not c.sparsity else f"sparsity {c.sparsity:.0%}"
+        if c.op_sparsity is not None:
+            sp += " (allocated: " + ", ".join(f"{g} {x:.0%}" for g, x in zip(OP_GROUPS, c.op_sparsity)) + ")"
         bound = "flash-bound" if c.t_onload + max(0.0, c.t_preload - c.t_comp) > c.t_comp else "compute-bound"
         lines = [
             f"Budget {self.budget / mb:.0f} MB for a {self.model_bytes / mb:.0f} MB model "
@@ -136,11 +139,13 @@ class Plan:
 
 
 def evaluate(cfg: ModelConfig, budget: int, bw: Bandwidths, sparsity: float, group_size: int, *, kv_tokens: int,
-             superset: float, baseline: int, hit_rate_fn: Callable | None = None, q8_embed: bool = False) -> Candidate:
-    """The cost model for one (sparsity, group size)."""
+             superset: float, baseline: int, hit_rate_fn: Callable | None = None, q8_embed: bool = False,
+             op_sparsity: tuple[float, ...] | None = None) -> Candidate:
+    """The cost model for one (sparsity, group size); op_sparsity: a per-op allocation whose byte
+    mean is `sparsity`."""
     from activeflow_jax.runtime.session import memory_for, op_ks, preload_channels
 
-    config = SparsityConfig(sparsity) if sparsity else None
+    config = SparsityConfig(sparsity, op_sparsity=op_sparsity) if sparsity else None
     ks = op_ks(cfg, config)
     pre = preload_channels(cfg, config, superset)
     try:
@@ -172,14 +177,16 @@ def evaluate(cfg: ModelConfig, budget: int, bw: Bandwidths, sparsity: float, gro
     t_comp_group = t_comp / groups
     t_decode = onload + t_comp_group + (groups - 1) * max(preload_group, t_comp_group)
     return Candidate(sparsity, group_size, True, t_comp, preload_group * (groups - 1), onload, t_decode,
-                     tuple(hits), tuple(shares), memory)
+                     tuple(hits), tuple(shares), memory, op_sparsity=op_sparsity)
 
 
 def plan(cfg: ModelConfig, budget: int, bw: Bandwidths, *, levels: Sequence[float], kv_tokens: int = 512,
          superset: float = budget_mod.DEFAULT_PRELOAD_SUPERSET, max_sparsity: float = 0.5,
          sparsity: float | None = None,
          group_size: int | None = None, baseline: int = 0, hit_rate_fn: Callable | None = None,
-         q8_embed: bool = False) -> Plan:
+         q8_embed: bool = False, op_sparsity: Sequence[float] | None = None) -> Plan:
+    """The fastest feasible setting; op_sparsity: a per-op allocation, fixed (with `sparsity` its
+    byte mean, see config.allocated_sparsity): only the group size and the cache are chosen."""
     if isinstance(budget, bool) or not isinstance(budget, (int, np.integer)) or budget <= 0:
         raise InvalidArgumentError(f"budget must be a positive number of bytes, got {budget!r}")
     if group_size is not None and (not isinstance(group_size, int) or group_size < 1):
@@ -187,10 +194,16 @@ def plan(cfg: ModelConfig, budget: int, bw: Bandwidths, *, levels: Sequence[floa
     levels = sorted({round(float(x), 4) for x in levels})
     if any(not 0 < x <= 0.95 for x in levels):
         raise InvalidArgumentError(f"sparsity levels must be in (0, 0.95], got {levels}")
+    if op_sparsity is not None:
+        from activeflow_jax.config import allocation_mean, parse_op_sparsity
+
+        op_sparsity = parse_op_sparsity(op_sparsity)
+        sparsity = allocation_mean(cfg, op_sparsity)
     sparsities = [sparsity] if sparsity is not None else [0.0] + levels
     sizes = [group_size] if group_size is not None else list(GROUP_SIZES)
     cands = tuple(evaluate(cfg, budget, bw, s, n, kv_tokens=kv_tokens, superset=superset, baseline=baseline,
-                           hit_rate_fn=hit_rate_fn, q8_embed=q8_embed) for s in sparsities for n in sizes if n <= cfg.num_layers)
+                           hit_rate_fn=hit_rate_fn, q8_embed=q8_embed, op_sparsity=op_sparsity)
+                  for s in sparsities for n in sizes if n <= cfg.num_layers)
     feasible = [c for c in cands if c.feasible]
     if not feasible:
         smallest = min((c for c in cands), key=lambda c: _minimum_of(c.reason))

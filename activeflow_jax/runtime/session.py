@@ -53,12 +53,15 @@ def memory_for(cfg, budget: int, sparsity: SparsityConfig | None, *, baseline: i
 
 
 def resident_embedding(reader: StoreReader, option: Any, kernel: str):
-    """The store's embedding as it will stay in DRAM: a Q8 table where `option` (Engine.load's
-    q8_embedding) allows and the table is exactly Q8_0, else the f32 array (adopted by JAX).
+    """The store's tied embedding as it will stay in DRAM: a Q8 table where `option` (Engine.load's
+    q8_embedding) allows and the table is exactly Q8_0, else the f32 array (adopted by JAX); None
+    for an untied embedding, which stays on flash (a token reads only its own row).
     Read before planning, since its size is part of every plan."""
     from activeflow_jax.engine import q8_embedding_wanted, resident_tensor
 
     wanted = q8_embedding_wanted(reader.config, option) and kernel not in ("gather", "mask")
+    if not reader.config.tie_embeddings:
+        return None
     if option is True and not wanted:
         raise InvalidArgumentError(f"q8_embedding=True needs the native kernels; kernel={kernel!r} does not use them")
     return resident_tensor("embed", reader.read_aligned("embed"), wanted, option is True, reader.path)
@@ -68,7 +71,7 @@ def load_swapping(engine_cls, store_path, dram_budget: Any, *, sparsity: float |
                   dense_layers: int, group_size: int | None = None, kv_tokens: int = DEFAULT_KV_TOKENS,
                   superset: float = budget_mod.DEFAULT_PRELOAD_SUPERSET, cold: bool = False, direct_io: bool = False,
                   budget_includes_process: bool = False, relayout: bool = True, plan: bool = True,
-                  progress: bool = True, q8_embedding: Any = "auto"):
+                  progress: bool = True, q8_embedding: Any = "auto", op_sparsity=None):
     """An Engine whose weights stay on flash; see Engine.load.
 
     group_size   layers per preload group (and the store's bundle layout); None: the planner's
@@ -78,9 +81,11 @@ def load_swapping(engine_cls, store_path, dram_budget: Any, *, sparsity: float |
     direct_io    read with O_DIRECT, and drop the streaming layout from the page cache before every
                  forward pass (TensorStore serves repeated whole-file reads from it even so):
                  what is read is really read
-    budget_includes_process  count the process's memory before loading (Python, JAX) too
+    budget_includes_process  count the process's memory before loading (Python, JAX) too, and
+                 reserve budget.COMPILE_GROWTH_RESERVE for what compiling will add
     relayout     write the streaming layout for group_size if the store lacks it
     plan         with sparsity None, let the planner pick sparsity and group size
+    op_sparsity  a per-op allocation (config.allocated_sparsity) instead of one sparsity level
     """
     from activeflow_jax.formats.tokenizer import Tokenizer
     from activeflow_jax.runtime.swap import SwapRuntime
@@ -97,16 +102,26 @@ def load_swapping(engine_cls, store_path, dram_budget: Any, *, sparsity: float |
     kv_tokens = 1 << (kv_tokens.bit_length() - 1)  # KV caches come in powers of two
     if group_size is not None and (not isinstance(group_size, int) or group_size < 1):
         raise InvalidArgumentError(f"group_size must be an int >= 1, got {group_size!r}")
-    baseline = _current_rss() if budget_includes_process else 0
+    baseline = _current_rss() + budget_mod.COMPILE_GROWTH_RESERVE if budget_includes_process else 0
     from activeflow_jax.models.embedding import Q8Table
 
     embed = resident_embedding(reader, q8_embedding, kernel)
     q8 = isinstance(embed, Q8Table)
-    chosen = _choose(reader, cfg, budget, sparsity, group_size, kv_tokens, superset, baseline, plan, q8)
+    options = dict(policy=policy, kernel=kernel, dense_layers=dense_layers)
+    allocation = None
+    if op_sparsity is not None:
+        from activeflow_jax.config import allocated_sparsity
+
+        allocation = allocated_sparsity(cfg, op_sparsity, **options)
+        sparsity = allocation.sparsity
+    chosen = _choose(reader, cfg, budget, sparsity, group_size, kv_tokens, superset, baseline, plan, q8,
+                     allocation.op_sparsity if allocation is not None else None)
     sparsity, group_size, explanation = chosen
     config = None
-    if sparsity:
-        config = SparsityConfig(sparsity, policy=policy, kernel=kernel, dense_layers=dense_layers).resolved()
+    if allocation is not None:
+        config = allocation.resolved()
+    elif sparsity:
+        config = SparsityConfig(sparsity, **options).resolved()
     memory = memory_for(cfg, budget, config, baseline=baseline, kv_tokens=kv_tokens, group_size=group_size,
                         superset=superset, q8_embed=q8)
     thresholds = None
@@ -139,7 +154,8 @@ def load_swapping(engine_cls, store_path, dram_budget: Any, *, sparsity: float |
     return engine
 
 
-def _choose(reader, cfg, budget, sparsity, group_size, kv_tokens, superset, baseline, plan, q8_embed):
+def _choose(reader, cfg, budget, sparsity, group_size, kv_tokens, superset, baseline, plan, q8_embed,
+            op_sparsity=None):
     """(sparsity, group_size, explanation): the planner's choice where not given."""
     if not plan or (sparsity is not None and group_size is not None):
         return sparsity, group_size or DEFAULT_GROUP_SIZE, ""
@@ -151,7 +167,7 @@ def _choose(reader, cfg, budget, sparsity, group_size, kv_tokens, superset, base
     levels = sorted(calibration.levels) if calibration is not None else []
     chosen = planner.plan(cfg, budget, get_bandwidths(reader.path), levels=levels, kv_tokens=kv_tokens,
                           superset=superset, sparsity=sparsity, group_size=group_size, baseline=baseline,
-                          q8_embed=q8_embed)
+                          q8_embed=q8_embed, op_sparsity=op_sparsity)
     return chosen.sparsity or None, chosen.group_size, chosen.explain()
 
 

@@ -11,6 +11,9 @@ Per decoded token (host orchestration between jitted stages, see stages.py):
         are loaded on demand, then the op runs on the pool (fixed-size slot buffer)
     -> head
 
+A tied embedding stays resident (it is the head: every token reads all of it); an untied one
+stays on flash and each pass reads the rows of its own tokens (one row per decoded token).
+
 Only qkv and gate_up are predicted (their inputs derive from the residual stream); o and down
 are loaded on demand and kept by the hot-weight cache. Because every active row is present
 before its op runs, the result equals the all-in-DRAM sparse path at any budget.
@@ -88,10 +91,12 @@ class SwapStats:
     device_read_bytes: int = 0  # /proc/self/io read_bytes during forward passes
     prefill_bytes: int = 0  # rows read for prefill chunks (not in the rates above)
     prefill_read_seconds: float = 0.0
+    embed_bytes: int = 0  # an untied embedding's rows read for decoded tokens (the compute waits)
+    embed_seconds: float = 0.0
 
     @property
     def bytes_requested(self) -> int:
-        return self.ondemand_bytes + self.preload_bytes
+        return self.ondemand_bytes + self.preload_bytes + self.embed_bytes
 
     @property
     def hit_rate(self) -> float:
@@ -107,12 +112,12 @@ class SwapStats:
 
     @property
     def io_wait_seconds(self) -> float:
-        return self.ondemand_seconds + self.preload_wait_seconds
+        return self.ondemand_seconds + self.preload_wait_seconds + self.embed_seconds
 
     @property
     def io_hidden_share(self) -> float:
         """Share of the time spent reading flash during which the compute did not wait."""
-        total = self.ondemand_seconds + self.preload_seconds
+        total = self.ondemand_seconds + self.preload_seconds + self.embed_seconds
         return 1.0 - self.io_wait_seconds / total if total else 0.0
 
     def as_dict(self) -> dict[str, Any]:
@@ -144,8 +149,9 @@ class SwapRuntime:
                  thresholds: np.ndarray | None, memory: MemoryPlan, *, group_size: int,
                  superset: float = DEFAULT_PRELOAD_SUPERSET,
                  direct_io: bool = False, embed):
-        """embed: the resident embedding, already loaded before planning (its size is part of the
-        plan): session.resident_embedding, f32 or a Q8 table."""
+        """embed: the resident embedding of a tied model, already loaded before planning (its size
+        is part of the plan): session.resident_embedding, f32 or a Q8 table; None for an untied
+        model, whose embedding rows are read from flash with their tokens."""
         from activeflow_jax.store.bundles import BundleReader
 
         self.cfg, self.sparsity, self.memory, self.superset = cfg, sparsity, memory, superset
@@ -188,8 +194,11 @@ class SwapRuntime:
         names = ["final_norm.weight"] + ([] if cfg.tie_embeddings else ["lm_head"])
         names += [f"layers.{i}.{n}.weight" for i in range(cfg.num_layers) for n in ("attn_norm", "mlp_norm")]
         # one tensor at a time, into aligned buffers that device_put adopts without a copy
-        self.resident = {"embed": embed, **{name: jax.device_put(reader.read_aligned(name)) for name in names}}
+        self.resident = {name: jax.device_put(reader.read_aligned(name)) for name in names}
+        if embed is not None:
+            self.resident["embed"] = embed
         self.resident_bytes = sum(a.nbytes for a in self.resident.values())
+        self._embed_reader = None if embed is not None else StoreReader(store_path, direct_io=self.bundles.direct_io)
 
     def _make_pools(self, memory: MemoryPlan) -> dict[str, SlotPool]:
         return {g: SlotPool(g, self.cfg.num_layers, i, o, s)
@@ -269,7 +278,10 @@ class SwapRuntime:
         tok = jnp.asarray(tokens, jnp.int32)
         start_pos, n_valid_a = jnp.int32(start_pos), jnp.int32(n_valid)
         q = OP_GROUPS.index
-        x, hm, union = stages.start(r["embed"], tok, self._norm(0, "attn_norm"), self._thr[0][q("qkv")], n_valid_a,
+        embed = r.get("embed")
+        if embed is None:  # untied: this pass's rows from flash, looked up by position
+            embed, tok = self._embed_rows(tokens, decode), jnp.arange(t, dtype=jnp.int32)
+        x, hm, union = stages.start(embed, tok, self._norm(0, "attn_norm"), self._thr[0][q("qkv")], n_valid_a,
                                     eps=eps, sel=self._sel(0, "qkv"), native=self.native)
         ks, vs = list(cache.k), list(cache.v)
         logits = None
@@ -297,11 +309,24 @@ class SwapRuntime:
                                                  native=self.native)
             else:
                 logits = stages.last_stage(x, hm, self._source(layer, "down", union, hm, t), r["final_norm.weight"],
-                                           r["embed"], r.get("lm_head"), n_valid_a, eps=eps, native=self.native,
+                                           r.get("embed"), r.get("lm_head"), n_valid_a, eps=eps, native=self.native,
                                            all_logits=all_logits)
         if decode:
             self.stats.tokens += 1
         return logits, llama.KVCache(tuple(ks), tuple(vs))
+
+    def _embed_rows(self, tokens: np.ndarray, decode: bool) -> jax.Array:
+        """[T, d] embedding rows of the tokens, read from the store (each distinct token once)."""
+        t0 = time.perf_counter()
+        ids, where = np.unique(np.asarray(tokens, np.int64), return_inverse=True)
+        rows = self._embed_reader.read_rows("embed", ids)
+        if decode:
+            self.stats.embed_bytes += rows.nbytes
+            self.stats.embed_seconds += time.perf_counter() - t0
+        else:
+            self.stats.prefill_bytes += rows.nbytes
+            self.stats.prefill_read_seconds += time.perf_counter() - t0
+        return jnp.asarray(rows[where.reshape(-1)])
 
     def _source(self, layer: int, op: str, union, hm, t: int) -> dict:
         """The op's weight source with every active row in DRAM. A decoded token's sparse op has
