@@ -117,7 +117,7 @@ class Plan:
         lines = [
             f"Budget {self.budget / mb:.0f} MB for a {self.model_bytes / mb:.0f} MB model "
             f"({self.budget / self.model_bytes:.0%}).",
-            f"Resident: embedding and norms {m.resident / mb:.1f} MB, KV cache {m.kv / mb:.1f} MB for {m.kv_tokens} "
+            f"Resident: head and norms {m.resident / mb:.1f} MB, KV cache {m.kv / mb:.1f} MB for {m.kv_tokens} "
             f"tokens, staging {m.staging / mb:.1f} MB; slot pools {pools / mb:.1f} MB.",
             f"Chose {sp} with layer groups of {c.group_size}: predicted {c.tokens_per_s:.1f} tok/s "
             f"(compute {c.t_comp * 1e3:.0f} ms, preload {c.t_preload * 1e3:.0f} ms of which "
