@@ -71,6 +71,30 @@ def test_bandwidths_are_cached_not_remeasured(tmp_path, monkeypatch):
     assert len(calls) == 2
     assert abs(first.flash_bps(64 << 10) - first.flash_bps(64 << 10)) == 0
     assert first.flash_bps(4096) < first.flash_bps(1 << 20)
+    # measured while other processes kept the cores busy: used, but not cached
+    monkeypatch.setattr(bandwidth, "others_share", lambda *a: 0.9)
+    busy_store = tmp_path / "other" / "store"
+    (busy_store / "tensors").mkdir(parents=True)
+    monkeypatch.setattr(bandwidth, "_key", lambda d: str(d))  # another device: nothing cached for it
+    n = len(calls)
+    busy = bandwidth.get_bandwidths(str(busy_store))
+    assert busy.flash_bps_by_chunk == first.flash_bps_by_chunk
+    bandwidth.get_bandwidths(str(busy_store))
+    assert len(calls) == n + 2  # measured again: the busy figures were not kept
+    monkeypatch.setattr(bandwidth, "others_share", lambda *a: 0.1)
+    bandwidth.get_bandwidths(str(busy_store))
+    bandwidth.get_bandwidths(str(busy_store))
+    assert len(calls) == n + 3  # quiet: measured once more, then cached
+
+
+def test_others_share_counts_other_processes_only():
+    assert bandwidth.others_share(None, (1.0, 0.0), 2.0) == 0.0
+    assert bandwidth.others_share((0.0, 0.0), (3.0, 1.0), 0.1) == 0.0  # too short to tell
+    import os
+
+    cores = os.cpu_count() or 1
+    assert bandwidth.others_share((0.0, 0.0), (2.0 * cores + 1.0, 1.0), 2.0) == 1.0
+    assert bandwidth.others_share((10.0, 5.0), (11.0, 6.0), 2.0) == 0.0  # all of it was ours
 
 
 def test_plan_cli(tiny_model, tmp_path, monkeypatch, capsys):
