@@ -156,3 +156,24 @@ def make_tiny_store(directory: str | os.PathLike, cfg: ModelConfig | None = None
     params = write_tiny_gguf(gguf_path, cfg, qtype=qtype, seed=seed)
     store = convert(gguf_path, os.path.join(directory, f"tiny-{qtype}-{dtype}"), dtype=dtype, progress=False)
     return TinyModel(gguf_path=gguf_path, store_path=store, params=params)
+
+
+# English prose for calibrating tiny test models (never evaluation text).
+CALIBRATION_PROSE = ("The river runs past the old mill and under the stone bridge, where children fish in summer "
+                     "and the baker sells bread to travellers. In 1874 a flood carried the wooden bridge away; "
+                     "the town rebuilt it in stone within two years. ") * 12
+
+
+def make_calibrated_tiny(directory: str | os.PathLike, levels=(0.3, 0.5, 0.7)):
+    """A tiny store under `directory` with thresholds calibrated at `levels` on CALIBRATION_PROSE
+    (written beside it): (TinyModel, its all-in-DRAM engine, the Calibration, the text's path)."""
+    import activeflow_jax as af
+    from activeflow_jax.sparse.calibrate import calibrate
+
+    tiny = make_tiny_store(directory)
+    text = os.path.join(os.fspath(directory), "calib.txt")
+    with open(text, "w") as f:
+        f.write(CALIBRATION_PROSE)
+    engine = af.Engine.load(tiny.store_path)
+    calibration = calibrate(engine, text, levels=levels, progress=False)
+    return tiny, engine, calibration, text

@@ -12,23 +12,14 @@ from activeflow_jax.config import (OP_GROUPS, SparsityConfig, allocated_sparsity
 from activeflow_jax.errors import InvalidArgumentError
 from activeflow_jax.models import llama
 from activeflow_jax.runtime.budget import layer_op_bytes
-from activeflow_jax.sparse.calibrate import calibrate
+from activeflow_jax.testing import make_calibrated_tiny
 
-PROSE = ("The river runs past the old mill and under the stone bridge, where children fish in summer "
-         "and the baker sells bread to travellers. In 1874 a flood carried the wooden bridge away; "
-         "the town rebuilt it in stone within two years. ") * 12
 ALLOC = (0.3, 0.5, 0.3, 0.7)
 
 
 @pytest.fixture(scope="module")
 def calibrated(tmp_path_factory):
-    from activeflow_jax.testing import make_tiny_store
-
-    tiny = make_tiny_store(tmp_path_factory.mktemp("alloc"))
-    text = tmp_path_factory.mktemp("text") / "calib.txt"
-    text.write_text(PROSE)
-    engine = af.Engine.load(tiny.store_path)
-    calibrate(engine, str(text), levels=(0.3, 0.5, 0.7), progress=False)
+    tiny, engine, _, text = make_calibrated_tiny(tmp_path_factory.mktemp("alloc"))
     return tiny, engine, text
 
 

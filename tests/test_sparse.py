@@ -15,22 +15,13 @@ from activeflow_jax.errors import InvalidArgumentError, StoreError
 from activeflow_jax.models import llama
 from activeflow_jax.sparse import kernels
 from activeflow_jax.sparse.calibrate import calibrate, read_calibration
+from activeflow_jax.testing import CALIBRATION_PROSE, make_calibrated_tiny
 
-PROSE = ("The river runs past the old mill and under the stone bridge, where children fish in summer "
-         "and the baker sells bread to travellers. In 1874 a flood carried the wooden bridge away; "
-         "the town rebuilt it in stone within two years. ") * 12
 
 
 @pytest.fixture(scope="module")
 def calibrated(tmp_path_factory):
-    from activeflow_jax.testing import make_tiny_store
-
-    tiny = make_tiny_store(tmp_path_factory.mktemp("sparse"))
-    text = tmp_path_factory.mktemp("text") / "calib.txt"
-    text.write_text(PROSE)
-    engine = af.Engine.load(tiny.store_path)
-    calib = calibrate(engine, str(text), levels=(0.3, 0.5, 0.7), progress=False)
-    return tiny, engine, calib, text
+    return make_calibrated_tiny(tmp_path_factory.mktemp("sparse"))
 
 
 @pytest.mark.parametrize("policy", ["topk", "threshold"])
@@ -210,7 +201,7 @@ def test_sparsity_changes_the_function_and_more_sparsity_moves_further(calibrate
 
 def test_calibrated_thresholds_hit_the_target_fraction(calibrated):
     tiny, engine, calib, _ = calibrated
-    ids = np.asarray(engine.tokenizer.encode(PROSE)[:512], np.int32)
+    ids = np.asarray(engine.tokenizer.encode(CALIBRATION_PROSE)[:512], np.int32)
     _, taps = llama.forward_with_taps(engine.params, jnp.asarray(ids), cfg=engine.config)
     for s in (0.3, 0.5, 0.7):
         thr = calib.thresholds(s)

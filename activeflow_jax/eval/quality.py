@@ -83,6 +83,11 @@ def _log_softmax(logits: np.ndarray) -> np.ndarray:
     return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
 
 
+def token_kl(reference_logp: np.ndarray, logp: np.ndarray) -> np.ndarray:
+    """KL(reference || other) per token [T] from log-probabilities [T, V]."""
+    return (np.exp(reference_logp) * (reference_logp - logp)).sum(axis=-1)
+
+
 @functools.partial(jax.jit, static_argnames=("k", "policy"))
 def _kept_share(x: jax.Array, thresholds: jax.Array, *, k: int, policy: str) -> jax.Array:
     """Mean share of active channels per layer: x [L, T, d], thresholds [L] -> [L]."""
@@ -152,7 +157,7 @@ def evaluate_quality(engine, text_path: str | os.PathLike, settings: list[Qualit
                 acc = sums[s.label]
                 acc["nll"].append(token_nll(logits, targets))
                 logp = _log_softmax(logits)
-                acc["kl"] += float((np.exp(dense_logp) * (dense_logp - logp)).sum())
+                acc["kl"] += float(token_kl(dense_logp, logp).sum())
                 acc["agree"] += int((logits.argmax(-1) == dense.argmax(-1)).sum())
                 if wi == 0:
                     kept[s.label] = kept_fraction(engine, window)

@@ -60,7 +60,7 @@ def resident_embedding(reader: StoreReader, option: Any, kernel: str):
     from activeflow_jax.engine import q8_embedding_wanted, resident_tensor
 
     wanted = q8_embedding_wanted(reader.config, option) and kernel not in ("gather", "mask")
-    if not reader.config.tie_embeddings:
+    if not reader.config.tie_embeddings:  # after the check above, which refuses q8_embedding=True here
         return None
     if option is True and not wanted:
         raise InvalidArgumentError(f"q8_embedding=True needs the native kernels; kernel={kernel!r} does not use them")

@@ -20,7 +20,6 @@ import dataclasses
 import math
 import time
 
-import numpy as np
 
 from activeflow_jax.config import MAX_SPARSITY, OP_GROUPS, allocation_mean
 from activeflow_jax.errors import InvalidArgumentError
@@ -82,7 +81,7 @@ def allocate(engine, target: float, *, policy: str = "topk", text_path: str | No
              progress: bool = False) -> AllocationResult:
     """Searches a per-op allocation whose byte share is >= `target` with the least KL to dense."""
     from activeflow_jax.eval.perplexity import engine_tokens, eval_windows, scored_slice
-    from activeflow_jax.eval.quality import _log_softmax
+    from activeflow_jax.eval.quality import _log_softmax, token_kl
     from activeflow_jax.sparse.calibrate import default_calibration_text
 
     if isinstance(target, bool) or not isinstance(target, (int, float)) or not 0 < target <= MAX_SPARSITY:
@@ -104,8 +103,7 @@ def allocate(engine, target: float, *, policy: str = "topk", text_path: str | No
                 engine.configure_sparsity(None, policy=policy, op_sparsity=levels)
                 total = 0.0
                 for w, d in zip(batch, dense):
-                    logp = _log_softmax(engine.logits(w)[scored])
-                    total += float((np.exp(d) * (d - logp)).sum(axis=-1).mean())
+                    total += float(token_kl(d, _log_softmax(engine.logits(w)[scored])).mean())
                 seen[levels] = total / len(batch)
             return seen[levels]
 
