@@ -372,6 +372,26 @@ def test_quality_against_a_reference_model(calibrated, tmp_path):
         evaluate_quality(engine, str(text), settings, ctx=64, max_windows=2, reference=mismatched)
 
 
+def test_perturbation_spread_measures_a_setting_and_restores_the_engine(calibrated):
+    from activeflow_jax.eval.perplexity import engine_perplexity
+    from activeflow_jax.eval.quality import QualitySetting, evaluate_quality, perturbation_spread
+
+    _, engine, _, text = calibrated
+    embed = engine.params["embed"]
+    dense = perturbation_spread(engine, str(text), QualitySetting("dense"), seeds=2, ctx=64, max_windows=2)
+    assert dense["ppl"] == pytest.approx(engine_perplexity(engine, str(text), ctx=64, max_windows=2).ppl, rel=1e-9)
+    assert len(dense["perturbed"]) == 2 and dense["ppl"] == pytest.approx(dense["mean"], rel=1e-3)
+    topk = QualitySetting("top-k 70%", 0.7, "topk")
+    moved = perturbation_spread(engine, str(text), topk, seeds=2, eps=0.05, ctx=64, max_windows=2)
+    report = evaluate_quality(engine, str(text), [QualitySetting("dense"), topk], ctx=64, max_windows=2)
+    assert moved["ppl"] == pytest.approx(report.rows[1].ppl, rel=1e-6)  # as stored: the harness's figure
+    assert all(p != moved["ppl"] for p in moved["perturbed"]) and moved["min"] <= moved["mean"] <= moved["max"]
+    assert engine.params["embed"] is embed and engine.sparsity is None  # weights and settings restored
+    for bad in (dict(seeds=0), dict(eps=0.0), dict(eps=float("nan"))):
+        with pytest.raises(InvalidArgumentError):
+            perturbation_spread(engine, str(text), topk, ctx=64, max_windows=2, **bad)
+
+
 def test_predictor_measurement_on_tiny_model(calibrated):
     from activeflow_jax.sparse.predictor import measure_prediction
 

@@ -210,5 +210,46 @@ def default_settings(sparsities=(0.3, 0.4, 0.5, 0.6, 0.7), policies=("threshold"
     return settings
 
 
-__all__ = ["QualitySetting", "QualityRow", "QualityReport", "evaluate_quality", "default_settings",
+def perturbation_spread(engine, text_path: str | os.PathLike, setting: QualitySetting, *, seeds: int = 4,
+                        eps: float = 1e-6, ctx: int = 512, max_windows: int | None = 16,
+                        progress: bool = False) -> dict[str, Any]:
+    """How much of a setting's perplexity is numerical luck: its PPL with the weights as stored,
+    then with the input embedding (and a tied head) multiplied by 1 + eps * N(0, 1), one draw
+    per seed. eps = 1e-6 is ~16 float32 ulps: the size of the difference a reordered sum makes.
+
+    A dense model barely moves. A top-k or thresholded one is a discontinuous function: a change
+    in the last bits flips channels that sit at the cut, and the flips cascade through the layers,
+    so its PPL moves by about as much as a different draw of the selection near the cut would."""
+    from activeflow_jax.errors import InvalidArgumentError
+    from activeflow_jax.eval.perplexity import perplexity
+    from activeflow_jax.models.embedding import Q8Table
+
+    if engine.swap is not None:
+        raise InvalidArgumentError("perturbation_spread needs the weights in DRAM; load without dram_budget")
+    if not isinstance(seeds, int) or seeds < 1:
+        raise InvalidArgumentError(f"seeds must be an int >= 1, got {seeds!r}")
+    if not (eps > 0 and math.isfinite(eps)):
+        raise InvalidArgumentError(f"eps must be a positive number, got {eps!r}")
+    original = engine.params["embed"]
+    if isinstance(original, Q8Table):
+        raise InvalidArgumentError("the embedding is held as Q8_0 blocks; load the engine with q8_embedding=False")
+    tokens, bos = engine_tokens(engine, text_path, ctx)
+    ppls = []
+    try:
+        with engine.sparsity_scope():
+            _configure(engine, setting)
+            for seed in [None, *range(seeds)]:
+                engine.params["embed"] = original if seed is None else original * (
+                    1 + eps * jax.random.normal(jax.random.key(seed), original.shape, original.dtype))
+                ppls.append(perplexity(engine.logits, tokens, ctx=ctx, max_windows=max_windows, bos_id=bos,
+                                       progress=progress).ppl)
+    finally:
+        engine.params["embed"] = original
+    perturbed = np.asarray(ppls[1:])
+    return {"label": setting.label, "eps": eps, "seeds": seeds, "ppl": ppls[0], "perturbed": perturbed.tolist(),
+            "mean": float(perturbed.mean()), "std": float(perturbed.std(ddof=1)) if seeds > 1 else 0.0,
+            "min": float(perturbed.min()), "max": float(perturbed.max())}
+
+
+__all__ = ["QualitySetting", "QualityRow", "QualityReport", "evaluate_quality", "default_settings", "perturbation_spread",
            "SparsityConfig"]
