@@ -98,13 +98,10 @@ def cmd_eval(args) -> int:
     engine = _load_engine(args)
     prediction = PredictionConfig(distance=args.predict_distance, superset=args.superset) if args.predict_distance else None
     policies = tuple(args.policies.split(","))
-    settings = default_settings(_parse_levels(args.sparsities), policies, prediction)
-    if args.op_sparsity:
-        from activeflow_jax.config import parse_op_sparsity
-        from activeflow_jax.eval.quality import POLICY_NAMES, QualitySetting
+    from activeflow_jax.config import parse_op_sparsity
 
-        levels = parse_op_sparsity(args.op_sparsity)
-        settings += [QualitySetting(f"{POLICY_NAMES[p]} allocated", policy=p, op_sparsity=levels) for p in policies]
+    settings = default_settings(_parse_levels(args.sparsities), policies, prediction,
+                                parse_op_sparsity(args.op_sparsity) if args.op_sparsity else None)
     reference = None
     if args.reference_store:
         from activeflow_jax.engine import Engine

@@ -41,17 +41,15 @@ def main(argv):
     del argv
     import activeflow_jax as af
     from activeflow_jax.config import parse_op_sparsity
-    from activeflow_jax.eval.quality import POLICY_NAMES, QualitySetting, perturbation_spread
-    from common import emit, machine_info
+    from activeflow_jax.eval.quality import default_settings, perturbation_spread
+    from common import emit
 
     store = FLAGS.store or af.fetch_default_model(quiet=True)
     engine = af.Engine.load(store, q8_embedding=False)
-    settings = [QualitySetting("dense")] if FLAGS.dense else []
-    for policy in FLAGS.policies:
-        settings += [QualitySetting(f"{POLICY_NAMES[policy]} {float(s):.0%}", float(s), policy) for s in FLAGS.sparsity]
-        if FLAGS.op_sparsity:
-            settings.append(QualitySetting(f"{POLICY_NAMES[policy]} allocated", policy=policy,
-                                           op_sparsity=parse_op_sparsity(FLAGS.op_sparsity)))
+    settings = default_settings([float(s) for s in FLAGS.sparsity], tuple(FLAGS.policies),
+                                op_sparsity=parse_op_sparsity(FLAGS.op_sparsity) if FLAGS.op_sparsity else None)
+    if not FLAGS.dense:
+        settings = settings[1:]  # default_settings puts dense first
     rows = []
     print("| setting | PPL as stored | perturbed: mean ± std | min - max |", file=sys.stderr)
     print("|---|---|---|---|", file=sys.stderr)
@@ -61,7 +59,7 @@ def main(argv):
         rows.append(row)
         print(f"| {row['label']} | {row['ppl']:.3f} | {row['mean']:.3f} ± {row['std']:.3f} | "
               f"{row['min']:.3f} - {row['max']:.3f} |", file=sys.stderr, flush=True)
-    emit({"bench": "sensitivity", "machine": machine_info(),
+    emit({"bench": "sensitivity",
           "config": {"store": os.path.abspath(store), "text": os.path.abspath(FLAGS.text), "eps": FLAGS.eps,
                      "seeds": FLAGS.seeds, "max_windows": FLAGS.max_windows},
           "rows": rows}, FLAGS.output)

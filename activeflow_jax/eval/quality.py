@@ -198,8 +198,10 @@ def _configure(engine, s: QualitySetting) -> None:
 
 
 def default_settings(sparsities=(0.3, 0.4, 0.5, 0.6, 0.7), policies=("threshold",),
-                     prediction: PredictionConfig | None = None) -> list[QualitySetting]:
-    """Dense, then each sparsity for each policy ("threshold" is TEAL), then with predicted sets."""
+                     prediction: PredictionConfig | None = None,
+                     op_sparsity: tuple[float, ...] | None = None) -> list[QualitySetting]:
+    """Dense, then each sparsity for each policy ("threshold" is TEAL), then with predicted sets,
+    then (op_sparsity, a parsed per-op allocation) each policy with that allocation."""
     settings = [QualitySetting("dense")]
     for p in policies:
         for s in sparsities:
@@ -207,6 +209,9 @@ def default_settings(sparsities=(0.3, 0.4, 0.5, 0.6, 0.7), policies=("threshold"
     if prediction is not None:
         for s in sparsities:
             settings.append(QualitySetting(f"{POLICY_NAMES[policies[0]]} {s:.0%} predicted", s, policies[0], prediction))
+    if op_sparsity is not None:
+        settings += [QualitySetting(f"{POLICY_NAMES[p]} allocated", policy=p, op_sparsity=op_sparsity)
+                     for p in policies]
     return settings
 
 
@@ -251,5 +256,5 @@ def perturbation_spread(engine, text_path: str | os.PathLike, setting: QualitySe
             "min": float(perturbed.min()), "max": float(perturbed.max())}
 
 
-__all__ = ["QualitySetting", "QualityRow", "QualityReport", "evaluate_quality", "default_settings", "perturbation_spread",
-           "SparsityConfig"]
+__all__ = ["QualitySetting", "QualityRow", "QualityReport", "evaluate_quality", "default_settings",
+           "perturbation_spread", "SparsityConfig"]
