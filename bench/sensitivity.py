@@ -34,6 +34,7 @@ flags.DEFINE_boolean("dense", True, "also the dense model")
 flags.DEFINE_integer("seeds", 4, "perturbed draws per setting")
 flags.DEFINE_float("eps", 1e-6, "relative size of the perturbation of the embedding")
 flags.DEFINE_integer("max_windows", 16, "windows of the evaluation text")
+flags.DEFINE_integer("ctx", 512, "window length in tokens (at most the model's context)")
 flags.DEFINE_string("output", None, "append the JSON record here (JSON lines)")
 
 
@@ -41,6 +42,7 @@ def main(argv):
     del argv
     import activeflow_jax as af
     from activeflow_jax.config import parse_op_sparsity
+    from activeflow_jax.errors import ActiveFlowError
     from activeflow_jax.eval.quality import default_settings, perturbation_spread
     from common import emit
 
@@ -54,14 +56,17 @@ def main(argv):
     print("| setting | PPL as stored | perturbed: mean ± std | min - max |", file=sys.stderr)
     print("|---|---|---|---|", file=sys.stderr)
     for setting in settings:
-        row = perturbation_spread(engine, FLAGS.text, setting, seeds=FLAGS.seeds, eps=FLAGS.eps,
-                                  max_windows=FLAGS.max_windows)
+        try:
+            row = perturbation_spread(engine, FLAGS.text, setting, seeds=FLAGS.seeds, eps=FLAGS.eps,
+                                      ctx=FLAGS.ctx, max_windows=FLAGS.max_windows)
+        except ActiveFlowError as exc:
+            raise app.UsageError(str(exc)) from None
         rows.append(row)
         print(f"| {row['label']} | {row['ppl']:.3f} | {row['mean']:.3f} ± {row['std']:.3f} | "
               f"{row['min']:.3f} - {row['max']:.3f} |", file=sys.stderr, flush=True)
     emit({"bench": "sensitivity",
           "config": {"store": os.path.abspath(store), "text": os.path.abspath(FLAGS.text), "eps": FLAGS.eps,
-                     "seeds": FLAGS.seeds, "max_windows": FLAGS.max_windows},
+                     "seeds": FLAGS.seeds, "ctx": FLAGS.ctx, "max_windows": FLAGS.max_windows},
           "rows": rows}, FLAGS.output)
 
 

@@ -236,6 +236,11 @@ def test_mismatched_or_corrupt_checkpoint(source, tmp_path):
     other = DistillConfig(**{**SMALL, "lr": 1e-3})
     with pytest.raises(InvalidArgumentError, match="another run"):
         distill(store, tmp_path / "a", other, text_path=text, checkpoint_dir=str(ckpt), progress=False)
+    changed = tmp_path / "changed.txt"  # same settings, other training text: resuming would mix two runs
+    changed.write_text(open(text).read() + " and one more sentence.")
+    with pytest.raises(InvalidArgumentError, match="another run"):
+        distill(store, tmp_path / "a", DistillConfig(**SMALL), text_path=str(changed), checkpoint_dir=str(ckpt),
+                progress=False)
     # damage the latest checkpoint's files
     step_dir = max((p for p in ckpt.iterdir() if p.name.isdigit()), key=lambda p: int(p.name))
     for root, _, files in os.walk(step_dir):

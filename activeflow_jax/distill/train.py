@@ -298,22 +298,27 @@ def data_mesh(devices=None):
 # ------------------------------------------------------------------------------------------------
 # The run.
 
-def _run_fingerprint(store_path: str, dcfg: DistillConfig) -> str:
+def _run_fingerprint(store_path: str, dcfg: DistillConfig, ids: np.ndarray) -> str:
+    """Identifies a run by its source model, settings and training tokens, so a resume never mixes
+    checkpoints of another run (or of the same settings on a corpus that has since changed)."""
     from activeflow_jax.store.reader import read_manifest
 
     manifest = read_manifest(store_path)
-    record = {"source": manifest.get("source", {}), "config": dataclasses.asdict(dcfg)}
+    record = {"source": manifest.get("source", {}), "config": dataclasses.asdict(dcfg),
+              "data": hashlib.sha256(np.ascontiguousarray(ids, np.int32).tobytes()).hexdigest()}
     return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
 
 
 def default_distillation_texts() -> list[str]:
-    """The shipped teacher-written corpora: distill.txt (checkpoints/make_distill_text.py) and the
-    calibration articles (checkpoints/make_calibration_text.py). Never the evaluation text."""
+    """The shipped teacher-written corpora: distill.txt and distill2.txt
+    (checkpoints/make_distill_text.py --topic_set 1 / 2) and the calibration articles
+    (checkpoints/make_calibration_text.py). Never the evaluation text."""
     from activeflow_jax.sparse.calibrate import default_calibration_text
 
     calibration = default_calibration_text()
-    distill_text = os.path.join(os.path.dirname(calibration), "distill.txt")
-    return [p for p in (distill_text, calibration) if os.path.exists(p)]
+    data = os.path.dirname(calibration)
+    texts = [os.path.join(data, name) for name in ("distill.txt", "distill2.txt")] + [calibration]
+    return [p for p in texts if os.path.exists(p)]
 
 
 def distill(store_path: str, out_path: str, dcfg: DistillConfig | None = None, *,
@@ -364,7 +369,7 @@ def distill(store_path: str, out_path: str, dcfg: DistillConfig | None = None, *
 
     checkpoint_dir = os.path.abspath(checkpoint_dir or out_path + ".ckpt")
     os.makedirs(checkpoint_dir, exist_ok=True)
-    fingerprint = _run_fingerprint(store_path, dcfg)
+    fingerprint = _run_fingerprint(store_path, dcfg, ids)
     meta_path = os.path.join(checkpoint_dir, "run.json")
     if os.path.exists(meta_path):
         try:
