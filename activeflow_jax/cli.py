@@ -150,10 +150,18 @@ def cmd_distill(args) -> int:
                         trainable=args.trainable, lora_rank=args.lora_rank, fsdp=args.fsdp, save_every=args.save_every,
                         seed=args.seed)
     text = args.text.split(",") if args.text else None
+    merge = args.merge_alpha
+    if merge != "auto":
+        try:
+            merge = float(merge)
+        except ValueError:
+            raise ActiveFlowError(f"--merge-alpha must be 'auto' or a number in (0, 1], got {merge!r}") from None
     result = distill(_store_or_default(args), args.out, cfg, text_path=text, checkpoint_dir=args.checkpoint_dir,
-                     overwrite=args.overwrite)
-    print(f"distilled {result.steps} steps ({'resumed from ' + str(result.resumed_from) if result.resumed_from else 'fresh'}"
-          f", final KL {result.final_kl:.4f}, {result.tokens_per_s:.0f} tok/s) -> {result.out_store}")
+                     overwrite=args.overwrite, merge=merge, merge_text=args.merge_text)
+    origin = f"resumed from {result.resumed_from}" if result.resumed_from else "fresh"
+    trained = (f", final KL {result.final_kl:.4f}, {result.tokens_per_s:.0f} tok/s" if result.history
+               else ", nothing left to train")
+    print(f"distilled {result.steps} steps ({origin}{trained}, merge alpha {result.merge_alpha:g}) -> {result.out_store}")
     return 0
 
 
@@ -343,6 +351,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-every", type=int, default=25)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
+    p.add_argument("--merge-alpha", default="1", help="write teacher + ALPHA * (trained - teacher); 'auto' picks "
+                   "ALPHA in 0.5-1.0 by the sparse KL on held-out teacher text (a finished run is not trained again)")
+    p.add_argument("--merge-text", default=None, help="held-out text for --merge-alpha auto (default: the shipped "
+                   "data/heldout.txt, which no run trains on)")
     p.set_defaults(func=cmd_distill)
 
     p = sub.add_parser("eval", help="quality of sparse settings vs dense: PPL, KL, top-1 agreement")

@@ -132,4 +132,6 @@ def test_distill_command(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "distilled 2 steps" in proc.stdout and (out / "manifest.json").exists()
     assert_clean_error(run_cli(*args), "exists")  # no --overwrite
+    assert_clean_error(run_cli(*args, "--overwrite", "--merge-alpha", "most"), "--merge-alpha must be")
+    assert_clean_error(run_cli(*args, "--overwrite", "--merge-alpha", "1.5"), "merge must be")
     assert run_cli("generate", "hi", "--store", out, "--sparsity", "0.5", "--max-new-tokens", "2").returncode == 0

@@ -272,6 +272,41 @@ def test_lora_trains_only_adapters_and_merges_them(source, tmp_path):
     np.testing.assert_array_equal(out["layers.1.attn_norm.weight"], before["layers.1.attn_norm.weight"])
 
 
+def test_merge_writes_the_interpolation_and_auto_picks_the_least_heldout_kl(source, tmp_path):
+    from activeflow_jax.distill.train import MERGE_GRID
+    from activeflow_jax.eval.quality import QualitySetting, evaluate_quality
+
+    store, text, _ = source
+    cfg = DistillConfig(**{**SMALL, "policy": "topk", "steps": 6})
+    ckpt = str(tmp_path / "ckpt")
+    for bad in (0, 1.5, "half", True):
+        with pytest.raises(InvalidArgumentError, match="merge"):
+            distill(store, tmp_path / "bad", cfg, text_path=text, checkpoint_dir=ckpt, progress=False, merge=bad)
+    full = distill(store, tmp_path / "full", cfg, text_path=text, checkpoint_dir=ckpt, progress=False,
+                   recalibrate=False)
+    assert full.merge_alpha == 1.0 and full.merge_kl == []
+    # the finished run is written again, not trained again
+    half = distill(store, tmp_path / "half", cfg, text_path=text, checkpoint_dir=ckpt, progress=False,
+                   recalibrate=False, merge=0.5)
+    assert half.resumed_from == cfg.steps and half.history == []
+    teacher, trained, merged = _tensors(store), _tensors(full.out_store), _tensors(half.out_store)
+    name = "layers.1.mlp.w_gate_up"
+    assert not np.allclose(trained[name], teacher[name])
+    np.testing.assert_allclose(merged[name], (teacher[name] + trained[name]) / 2, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(merged["embed"], teacher["embed"])
+
+    auto = distill(store, tmp_path / "auto", cfg, text_path=text, checkpoint_dir=ckpt, progress=False,
+                   recalibrate=False, merge="auto", merge_text=text)
+    kls = {row["alpha"]: row["kl"] for row in auto.merge_kl}
+    assert sorted(kls) == sorted(MERGE_GRID) and auto.merge_alpha == min(kls, key=kls.get)
+    # the alpha = 1 entry is the quality harness's KL of the trained student on the same windows
+    report = evaluate_quality(af.Engine.load(full.out_store), text, [QualitySetting("s", 0.5, "topk")], ctx=32,
+                              reference=af.Engine.load(store))
+    assert kls[1.0] == pytest.approx(report.rows[-1].kl_mean, rel=1e-4)
+    manifest = json.load(open(os.path.join(auto.out_store, "manifest.json")))
+    assert manifest["source"]["merge_alpha"] == auto.merge_alpha
+
+
 def test_batched_teacher_generation_equals_one_at_a_time(source):
     """Each sequence of a batch sits at its own position: near-zero temperature must reproduce the
     engine's greedy decode of each prompt, whatever the other prompts' lengths."""
