@@ -355,26 +355,19 @@ def choose_merge(engine, trained: dict, dcfg: DistillConfig, text_path: str | No
     """The alpha of `grid` whose merged student (teacher + alpha * (trained - teacher)), run with
     the training's sparsity, has the least mean KL(teacher || student) on `windows` windows of
     held-out text. `engine` holds the teacher; its weights and sparsity are restored on return."""
-    from activeflow_jax.eval.perplexity import engine_tokens, eval_windows, scored_slice
-    from activeflow_jax.eval.quality import _log_softmax, token_kl
+    from activeflow_jax.eval.quality import WindowKL
 
-    ctx = min(dcfg.seq_len, engine.config.max_context)
-    tokens, bos = engine_tokens(engine, text_path or heldout_text(), ctx)
-    batch = eval_windows(tokens, ctx=ctx, max_windows=windows, bos_id=bos)
-    scored = scored_slice(ctx)
+    objective = WindowKL(engine, text_path or heldout_text(), ctx=min(dcfg.seq_len, engine.config.max_context),
+                         windows=windows)
     teacher = engine.params
     table = []
     try:
         with engine.sparsity_scope():
-            engine.configure_sparsity(None)
-            reference = [_log_softmax(engine.logits(w)[scored]) for w in batch]
             engine.configure_sparsity(dcfg.sparsity if dcfg.op_sparsity is None else None, policy=dcfg.policy,
                                       op_sparsity=dcfg.op_sparsity)
             for alpha in grid:
                 engine.params = _merged(teacher, trained, alpha)
-                kl = np.mean([float(token_kl(r, _log_softmax(engine.logits(w)[scored])).mean())
-                              for w, r in zip(batch, reference)])
-                table.append({"alpha": float(alpha), "kl": float(kl)})
+                table.append({"alpha": float(alpha), "kl": objective(engine)})
     finally:
         engine.params = teacher
     return min(table, key=lambda row: row["kl"])["alpha"], table

@@ -188,6 +188,26 @@ def evaluate_quality(engine, text_path: str | os.PathLike, settings: list[Qualit
                          reference_ppl=math.exp(dense_nll) if reference is not None else None)
 
 
+class WindowKL:
+    """Mean KL(dense || the engine as configured now) on fixed windows of a text: the objective of
+    searches that score many settings or weights on one engine (sparse/allocate.py, the merge of
+    distill/train.py). The dense log-probabilities are computed once, at construction."""
+
+    def __init__(self, engine, text_path: str | os.PathLike, *, ctx: int, windows: int | None):
+        tokens, bos = engine_tokens(engine, text_path, ctx)
+        self.windows = eval_windows(tokens, ctx=ctx, max_windows=windows, bos_id=bos)
+        self.scored = scored_slice(ctx)
+        with engine.sparsity_scope():
+            engine.configure_sparsity(None)
+            self.reference = [_log_softmax(engine.logits(w)[self.scored]) for w in self.windows]
+
+    def __call__(self, engine) -> float:
+        total = 0.0
+        for window, reference in zip(self.windows, self.reference):
+            total += float(token_kl(reference, _log_softmax(engine.logits(window)[self.scored])).mean())
+        return total / len(self.windows)
+
+
 def _configure(engine, s: QualitySetting) -> None:
     if s.op_sparsity is not None:
         engine.configure_sparsity(None, policy=s.policy, prediction=s.prediction, op_sparsity=s.op_sparsity)
@@ -257,4 +277,4 @@ def perturbation_spread(engine, text_path: str | os.PathLike, setting: QualitySe
 
 
 __all__ = ["QualitySetting", "QualityRow", "QualityReport", "evaluate_quality", "default_settings",
-           "perturbation_spread", "SparsityConfig"]
+           "perturbation_spread", "WindowKL", "SparsityConfig"]

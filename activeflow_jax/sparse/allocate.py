@@ -80,8 +80,7 @@ def allocate(engine, target: float, *, policy: str = "topk", text_path: str | No
              ctx: int = 512, step: float = 0.04, min_step: float = 0.01, max_evaluations: int = 200,
              progress: bool = False) -> AllocationResult:
     """Searches a per-op allocation whose byte share is >= `target` with the least KL to dense."""
-    from activeflow_jax.eval.perplexity import engine_tokens, eval_windows, scored_slice
-    from activeflow_jax.eval.quality import _log_softmax, token_kl
+    from activeflow_jax.eval.quality import WindowKL
     from activeflow_jax.sparse.calibrate import default_calibration_text
 
     if isinstance(target, bool) or not isinstance(target, (int, float)) or not 0 < target <= MAX_SPARSITY:
@@ -89,22 +88,15 @@ def allocate(engine, target: float, *, policy: str = "topk", text_path: str | No
     if not (LEVEL_GRID <= min_step <= step <= 0.5):
         raise InvalidArgumentError(f"need {LEVEL_GRID} <= min_step <= step <= 0.5, got {min_step!r}, {step!r}")
     cfg = engine.config
-    tokens, bos = engine_tokens(engine, text_path or default_calibration_text(), ctx)
-    batch = eval_windows(tokens, ctx=ctx, max_windows=windows, bos_id=bos)
-    scored = scored_slice(ctx)
     t0 = time.perf_counter()
+    objective = WindowKL(engine, text_path or default_calibration_text(), ctx=ctx, windows=windows)
     with engine.sparsity_scope():
-        engine.configure_sparsity(None)
-        dense = [_log_softmax(engine.logits(w)[scored]) for w in batch]
         seen: dict[tuple[float, ...], float] = {}
 
         def kl(levels: tuple[float, ...]) -> float:
             if levels not in seen:
                 engine.configure_sparsity(None, policy=policy, op_sparsity=levels)
-                total = 0.0
-                for w, d in zip(batch, dense):
-                    total += float(token_kl(d, _log_softmax(engine.logits(w)[scored])).mean())
-                seen[levels] = total / len(batch)
+                seen[levels] = objective(engine)
             return seen[levels]
 
         current = (_grid(target),) * len(OP_GROUPS)
