@@ -84,8 +84,8 @@ TOPICS = [
 ]
 
 # The second corpus (--topic_set 2, distill2.txt): other topics, other prompt forms, so a 300-step
-# run sees each token about once (stop 15 found the student memorises: KL falls 37% on its
-# training text, 21% on new teacher text, 10% on WikiText)
+# run sees each token about once (stop 15 found that stop 14's seed-1 student fitted its data: its
+# sparse KL is 37% below the undistilled model's on its training text, 21% on new teacher text)
 TEMPLATES_2 = [
     "Write a Wikipedia article about {}.",
     "Write a textbook chapter about {}.",

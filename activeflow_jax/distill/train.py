@@ -340,6 +340,8 @@ def heldout_text() -> str:
 
 
 def _merged(teacher: dict, trained: dict, alpha: float) -> dict:
+    if alpha == 1:  # in float32 t + 1 * (s - t) is not s, and sparse masks amplify the last bits
+        return trained
     return jax.tree.map(lambda t, s: t + jnp.float32(alpha) * (s - t), teacher, trained)
 
 
@@ -501,8 +503,7 @@ def distill(store_path: str, out_path: str, dcfg: DistillConfig | None = None, *
         if progress:
             print("merge: " + ", ".join(f"alpha {r['alpha']:g} KL {r['kl']:.4f}" for r in merge_kl)
                   + f" -> alpha {merge:g}", flush=True)
-    if merge != 1:
-        params = _merged(teacher, params, merge)
+    params = _merged(teacher, params, merge)
     from activeflow_jax.store.reader import StoreReader
 
     reader = StoreReader(store_path)
