@@ -157,11 +157,12 @@ def cmd_distill(args) -> int:
         except ValueError:
             raise ActiveFlowError(f"--merge-alpha must be 'auto' or a number in (0, 1], got {merge!r}") from None
     result = distill(_store_or_default(args), args.out, cfg, text_path=text, checkpoint_dir=args.checkpoint_dir,
-                     overwrite=args.overwrite, merge=merge, merge_text=args.merge_text)
+                     overwrite=args.overwrite, merge=merge, merge_text=args.merge_text, members=args.members)
     origin = f"resumed from {result.resumed_from}" if result.resumed_from else "fresh"
     trained = (f", final KL {result.final_kl:.4f}, {result.tokens_per_s:.0f} tok/s" if result.history
                else ", nothing left to train")
-    print(f"distilled {result.steps} steps ({origin}{trained}, merge alpha {result.merge_alpha:g}) -> {result.out_store}")
+    soup = f" in {result.members} students" if result.members > 1 else ""
+    print(f"distilled {result.steps} steps{soup} ({origin}{trained}, merge alpha {result.merge_alpha:g}) -> {result.out_store}")
     return 0
 
 
@@ -355,6 +356,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "ALPHA in 0.5-1.0 by the sparse KL on held-out teacher text (a finished run is not trained again)")
     p.add_argument("--merge-text", default=None, help="held-out text for --merge-alpha auto (default: the shipped "
                    "data/heldout.txt, which no run trains on)")
+    p.add_argument("--members", type=int, default=1, help="train N students (seeds SEED .. SEED+N-1, N x STEPS "
+                   "steps in all) and average their weights (a model soup) before the merge")
     p.set_defaults(func=cmd_distill)
 
     p = sub.add_parser("eval", help="quality of sparse settings vs dense: PPL, KL, top-1 agreement")

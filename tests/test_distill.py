@@ -327,3 +327,31 @@ def test_batched_teacher_generation_equals_one_at_a_time(source):
         generate_batch(engine, [[]], max_new_tokens=4)
     with pytest.raises(InvalidArgumentError):
         generate_batch(engine, prompts, max_new_tokens=4, min_p=0.0)
+
+
+def test_soup_averages_the_single_runs_of_its_seeds_and_resumes(source, tmp_path):
+    store, text, _ = source
+    cfg = DistillConfig(**{**SMALL, "policy": "topk", "steps": 3, "seed": 5})
+    singles = [distill(store, tmp_path / f"single{s}", DistillConfig(**{**SMALL, "policy": "topk", "steps": 3,
+                                                                          "seed": s}),
+                       text_path=text, progress=False, recalibrate=False) for s in (5, 6)]
+    # killed in the second member's first step range, then resumed: no lost or repeated step
+    partial = distill(store, tmp_path / "soup", cfg, text_path=text, progress=False, recalibrate=False, members=2,
+                      stop_after=4)
+    assert partial.out_store == "" and partial.steps == 4
+    assert [(h["member"], h["step"]) for h in partial.history] == [(0, 1), (0, 2), (0, 3), (1, 1)]
+    soup = distill(store, tmp_path / "soup", cfg, text_path=text, progress=False, recalibrate=False, members=2)
+    assert soup.members == 2 and soup.steps == 6 and soup.resumed_from == 4
+    assert [(h["member"], h["step"]) for h in soup.history] == [(1, 2), (1, 3)]
+    a, b, mixed, teacher = (_tensors(singles[0].out_store), _tensors(singles[1].out_store), _tensors(soup.out_store),
+                            _tensors(store))
+    name = "layers.1.attn.wqkv"
+    assert not np.allclose(a[name], b[name])  # the seeds drew different batches
+    for n in teacher:
+        np.testing.assert_allclose(mixed[n], (a[n] + b[n]) / 2, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(mixed["embed"], teacher["embed"])
+    manifest = json.load(open(os.path.join(soup.out_store, "manifest.json")))
+    assert manifest["source"]["distill_members"] == 2
+    for bad in (0, 1.5, True, "2"):
+        with pytest.raises(InvalidArgumentError, match="members"):
+            distill(store, tmp_path / "bad", cfg, text_path=text, progress=False, members=bad)

@@ -26,6 +26,11 @@ student; `merge="auto"` picks alpha on a grid by the sparse model's KL to the te
 teacher-written text that no run trains on (data/heldout.txt). Interpolating a fine-tuned model
 back towards its start (WiSE-FT) removes part of what the student fitted to its own batches:
 on the default model at 50%, KL on WikiText fell from 0.425 to 0.400 at alpha 0.75.
+
+Soup: `members=N` trains N students with consecutive seeds (each its own draw of batches, its own
+checkpoints) and averages their weights before the merge. On the default model a student stops
+improving on WikiText after ~60 steps while it goes on fitting its own batches, so N short runs
+cost what one long run does and average away part of what each fitted to its batches.
 """
 
 from __future__ import annotations
@@ -101,6 +106,7 @@ class DistillResult:
     history: list[dict[str, float]]
     merge_alpha: float = 1.0  # the written weights: teacher + merge_alpha * (trained - teacher)
     merge_kl: list[dict[str, float]] = dataclasses.field(default_factory=list)  # {"alpha", "kl"} when "auto"
+    members: int = 1  # students averaged (a model soup) before the merge
 
 
 # ------------------------------------------------------------------------------------------------
@@ -375,49 +381,16 @@ def choose_merge(engine, trained: dict, dcfg: DistillConfig, text_path: str | No
     return min(table, key=lambda row: row["kl"])["alpha"], table
 
 
-def distill(store_path: str, out_path: str, dcfg: DistillConfig | None = None, *,
-            text_path: str | Sequence[str] | None = None,
-            checkpoint_dir: str | None = None, overwrite: bool = False, progress: bool = True,
-            stop_after: int | None = None, recalibrate: bool = True, merge: float | str = 1.0,
-            merge_text: str | None = None) -> DistillResult:
-    """Distills the sparse model of `store_path` and writes it to the new store `out_path`.
-
-    merge: the written weights are teacher + merge * (trained - teacher); "auto" picks it from
-    MERGE_GRID by KL on held-out text (`merge_text`, default data/heldout.txt; see choose_merge).
-    It is applied after training, so a finished run can be written again with another merge.
-
-    checkpoint_dir (default: out_path + ".ckpt") holds Orbax checkpoints; a run started again
-    with the same store and settings resumes from the latest. stop_after (tests) stops after that
-    many steps without writing the output, as a killed run would."""
+def _train_student(engine, dcfg: DistillConfig, store_path: str, ids: np.ndarray, windows: np.ndarray,
+                   thresholds, checkpoint_dir: str, *, progress: bool, stop_after: int | None,
+                   desc: str = "distill") -> tuple[dict, list[dict[str, float]], int | None, int, float]:
+    """Trains (or resumes) one student from the teacher held by `engine`, checkpointing into
+    `checkpoint_dir`. Returns (trained params, this call's history, the step resumed from or None,
+    the last step reached, seconds)."""
     import orbax.checkpoint as ocp
 
-    from activeflow_jax.engine import Engine
-    from activeflow_jax.models.llama import flatten_params
-    from activeflow_jax.sparse.calibrate import calibrate, default_calibration_text, read_calibration, store_thresholds
-    from activeflow_jax.store.writer import write_store
-
-    dcfg = dcfg or DistillConfig()
-    _validate_merge(merge)
-    store_path, out_path = os.path.abspath(store_path), os.path.abspath(out_path)
-    if out_path == store_path:
-        raise InvalidArgumentError("the output store must differ from the source store (which is never modified)")
-    if os.path.exists(out_path) and not overwrite:
-        raise InvalidArgumentError(f"{out_path} exists; pass overwrite=True (--overwrite) or choose another path")
-    engine = Engine.load(store_path, q8_embedding=False)  # training reads the f32 table whole
     cfg = engine.config
-    calibration = read_calibration(store_path, cfg)  # its levels are calibrated again for the output
-    thresholds = (jnp.asarray(store_thresholds(store_path, cfg, student_sparsity(cfg, dcfg)))
-                  if dcfg.policy == "threshold" else None)
-    texts = default_distillation_texts() if text_path is None else (
-        [text_path] if isinstance(text_path, (str, os.PathLike)) else list(text_path))
-    from activeflow_jax.eval.perplexity import read_text
-
-    ids = np.concatenate([np.asarray(engine.tokenizer.encode(read_text(t)), np.int32) for t in texts])
-    windows = make_windows(ids, dcfg.seq_len, dcfg.batch_size)
-
     mesh = data_mesh()
-    if dcfg.batch_size % mesh.size:
-        raise InvalidArgumentError(f"batch_size {dcfg.batch_size} must be a multiple of the {mesh.size} devices")
     teacher = engine.params
     trainable, frozen = split_trainable(teacher, dcfg.trainable, dcfg.lora_rank, dcfg.seed)
     trainable = jax.tree.map(jnp.copy, trainable)  # the student's own copy; the teacher stays intact
@@ -427,7 +400,6 @@ def distill(store_path: str, out_path: str, dcfg: DistillConfig | None = None, *
     train_sh, opt_sh, batch_sharding = step_shardings(mesh, dcfg, trainable, tx)
     trainable, opt_state = jax.device_put(trainable, train_sh), jax.device_put(opt_state, opt_sh)
 
-    checkpoint_dir = os.path.abspath(checkpoint_dir or out_path + ".ckpt")
     os.makedirs(checkpoint_dir, exist_ok=True)
     fingerprint = _run_fingerprint(store_path, dcfg, ids)
     meta_path = os.path.join(checkpoint_dir, "run.json")
@@ -467,7 +439,7 @@ def distill(store_path: str, out_path: str, dcfg: DistillConfig | None = None, *
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=dcfg.steps, initial=start, desc="distill", unit="step")
+        bar = tqdm(total=dcfg.steps, initial=start, desc=desc, unit="step")
     end = dcfg.steps if stop_after is None else min(dcfg.steps, start + stop_after)
     for step in range(start, end):
         batch = jax.device_put(batch_for_step(windows, step, dcfg.batch_size, dcfg.seed), batch_sharding)
@@ -484,19 +456,97 @@ def distill(store_path: str, out_path: str, dcfg: DistillConfig | None = None, *
                             tok_s=f"{len(history) * dcfg.batch_size * dcfg.seq_len / elapsed:.0f}")
             bar.update(1)
     manager.wait_until_finished()
+    manager.close()
     if bar is not None:
         bar.close()
-    seconds = time.perf_counter() - t0
-    tokens = len(history) * dcfg.batch_size * dcfg.seq_len
-    if stop_after is not None and end < dcfg.steps:
-        manager.close()
-        return DistillResult(out_store="", steps=end, resumed_from=resumed_from,
-                             final_loss=history[-1]["loss"] if history else float("nan"),
-                             final_kl=history[-1]["kl"] if history else float("nan"), seconds=seconds,
-                             tokens_per_s=tokens / seconds if seconds else 0.0, history=history)
-    manager.close()
+    return student_params(frozen, trainable), history, resumed_from, end, time.perf_counter() - t0
 
-    params = student_params(frozen, trainable)
+
+def _average(trees: list[dict]) -> dict:
+    """The element-wise mean of several students (a model soup); one student is returned as is."""
+    if len(trees) == 1:
+        return trees[0]
+    return jax.tree.map(lambda *xs: sum(xs[1:], xs[0]) / jnp.float32(len(xs)), *trees)
+
+
+def member_checkpoint_dir(checkpoint_dir: str, member: int, members: int) -> str:
+    """Where member `member` of a soup keeps its checkpoints (a single student: checkpoint_dir)."""
+    return checkpoint_dir if members == 1 else os.path.join(checkpoint_dir, f"member-{member}")
+
+
+def distill(store_path: str, out_path: str, dcfg: DistillConfig | None = None, *,
+            text_path: str | Sequence[str] | None = None,
+            checkpoint_dir: str | None = None, overwrite: bool = False, progress: bool = True,
+            stop_after: int | None = None, recalibrate: bool = True, merge: float | str = 1.0,
+            merge_text: str | None = None, members: int = 1) -> DistillResult:
+    """Distills the sparse model of `store_path` and writes it to the new store `out_path`.
+
+    members: train this many students, with seeds dcfg.seed, dcfg.seed + 1, ... (each sees its
+    own draw of batches; member i is exactly the single run with seed dcfg.seed + i), and average
+    their weights (a model soup) before the merge. Each member costs a whole run of dcfg.steps.
+
+    merge: the written weights are teacher + merge * (trained - teacher); "auto" picks it from
+    MERGE_GRID by KL on held-out text (`merge_text`, default data/heldout.txt; see choose_merge).
+    It is applied after training, so a finished run can be written again with another merge.
+
+    checkpoint_dir (default: out_path + ".ckpt") holds Orbax checkpoints (a soup's member i in
+    its member-i subdirectory); a run started again with the same store and settings resumes from
+    the latest. stop_after (tests) stops after that many steps in all without writing the output,
+    as a killed run would."""
+    from activeflow_jax.engine import Engine
+    from activeflow_jax.models.llama import flatten_params
+    from activeflow_jax.sparse.calibrate import calibrate, default_calibration_text, read_calibration, store_thresholds
+    from activeflow_jax.store.writer import write_store
+
+    dcfg = dcfg or DistillConfig()
+    _validate_merge(merge)
+    if isinstance(members, bool) or not isinstance(members, int) or members < 1:
+        raise InvalidArgumentError(f"members must be an int >= 1, got {members!r}")
+    store_path, out_path = os.path.abspath(store_path), os.path.abspath(out_path)
+    if out_path == store_path:
+        raise InvalidArgumentError("the output store must differ from the source store (which is never modified)")
+    if os.path.exists(out_path) and not overwrite:
+        raise InvalidArgumentError(f"{out_path} exists; pass overwrite=True (--overwrite) or choose another path")
+    engine = Engine.load(store_path, q8_embedding=False)  # training reads the f32 table whole
+    cfg = engine.config
+    calibration = read_calibration(store_path, cfg)  # its levels are calibrated again for the output
+    thresholds = (jnp.asarray(store_thresholds(store_path, cfg, student_sparsity(cfg, dcfg)))
+                  if dcfg.policy == "threshold" else None)
+    texts = default_distillation_texts() if text_path is None else (
+        [text_path] if isinstance(text_path, (str, os.PathLike)) else list(text_path))
+    from activeflow_jax.eval.perplexity import read_text
+
+    ids = np.concatenate([np.asarray(engine.tokenizer.encode(read_text(t)), np.int32) for t in texts])
+    windows = make_windows(ids, dcfg.seq_len, dcfg.batch_size)
+    if dcfg.batch_size % data_mesh().size:
+        raise InvalidArgumentError(f"batch_size {dcfg.batch_size} must be a multiple of the {data_mesh().size} devices")
+
+    checkpoint_dir = os.path.abspath(checkpoint_dir or out_path + ".ckpt")
+    teacher = engine.params
+    students, history, resumed_from, seconds, budget = [], [], None, 0.0, stop_after
+    for member in range(members):
+        member_cfg = dcfg if members == 1 else dataclasses.replace(dcfg, seed=dcfg.seed + member)
+        params, part, resumed, end, took = _train_student(
+            engine, member_cfg, store_path, ids, windows, thresholds,
+            member_checkpoint_dir(checkpoint_dir, member, members), progress=progress, stop_after=budget,
+            desc="distill" if members == 1 else f"distill {member + 1}/{members}")
+        history += part if members == 1 else [{"member": member, **row} for row in part]
+        seconds += took
+        if resumed:  # steps done before this call, over all members
+            resumed_from = (resumed_from or 0) + resumed
+        if budget is not None:
+            budget -= len(part)
+        if end < dcfg.steps:  # stopped early (tests): as if killed, nothing is written
+            return DistillResult(out_store="", steps=member * dcfg.steps + end, resumed_from=resumed_from,
+                                 final_loss=history[-1]["loss"] if history else float("nan"),
+                                 final_kl=history[-1]["kl"] if history else float("nan"), seconds=seconds,
+                                 tokens_per_s=len(history) * dcfg.batch_size * dcfg.seq_len / seconds
+                                 if seconds else 0.0, history=history)
+        students.append(params)
+    tokens = len(history) * dcfg.batch_size * dcfg.seq_len
+
+    params = _average(students)
+    del students
     merge_kl = []
     if merge == "auto":
         merge, merge_kl = choose_merge(engine, params, dcfg, merge_text)
@@ -511,6 +561,7 @@ def distill(store_path: str, out_path: str, dcfg: DistillConfig | None = None, *
     write_store(out_path, cfg, reader.tokenizer_spec, iter(flat.items()), dtype=reader.manifest["storage_dtype"],
                 source={**reader.manifest.get("source", {}), "distilled_from": store_path,
                         "distill": dataclasses.asdict(dcfg), "distill_steps": dcfg.steps,
+                        "distill_members": members,
                         "merge_alpha": float(merge), "merge_kl": merge_kl},
                 overwrite=True, progress=progress, total=len(flat))
     if recalibrate and calibration is not None:
@@ -518,8 +569,8 @@ def distill(store_path: str, out_path: str, dcfg: DistillConfig | None = None, *
         levels = set(calibration.available) | {s for s in (dcfg.op_sparsity or ()) if s > 0}
         calibrate(out_path, default_calibration_text() if text_path is None else texts[0],
                   levels=sorted(levels), progress=progress)
-    return DistillResult(out_store=out_path, steps=dcfg.steps, resumed_from=resumed_from,
+    return DistillResult(out_store=out_path, steps=members * dcfg.steps, resumed_from=resumed_from,
                          final_loss=history[-1]["loss"] if history else float("nan"),
                          final_kl=history[-1]["kl"] if history else float("nan"), seconds=seconds,
                          tokens_per_s=tokens / seconds if seconds else 0.0, history=history,
-                         merge_alpha=float(merge), merge_kl=merge_kl)
+                         merge_alpha=float(merge), merge_kl=merge_kl, members=members)
