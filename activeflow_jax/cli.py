@@ -408,8 +408,36 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+HUGEPAGE_TUNABLE = "glibc.malloc.hugetlb=1"
+
+
+def malloc_hugepage_env(env: dict[str, str]) -> dict[str, str] | None:
+    """`env` with glibc's malloc asked to back large blocks with transparent huge pages, or None
+    where nothing is to change (not Linux/glibc, the tunable already set, or already re-executed).
+
+    A distillation step allocates ~10 GB of XLA temporaries and frees them again; with 4 KiB pages
+    the kernel faults and zeroes every page afresh each step (about 20% of the step's CPU time on
+    the reference machine). With the tunable a step of the default recipe took 6.9 s instead of
+    9.3 s. glibc reads it only at process start, hence the re-exec; older glibc ignores it."""
+    import platform
+
+    if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
+        return None
+    tunables = env.get("GLIBC_TUNABLES", "")
+    if env.get("ACTIVEFLOW_MALLOC_TUNED") or "glibc.malloc.hugetlb" in tunables:
+        return None
+    return {**env, "ACTIVEFLOW_MALLOC_TUNED": "1",
+            "GLIBC_TUNABLES": f"{tunables}:{HUGEPAGE_TUNABLE}" if tunables else HUGEPAGE_TUNABLE}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if argv is None and args.func is cmd_distill:  # the process's own command line: safe to replace it
+        env = malloc_hugepage_env(dict(os.environ))
+        if env is not None:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.execve(sys.executable, [sys.executable, "-m", "activeflow_jax", *sys.argv[1:]], env)
     try:
         return args.func(args)
     except ActiveFlowError as exc:

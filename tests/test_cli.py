@@ -136,3 +136,17 @@ def test_distill_command(tmp_path):
     assert_clean_error(run_cli(*args, "--overwrite", "--merge-alpha", "1.5"), "merge must be")
     assert_clean_error(run_cli(*args, "--overwrite", "--members", "0"), "members must be")
     assert run_cli("generate", "hi", "--store", out, "--sparsity", "0.5", "--max-new-tokens", "2").returncode == 0
+
+
+def test_distill_asks_glibc_for_huge_pages_once():
+    from activeflow_jax.cli import HUGEPAGE_TUNABLE, malloc_hugepage_env
+
+    env = malloc_hugepage_env({"PATH": "/bin"})
+    if env is None:  # not Linux with glibc: nothing to tune
+        assert not sys.platform.startswith("linux") or __import__("platform").libc_ver()[0] != "glibc"
+        return
+    assert env["GLIBC_TUNABLES"] == HUGEPAGE_TUNABLE and env["PATH"] == "/bin"
+    assert malloc_hugepage_env(env) is None  # the re-executed process does not loop
+    kept = malloc_hugepage_env({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"})
+    assert kept["GLIBC_TUNABLES"] == f"glibc.malloc.arena_max=2:{HUGEPAGE_TUNABLE}"
+    assert malloc_hugepage_env({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}) is None  # the user's choice stands
