@@ -382,15 +382,14 @@ def choose_merge(engine, trained: dict, dcfg: DistillConfig, text_path: str | No
 
 
 def _train_student(engine, dcfg: DistillConfig, store_path: str, ids: np.ndarray, windows: np.ndarray,
-                   thresholds, checkpoint_dir: str, *, progress: bool, stop_after: int | None,
+                   thresholds, checkpoint_dir: str, mesh, *, progress: bool, stop_after: int | None,
                    desc: str = "distill") -> tuple[dict, list[dict[str, float]], int | None, int, float]:
-    """Trains (or resumes) one student from the teacher held by `engine`, checkpointing into
-    `checkpoint_dir`. Returns (trained params, this call's history, the step resumed from or None,
+    """Trains (or resumes) one student from the teacher held by `engine` on `mesh`, checkpointing
+    into `checkpoint_dir`. Returns (trained params, this call's history, the step resumed from or None,
     the last step reached, seconds)."""
     import orbax.checkpoint as ocp
 
     cfg = engine.config
-    mesh = data_mesh()
     teacher = engine.params
     trainable, frozen = split_trainable(teacher, dcfg.trainable, dcfg.lora_rank, dcfg.seed)
     trainable = jax.tree.map(jnp.copy, trainable)  # the student's own copy; the teacher stays intact
@@ -462,6 +461,14 @@ def _train_student(engine, dcfg: DistillConfig, store_path: str, ids: np.ndarray
     return student_params(frozen, trainable), history, resumed_from, end, time.perf_counter() - t0
 
 
+def _result(dcfg: DistillConfig, history: list[dict[str, float]], seconds: float, **fields) -> DistillResult:
+    """A DistillResult whose loss, KL and throughput come from the steps this call ran."""
+    tokens = len(history) * dcfg.batch_size * dcfg.seq_len
+    return DistillResult(final_loss=history[-1]["loss"] if history else float("nan"),
+                         final_kl=history[-1]["kl"] if history else float("nan"), seconds=seconds,
+                         tokens_per_s=tokens / seconds if seconds else 0.0, history=history, **fields)
+
+
 def _average(trees: list[dict]) -> dict:
     """The element-wise mean of several students (a model soup); one student is returned as is."""
     if len(trees) == 1:
@@ -518,8 +525,9 @@ def distill(store_path: str, out_path: str, dcfg: DistillConfig | None = None, *
 
     ids = np.concatenate([np.asarray(engine.tokenizer.encode(read_text(t)), np.int32) for t in texts])
     windows = make_windows(ids, dcfg.seq_len, dcfg.batch_size)
-    if dcfg.batch_size % data_mesh().size:
-        raise InvalidArgumentError(f"batch_size {dcfg.batch_size} must be a multiple of the {data_mesh().size} devices")
+    mesh = data_mesh()
+    if dcfg.batch_size % mesh.size:
+        raise InvalidArgumentError(f"batch_size {dcfg.batch_size} must be a multiple of the {mesh.size} devices")
 
     checkpoint_dir = os.path.abspath(checkpoint_dir or out_path + ".ckpt")
     teacher = engine.params
@@ -528,7 +536,7 @@ def distill(store_path: str, out_path: str, dcfg: DistillConfig | None = None, *
         member_cfg = dcfg if members == 1 else dataclasses.replace(dcfg, seed=dcfg.seed + member)
         params, part, resumed, end, took = _train_student(
             engine, member_cfg, store_path, ids, windows, thresholds,
-            member_checkpoint_dir(checkpoint_dir, member, members), progress=progress, stop_after=budget,
+            member_checkpoint_dir(checkpoint_dir, member, members), mesh, progress=progress, stop_after=budget,
             desc="distill" if members == 1 else f"distill {member + 1}/{members}")
         history += part if members == 1 else [{"member": member, **row} for row in part]
         seconds += took
@@ -537,13 +545,9 @@ def distill(store_path: str, out_path: str, dcfg: DistillConfig | None = None, *
         if budget is not None:
             budget -= len(part)
         if end < dcfg.steps:  # stopped early (tests): as if killed, nothing is written
-            return DistillResult(out_store="", steps=member * dcfg.steps + end, resumed_from=resumed_from,
-                                 final_loss=history[-1]["loss"] if history else float("nan"),
-                                 final_kl=history[-1]["kl"] if history else float("nan"), seconds=seconds,
-                                 tokens_per_s=len(history) * dcfg.batch_size * dcfg.seq_len / seconds
-                                 if seconds else 0.0, history=history)
+            return _result(dcfg, history, seconds, out_store="", steps=member * dcfg.steps + end,
+                           resumed_from=resumed_from)
         students.append(params)
-    tokens = len(history) * dcfg.batch_size * dcfg.seq_len
 
     params = _average(students)
     del students
@@ -569,8 +573,5 @@ def distill(store_path: str, out_path: str, dcfg: DistillConfig | None = None, *
         levels = set(calibration.available) | {s for s in (dcfg.op_sparsity or ()) if s > 0}
         calibrate(out_path, default_calibration_text() if text_path is None else texts[0],
                   levels=sorted(levels), progress=progress)
-    return DistillResult(out_store=out_path, steps=members * dcfg.steps, resumed_from=resumed_from,
-                         final_loss=history[-1]["loss"] if history else float("nan"),
-                         final_kl=history[-1]["kl"] if history else float("nan"), seconds=seconds,
-                         tokens_per_s=tokens / seconds if seconds else 0.0, history=history,
-                         merge_alpha=float(merge), merge_kl=merge_kl, members=members)
+    return _result(dcfg, history, seconds, out_store=out_path, steps=members * dcfg.steps, resumed_from=resumed_from,
+                   merge_alpha=float(merge), merge_kl=merge_kl, members=members)
