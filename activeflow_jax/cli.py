@@ -356,7 +356,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--merge-alpha", default="1", help="write teacher + ALPHA * (trained - teacher); 'auto' picks "
                    "ALPHA in 0.5-1.0 by the sparse KL on held-out teacher text (a finished run is not trained again)")
     p.add_argument("--merge-text", default=None, help="held-out text for --merge-alpha auto (default: the shipped "
-                   "data/heldout.txt, which no run trains on)")
+                   "data/heldout.txt, which no run trains on); 'unseen': 24 windows of the training text that the run "
+                   "did not train on (held-out text of the training text's kind)")
     p.add_argument("--members", type=int, default=1, help="train N students (seeds SEED .. SEED+N-1, N x STEPS "
                    "steps in all) and average their weights (a model soup) before the merge")
     p.set_defaults(func=cmd_distill)

@@ -307,6 +307,40 @@ def test_merge_writes_the_interpolation_and_auto_picks_the_least_heldout_kl(sour
     assert manifest["source"]["merge_alpha"] == auto.merge_alpha
 
 
+def test_unseen_windows_are_exactly_those_no_batch_trained_on_and_serve_the_merge(source, tmp_path):
+    from activeflow_jax.distill.train import batch_for_step, make_windows, unseen_windows
+
+    windows = make_windows(np.arange(1000, dtype=np.int32), 32, 2)  # 31 distinct windows
+    cfg = DistillConfig(**{**SMALL, "steps": 5, "seed": 2})
+    for members in (1, 2):
+        trained = {int(row[0]) // 32 for m in range(members) for step in range(cfg.steps)
+                   for row in batch_for_step(windows, step, cfg.batch_size, cfg.seed + m)}
+        unseen = unseen_windows(len(windows), cfg, members)
+        assert set(unseen) == set(range(len(windows))) - trained and len(unseen) > 0
+    # more steps than one epoch leave nothing held out
+    assert unseen_windows(len(windows), DistillConfig(**{**SMALL, "steps": 16}), 1) == []
+
+    store, text, _ = source
+    cfg = DistillConfig(**{**SMALL, "policy": "topk", "steps": 3})
+    got = distill(store, tmp_path / "out", cfg, text_path=text, progress=False, recalibrate=False, merge="auto",
+                  merge_text="unseen")
+    assert len(got.merge_kl) == 6 and got.merge_alpha == min(got.merge_kl, key=lambda r: r["kl"])["alpha"]
+    manifest = json.load(open(os.path.join(got.out_store, "manifest.json")))
+    assert manifest["source"]["merge_text"] == "unseen"
+    # the merge text is the unseen windows' own tokens, one paragraph each
+    engine = af.Engine.load(store)
+    windows = make_windows(np.asarray(engine.tokenizer.encode(TEXT), np.int32), cfg.seq_len, cfg.batch_size)
+    unseen = unseen_windows(len(windows), cfg)
+    paragraphs = open(tmp_path / "out.ckpt" / "merge_unseen.txt", encoding="utf-8").read().split("\n\n")
+    assert 0 < len(paragraphs) <= 24
+    assert paragraphs[0] == engine.tokenizer.decode(windows[unseen[0]][:cfg.seq_len].tolist())
+    # a run that trains on every window is refused before it trains
+    with pytest.raises(InvalidArgumentError, match="none would be held out"):
+        distill(store, tmp_path / "all", DistillConfig(**{**SMALL, "policy": "topk", "steps": 1000}), text_path=text,
+                progress=False, merge="auto", merge_text="unseen")
+    assert not os.path.exists(tmp_path / "all.ckpt")
+
+
 def test_batched_teacher_generation_equals_one_at_a_time(source):
     """Each sequence of a batch sits at its own position: near-zero temperature must reproduce the
     engine's greedy decode of each prompt, whatever the other prompts' lengths."""

@@ -368,6 +368,36 @@ def heldout_text() -> str:
     return os.path.join(os.path.dirname(default_calibration_text()), "heldout.txt")
 
 
+UNSEEN = "unseen"  # merge_text: the training corpus's windows that no step trained on
+UNSEEN_WINDOWS = 24
+
+
+def unseen_windows(n_windows: int, dcfg: DistillConfig, members: int = 1) -> list[int]:
+    """Indices of the windows (of make_windows) that no batch of the run trained on, over all
+    members (seeds dcfg.seed .. + members - 1): batch_for_step's permutations, replayed."""
+    seen = set()
+    for member in range(members):
+        perms = {}
+        for i in range(dcfg.steps * dcfg.batch_size):
+            epoch, pos = divmod(i, n_windows)
+            if epoch not in perms:
+                perms[epoch] = np.random.default_rng([dcfg.seed + member, epoch]).permutation(n_windows)
+            seen.add(int(perms[epoch][pos]))
+    return [i for i in range(n_windows) if i not in seen]
+
+
+def unseen_text(engine, windows: np.ndarray, dcfg: DistillConfig, members: int, out_dir: str) -> str:
+    """Writes UNSEEN_WINDOWS unseen windows, evenly spread over the corpus, as text (one paragraph
+    each) for choose_merge: held-out text of the training text's own kind, for corpora (such as
+    --text wikipedia) whose style differs from the teacher's held-out text. Returns its path."""
+    unseen = unseen_windows(len(windows), dcfg, members)
+    pick = unseen[::max(1, len(unseen) // UNSEEN_WINDOWS)][:UNSEEN_WINDOWS]
+    path = os.path.join(out_dir, "merge_unseen.txt")
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("\n\n".join(engine.tokenizer.decode(windows[i][:dcfg.seq_len].tolist()) for i in pick))
+    return path
+
+
 def _merged(teacher: dict, trained: dict, alpha: float) -> dict:
     if alpha == 1:  # in float32 t + 1 * (s - t) is not s, and sparse masks amplify the last bits
         return trained
@@ -519,7 +549,8 @@ def distill(store_path: str, out_path: str, dcfg: DistillConfig | None = None, *
     their weights (a model soup) before the merge. Each member costs a whole run of dcfg.steps.
 
     merge: the written weights are teacher + merge * (trained - teacher); "auto" picks it from
-    MERGE_GRID by KL on held-out text (`merge_text`, default data/heldout.txt; see choose_merge).
+    MERGE_GRID by KL on held-out text (`merge_text`, default data/heldout.txt; see choose_merge;
+    "unseen": the windows of the training text that the run did not train on, see unseen_text).
     It is applied after training, so a finished run can be written again with another merge.
 
     checkpoint_dir (default: out_path + ".ckpt") holds Orbax checkpoints (a soup's member i in
@@ -550,6 +581,10 @@ def distill(store_path: str, out_path: str, dcfg: DistillConfig | None = None, *
 
     ids = np.concatenate([np.asarray(engine.tokenizer.encode(read_text(t)), np.int32) for t in texts])
     windows = make_windows(ids, dcfg.seq_len, dcfg.batch_size)
+    if merge == "auto" and merge_text == UNSEEN and not unseen_windows(len(windows), dcfg, members):
+        raise InvalidArgumentError(
+            f"merge_text={UNSEEN!r}: {dcfg.steps} steps of {dcfg.batch_size} train on all {len(windows)} windows "
+            "of the text, none would be held out; give a held-out text file, more text or fewer steps")
     mesh = data_mesh()
     if dcfg.batch_size % mesh.size:
         raise InvalidArgumentError(f"batch_size {dcfg.batch_size} must be a multiple of the {mesh.size} devices")
@@ -578,7 +613,9 @@ def distill(store_path: str, out_path: str, dcfg: DistillConfig | None = None, *
     del students
     merge_kl = []
     if merge == "auto":
-        merge, merge_kl = choose_merge(engine, params, dcfg, merge_text)
+        merge_path = (unseen_text(engine, windows, dcfg, members, checkpoint_dir) if merge_text == UNSEEN
+                      else merge_text)
+        merge, merge_kl = choose_merge(engine, params, dcfg, merge_path)
         if progress:
             print("merge: " + ", ".join(f"alpha {r['alpha']:g} KL {r['kl']:.4f}" for r in merge_kl)
                   + f" -> alpha {merge:g}", flush=True)
@@ -591,7 +628,8 @@ def distill(store_path: str, out_path: str, dcfg: DistillConfig | None = None, *
                 source={**reader.manifest.get("source", {}), "distilled_from": store_path,
                         "distill": dataclasses.asdict(dcfg), "distill_steps": dcfg.steps,
                         "distill_members": members,
-                        "merge_alpha": float(merge), "merge_kl": merge_kl},
+                        "merge_alpha": float(merge), "merge_kl": merge_kl,
+                        "merge_text": (merge_text or os.path.basename(heldout_text())) if merge_kl else None},
                 overwrite=True, progress=progress, total=len(flat))
     if recalibrate and calibration is not None:
         # the calibration corpus unless the caller brought their own text (whose first file then serves)
