@@ -176,13 +176,19 @@ def make_windows(ids: np.ndarray, seq_len: int, batch_size: int) -> np.ndarray:
 
 def batch_for_step(windows: np.ndarray, step: int, batch_size: int, seed: int) -> np.ndarray:
     """Batch `step` (0-based): a fresh permutation of the windows per epoch, seeded by (seed, epoch)."""
-    n = len(windows)
-    rows = []
-    for i in range(step * batch_size, (step + 1) * batch_size):
-        epoch, pos = divmod(i, n)
-        perm = np.random.default_rng([seed, epoch]).permutation(n)
-        rows.append(windows[perm[pos]])
-    return np.stack(rows)
+    return np.stack([windows[i] for i in window_order(len(windows), step * batch_size, (step + 1) * batch_size, seed)])
+
+
+def window_order(n_windows: int, start: int, stop: int, seed: int) -> list[int]:
+    """The windows that training positions start..stop-1 (batch row i of step s is position
+    s * batch_size + i) read: per epoch a fresh permutation seeded by (seed, epoch)."""
+    perms, out = {}, []
+    for i in range(start, stop):
+        epoch, pos = divmod(i, n_windows)
+        if epoch not in perms:
+            perms[epoch] = np.random.default_rng([seed, epoch]).permutation(n_windows)
+        out.append(int(perms[epoch][pos]))
+    return out
 
 
 # ------------------------------------------------------------------------------------------------
@@ -377,12 +383,7 @@ def unseen_windows(n_windows: int, dcfg: DistillConfig, members: int = 1) -> lis
     members (seeds dcfg.seed .. + members - 1): batch_for_step's permutations, replayed."""
     seen = set()
     for member in range(members):
-        perms = {}
-        for i in range(dcfg.steps * dcfg.batch_size):
-            epoch, pos = divmod(i, n_windows)
-            if epoch not in perms:
-                perms[epoch] = np.random.default_rng([dcfg.seed + member, epoch]).permutation(n_windows)
-            seen.add(int(perms[epoch][pos]))
+        seen.update(window_order(n_windows, 0, dcfg.steps * dcfg.batch_size, dcfg.seed + member))
     return [i for i in range(n_windows) if i not in seen]
 
 
