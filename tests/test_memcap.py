@@ -25,3 +25,17 @@ def test_unavailable_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(memcap, "available", lambda: "creating a memory cgroup needs root")
     with pytest.raises(memcap.CgroupUnavailableError, match="needs root"):
         memcap.MemoryCgroup(100 << 20)
+
+
+@pytest.mark.skipif(REASON is not None, reason=f"no memory cgroup here: {REASON}")
+def test_capped_run_reports_bytes_read_from_storage(tmp_path):
+    path = tmp_path / "blob"
+    path.write_bytes(b"\1" * (8 << 20))
+    from activeflow_jax.runtime.iostats import drop_page_cache
+
+    drop_page_cache(path)
+    run = memcap.run_capped([sys.executable, "-c", f"open({str(path)!r}, 'rb').read()"], 300 << 20, timeout=60,
+                            cold=False)
+    assert run.returncode == 0
+    assert run.read_bytes >= (8 << 20) - (1 << 20)
+    assert run.max_rss_bytes > 0

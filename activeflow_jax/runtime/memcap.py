@@ -12,6 +12,9 @@ from __future__ import annotations
 import dataclasses
 import os
 import subprocess
+import sys
+import tempfile
+import threading
 import time
 import uuid
 
@@ -37,6 +40,8 @@ class CappedRun:
     peak_bytes: int | None  # the cgroup's high-water mark (anonymous memory + page cache)
     oom_killed: bool  # the kernel killed a process of the cgroup at the cap
     version: int  # cgroup version used (1 or 2)
+    read_bytes: int = 0  # bytes the child (and its waited-for children) read from storage
+    max_rss_bytes: int = 0  # the child's own peak RSS (not counting page cache)
 
 
 def _write(path: str, value: str) -> None:
@@ -152,17 +157,29 @@ class MemoryCgroup:
                 f.write(str(os.getpid()))
 
         start = time.perf_counter()
-        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=cwd,
-                                preexec_fn=enter)
-        try:
-            out, err = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            out, err = proc.communicate()
+        # outputs go to files and the child is reaped with wait4, whose rusage gives the bytes it
+        # read from storage (ru_inblock, 512-byte units) and its own peak RSS
+        with tempfile.TemporaryFile("w+") as out_file, tempfile.TemporaryFile("w+") as err_file:
+            proc = subprocess.Popen(argv, stdout=out_file, stderr=err_file, text=True, env=env, cwd=cwd,
+                                    preexec_fn=enter)
+            timer = threading.Timer(timeout, proc.kill) if timeout else None
+            if timer is not None:
+                timer.start()
+            try:
+                _, status, usage = os.wait4(proc.pid, 0)
+            finally:
+                if timer is not None:
+                    timer.cancel()
+            proc.returncode = os.waitstatus_to_exitcode(status)
+            seconds = time.perf_counter() - start
+            out_file.seek(0)
+            err_file.seek(0)
+            out, err = out_file.read(), err_file.read()
+        if timer is not None and not timer.is_alive() and proc.returncode == -9 and seconds >= timeout:
             err += f"\n[killed after {timeout} s]"
-        seconds = time.perf_counter() - start
+        max_rss = usage.ru_maxrss * (1 if sys.platform == "darwin" else 1024)
         return CappedRun(proc.returncode, out, err, seconds, self.cap_bytes, self.peak_bytes(),
-                         self.oom_kills() > kills_before, self.version)
+                         self.oom_kills() > kills_before, self.version, usage.ru_inblock * 512, max_rss)
 
     def close(self) -> None:
         for _ in range(50):  # the kernel refuses rmdir until the last task has left
