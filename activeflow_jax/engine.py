@@ -268,7 +268,12 @@ class Engine:
         if self.swap is not None:  # the swapping runtime runs the layers as host-orchestrated stages
             logits, cache = self._forward(cache, token, pos, 1, attn_len, False)
             key, sub = jax.random.split(key)
-            return int(sample_token(logits[0], sub, temperature, top_p)), key, cache
+            next_token = int(sample_token(logits[0], sub, temperature, top_p))
+            # the sampling outside the runtime: logits slice, key split, sample (3 programs), 1 sync
+            self.swap.stats.dispatches += 3
+            self.swap.stats.host_syncs += 1
+            self.stats.loader = self.swap.stats.as_dict()
+            return next_token, key, cache
         args = (self.params, cache, jnp.asarray(token, jnp.int32), jnp.int32(pos), self._thresholds, key, temperature,
                 top_p)
         program_key = ("step", cache.max_len, attn_len, self.sparsity, self.prediction)

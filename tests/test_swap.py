@@ -339,3 +339,17 @@ def test_budget_including_the_process_reserves_its_growth(swap_store):
     with pytest.raises(BudgetTooSmallError, match="process baseline"):
         af.Engine.load(swap_store, sparsity=0.5, policy="topk", dram_budget=int(rss + COMPILE_GROWTH_RESERVE // 2),
                        budget_includes_process=True, **OPTS)
+
+
+def test_orchestration_counters(swap_store):
+    """Dispatches, host syncs and host CPU per decoded token are counted (issue 23's figures):
+    the host-orchestrated runtime makes four stage programs and four syncs per layer, at least."""
+    engine = af.Engine.load(swap_store, sparsity=0.5, policy="topk", dram_budget=1.0, **OPTS)
+    list(engine.generate_ids(PROMPT, max_new_tokens=5))
+    loader = engine.stats.loader
+    layers = SWAP_CFG.num_layers
+    assert loader["tokens"] == 4
+    assert loader["dispatches_per_token"] >= 4 * layers
+    assert loader["host_syncs_per_token"] >= 4 * layers
+    assert loader["host_cpu_seconds_per_token"] > 0
+    engine.close()

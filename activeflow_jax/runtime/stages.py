@@ -130,3 +130,26 @@ def assemble_rows(w, pool, cols, slots):
 def scatter_rows(pool, slots, rows):
     """Writes rows [n, out] into pool slots [n] in place (the pool buffer is donated)."""
     return pool.at[slots].set(rows, mode="promise_in_bounds")
+
+
+class DispatchCounter:
+    """Jitted calls made into this module's programs (the runtime's dispatches per token)."""
+
+    calls = 0
+
+
+def _counted(fn):
+    """fn, counting each call in DispatchCounter; `lower` and the other jit attributes stay usable."""
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        DispatchCounter.calls += 1
+        return fn(*args, **kwargs)
+
+    call.lower = fn.lower
+    return call
+
+
+start, qkv_stage, o_stage, gate_up_stage, down_stage, last_stage, empty_weight, assemble_rows, scatter_rows = map(
+    _counted, (start, qkv_stage, o_stage, gate_up_stage, down_stage, last_stage, empty_weight, assemble_rows,
+               scatter_rows))

@@ -93,6 +93,23 @@ class SwapStats:
     prefill_read_seconds: float = 0.0
     embed_bytes: int = 0  # an untied embedding's rows read for decoded tokens (the compute waits)
     embed_seconds: float = 0.0
+    # decode-only orchestration counters (prefill passes are not counted): jitted programs
+    # dispatched, blocking device-to-host reads by the host, and the calling thread's CPU time
+    dispatches: int = 0
+    host_syncs: int = 0
+    host_cpu_seconds: float = 0.0
+
+    @property
+    def dispatches_per_token(self) -> float:
+        return self.dispatches / self.tokens if self.tokens else 0.0
+
+    @property
+    def host_syncs_per_token(self) -> float:
+        return self.host_syncs / self.tokens if self.tokens else 0.0
+
+    @property
+    def host_cpu_seconds_per_token(self) -> float:
+        return self.host_cpu_seconds / self.tokens if self.tokens else 0.0
 
     @property
     def bytes_requested(self) -> int:
@@ -122,7 +139,8 @@ class SwapStats:
 
     def as_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
-        for name in ("bytes_requested", "hit_rate", "preload_precision", "preload_recall", "io_wait_seconds",
+        for name in ("dispatches_per_token", "host_syncs_per_token", "host_cpu_seconds_per_token",
+                     "bytes_requested", "hit_rate", "preload_precision", "preload_recall", "io_wait_seconds",
                      "io_hidden_share"):
             out[name] = getattr(self, name)
         return out
@@ -184,6 +202,7 @@ class SwapRuntime:
         self._pending: dict[str, _Preload] = {}
         self._preloaded: dict[tuple[str, int], np.ndarray] = {}  # (op, layer) -> predicted channel mask
         self._lock = threading.Lock()
+        self._syncs = 0  # blocking device-to-host reads (see _to_host)
         _CompileClock.ensure_registered()
 
     # -- setup ---------------------------------------------------------------------------------
@@ -263,9 +282,15 @@ class SwapRuntime:
             compiled = _CompileClock.programs
             if self._layout_files is not None:
                 iostats.drop_files(self._layout_files, sync=False)  # read-only while loaded
+            decode = tokens.shape[0] == 1
+            dispatches0, syncs0, cpu0 = stages.DispatchCounter.calls, self._syncs, time.thread_time()
             try:
                 return self._forward(cache, tokens, start_pos, n_valid, attn_len, all_logits)
             finally:
+                if decode:
+                    self.stats.dispatches += stages.DispatchCounter.calls - dispatches0
+                    self.stats.host_syncs += self._syncs - syncs0
+                    self.stats.host_cpu_seconds += time.thread_time() - cpu0
                 self._pending.clear()  # an interrupted pass must not leave reads for the next one
                 self.stats.device_read_bytes += (iostats.process_read_bytes() or 0) - read0
                 if _CompileClock.programs != compiled:
@@ -315,6 +340,11 @@ class SwapRuntime:
             self.stats.tokens += 1
         return logits, llama.KVCache(tuple(ks), tuple(vs))
 
+    def _to_host(self, array) -> np.ndarray:
+        """A device array on the host: the host waits for the program computing it (one sync)."""
+        self._syncs += 1
+        return np.asarray(array)
+
     def _embed_rows(self, tokens: np.ndarray, decode: bool) -> jax.Array:
         """[T, d] embedding rows of the tokens, read from the store (each distinct token once)."""
         t0 = time.perf_counter()
@@ -334,7 +364,7 @@ class SwapRuntime:
         dense layer's all rows) can exceed what the pool may hold at once: it passes through the
         pool in slices of k rows into a transient [in, out] weight (see stages.py)."""
         pool = self.pools[op]
-        cols = np.flatnonzero(np.asarray(union)).astype(np.int32)
+        cols = np.flatnonzero(self._to_host(union)).astype(np.int32)
         k = self.slice[op]
         decode = t == 1
         if decode and self._sel(layer, op) is not None and self.native:
@@ -391,7 +421,7 @@ class SwapRuntime:
         if group + 1 >= len(self.bundles.layer_groups):
             return
         nxt = self.bundles.layer_groups[group + 1]
-        residual = np.abs(np.asarray(x)[-1])
+        residual = np.abs(self._to_host(x)[-1])
         for op in PREDICTED_GROUPS:
             channels = self._predict(op, nxt, residual)
             pool = self.pools[op]
