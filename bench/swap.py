@@ -138,6 +138,8 @@ def run_setting(spec: dict) -> dict:
             hit_rate=loader["hit_rate"], preload_precision=loader["preload_precision"],
             preload_recall=loader["preload_recall"], io_hidden_share=loader["io_hidden_share"],
             io_wait_seconds_per_token=loader["io_wait_seconds"] / n,
+            dispatches_per_token=loader["dispatches_per_token"], host_syncs_per_token=loader["host_syncs_per_token"],
+            host_cpu_seconds_per_token=loader["host_cpu_seconds_per_token"],
             flash_use=flash_use(loader, get_bandwidths(store)),
         )
     return out
@@ -214,7 +216,10 @@ def main(argv):
         result = _child(spec)
         rows.append({"kind": spec["kind"], "budget": spec["budget"], "result": result})
         print(f"{spec['kind']:>18} budget={spec['budget']}: "
-              + (f"{result['decode_tokens_per_s']:.2f} tok/s" if result.get("feasible") else result["reason"][:200]),
+              + (f"{result['decode_tokens_per_s']:.2f} tok/s" if result.get("feasible") else result["reason"][:200])
+              + (f", {result['dispatches_per_token']:.0f} dispatches / {result['host_syncs_per_token']:.0f} syncs / "
+                 f"{1e3 * result['host_cpu_seconds_per_token']:.1f} ms host CPU per token"
+                 if result.get("feasible") and "dispatches_per_token" in result else ""),
               file=sys.stderr)
     dense = rows[0]["result"].get("decode_tokens_per_s") or float("nan")
     ppls: dict[tuple, float] = {}
