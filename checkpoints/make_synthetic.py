@@ -7,6 +7,7 @@ model far larger than the default one. The store has no tokenizer; drive it with
     python checkpoints/make_synthetic.py                       # 4gb preset -> ~/.cache/activeflow/stores/synthetic-4gb
     python checkpoints/make_synthetic.py --preset tiny --out /tmp/syn --overwrite
     python checkpoints/make_synthetic.py --preset tiny --num_layers 22 --out /tmp/syn22
+    python checkpoints/make_synthetic.py --gguf    # also <out>.gguf for llama.cpp; the store converted from it
 
 Presets: `4gb` is TinyLlama-1.1B-shaped (22 layers, d 2048, ff 5632, 32 heads, 4 KV heads of 64,
 vocab 32000, untied head): 1.1 B parameters, 4.4 GB in f32. `tiny` is a few MB, for tests. Shape
@@ -113,6 +114,111 @@ def make_synthetic_store(out: str | os.PathLike, preset: str = "tiny", seed: int
                        progress=progress, total=len(param_shapes(cfg)))
 
 
+def _gguf_tensors(cfg, seed: int):
+    """The weights of `_tensors(cfg, seed)` in GGUF's names and layout ([out, in], q/k rows permuted
+    for llama.cpp's RoPE, q|k|v and gate|up split): (name, float32 array) one at a time."""
+    from activeflow_jax.testing import permute_for_gguf
+
+    for name, array in _tensors(cfg, seed):
+        if name == "embed":
+            yield "token_embd.weight", array
+        elif name == "final_norm.weight":
+            yield "output_norm.weight", array
+        elif name == "lm_head":
+            yield "output.weight", np.ascontiguousarray(array.T)
+        else:
+            _, layer, *rest = name.split(".")
+            block, leaf = f"blk.{layer}.", ".".join(rest)
+            if leaf == "attn_norm.weight":
+                yield block + "attn_norm.weight", array
+            elif leaf == "mlp_norm.weight":
+                yield block + "ffn_norm.weight", array
+            elif leaf == "attn.wqkv":
+                wq, wk, wv = np.split(array.T, [cfg.q_dim, cfg.q_dim + cfg.kv_dim], axis=0)
+                yield block + "attn_q.weight", np.ascontiguousarray(permute_for_gguf(wq, cfg.num_heads))
+                yield block + "attn_k.weight", np.ascontiguousarray(permute_for_gguf(wk, cfg.num_kv_heads))
+                yield block + "attn_v.weight", np.ascontiguousarray(wv)
+            elif leaf == "attn.wo":
+                yield block + "attn_output.weight", np.ascontiguousarray(array.T)
+            elif leaf == "mlp.w_gate_up":
+                gate, up = np.split(array.T, 2, axis=0)
+                yield block + "ffn_gate.weight", np.ascontiguousarray(gate)
+                yield block + "ffn_up.weight", np.ascontiguousarray(up)
+            elif leaf == "mlp.w_down":
+                yield block + "ffn_down.weight", np.ascontiguousarray(array.T)
+            else:
+                raise AssertionError(f"no GGUF name for {name}")
+
+
+def write_synthetic_gguf(path: str | os.PathLike, preset: str = "tiny", seed: int = 0, **shape_overrides: Any) -> str:
+    """The synthetic model as an F32 Llama GGUF with a byte-level BPE vocabulary, written one tensor
+    at a time (so llama.cpp can run the same weights: `convert` of this file gives the store).
+    Memory: one tensor plus its transposed copy."""
+    import gguf
+
+    from activeflow_jax.testing import tiny_vocab
+
+    cfg = synthetic_config(preset, **shape_overrides)
+    path = os.path.abspath(os.fspath(path))
+    writer = gguf.GGUFWriter(path + ".tmp", "llama")
+    writer.add_name(cfg.name)
+    writer.add_block_count(cfg.num_layers)
+    writer.add_context_length(cfg.max_context)
+    writer.add_embedding_length(cfg.d_model)
+    writer.add_feed_forward_length(cfg.d_ff)
+    writer.add_head_count(cfg.num_heads)
+    writer.add_head_count_kv(cfg.num_kv_heads)
+    writer.add_rope_freq_base(cfg.rope_theta)
+    writer.add_layer_norm_rms_eps(cfg.norm_eps)
+    writer.add_rope_dimension_count(cfg.head_dim)
+    writer.add_vocab_size(cfg.vocab_size)
+    tokens, types, merges = tiny_vocab(cfg.vocab_size)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("smollm")
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(merges)
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_add_bos_token(False)
+    # shapes first (the header lists every tensor before any data), from a pass that keeps none
+    for name, shape in _gguf_shapes(cfg):
+        writer.add_tensor_info(name, shape, np.dtype(np.float32), int(np.prod(shape)) * 4)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    for _, array in _gguf_tensors(cfg, seed):
+        writer.write_tensor_data(array)
+    writer.close()
+    os.replace(path + ".tmp", path)
+    return path
+
+
+def _gguf_shapes(cfg) -> list[tuple[str, tuple[int, ...]]]:
+    """(GGUF name, shape) in the order `_gguf_tensors` yields them (param_shapes order)."""
+    from activeflow_jax.models.llama import param_shapes
+
+    parts = {"attn_norm.weight": [("attn_norm.weight", (cfg.d_model,))],
+             "mlp_norm.weight": [("ffn_norm.weight", (cfg.d_model,))],
+             "attn.wqkv": [("attn_q.weight", (cfg.q_dim, cfg.d_model)), ("attn_k.weight", (cfg.kv_dim, cfg.d_model)),
+                           ("attn_v.weight", (cfg.kv_dim, cfg.d_model))],
+             "attn.wo": [("attn_output.weight", (cfg.d_model, cfg.q_dim))],
+             "mlp.w_gate_up": [("ffn_gate.weight", (cfg.d_ff, cfg.d_model)), ("ffn_up.weight", (cfg.d_ff, cfg.d_model))],
+             "mlp.w_down": [("ffn_down.weight", (cfg.d_model, cfg.d_ff))]}
+    out = []
+    for name, shape in param_shapes(cfg).items():
+        if name == "embed":
+            out.append(("token_embd.weight", tuple(shape)))
+        elif name == "final_norm.weight":
+            out.append(("output_norm.weight", tuple(shape)))
+        elif name == "lm_head":
+            out.append(("output.weight", tuple(shape[::-1])))
+        else:
+            _, layer, *rest = name.split(".")
+            out += [(f"blk.{layer}.{n}", s) for n, s in parts[".".join(rest)]]
+    return out
+
+
 def _du_bytes(path: str) -> int:
     """Bytes allocated on disk (what `du` counts)."""
     return sum(os.stat(os.path.join(d, n)).st_blocks * 512 for d, _, names in os.walk(path) for n in names)
@@ -130,7 +236,17 @@ def main(argv):
     overrides = {name: getattr(f, name) for name in SHAPE_FIELDS}
     t0 = time.perf_counter()
     try:
-        path = make_synthetic_store(out, f.preset, f.seed, f.overwrite, dtype=f.dtype, progress=True, **overrides)
+        if f.gguf:  # the GGUF first, then the store converted from it: the same weights for both engines
+            if os.path.exists(out) and not f.overwrite:
+                raise ActiveFlowError(f"{out} already exists; pass --overwrite to replace it")
+            gguf_path = write_synthetic_gguf(out + ".gguf", f.preset, f.seed, **overrides)
+            print(f"{gguf_path}: {os.path.getsize(gguf_path) / 2**30:.2f} GiB (F32 GGUF, for llama.cpp)")
+            from activeflow_jax.store.writer import convert
+
+            path = convert(gguf_path, out, f.dtype, overwrite=f.overwrite)
+        else:
+            path = make_synthetic_store(out, f.preset, f.seed, f.overwrite, dtype=f.dtype, progress=True,
+                                        **overrides)
     except ActiveFlowError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -155,6 +271,8 @@ if __name__ == "__main__":
     flags.DEFINE_enum("preset", "4gb", sorted(PRESETS), "model shape")
     flags.DEFINE_integer("seed", 0, "random seed")
     flags.DEFINE_bool("overwrite", False, "replace an existing store")
+    flags.DEFINE_bool("gguf", False, "also write the model as an F32 GGUF at <out>.gguf (for llama.cpp, e.g. "
+                      "bench/peer.py) and convert the store from it, so both hold the same weights")
     flags.DEFINE_enum("dtype", "float32", ["float32", "float16"], "storage dtype")
     for _name in SHAPE_FIELDS:
         if _name == "tie_embeddings":

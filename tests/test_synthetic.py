@@ -122,3 +122,19 @@ def test_cli_refuses_existing_path_without_traceback(tmp_path):
     assert replaced.returncode == 0, replaced.stderr
     assert StoreReader(out).manifest["source"]["seed"] == 4
     assert StoreReader(out).config.num_layers == 2
+
+
+def test_synthetic_gguf_holds_the_store_weights(tmp_path):
+    """The synthetic model's GGUF (for llama.cpp, the peer) converts to exactly the synthetic store."""
+    from activeflow_jax.store.writer import convert
+
+    make_synthetic_store, write_synthetic_gguf = _module().make_synthetic_store, _module().write_synthetic_gguf
+
+    gguf_path = write_synthetic_gguf(tmp_path / "syn.gguf", "tiny", seed=3, num_layers=2)
+    converted = StoreReader(convert(gguf_path, tmp_path / "from-gguf", progress=False))
+    direct = StoreReader(make_synthetic_store(tmp_path / "direct", "tiny", seed=3, num_layers=2))
+    assert converted.config.num_layers == direct.config.num_layers == 2
+    assert sorted(converted.tensor_names) == sorted(direct.tensor_names)
+    for name in direct.tensor_names:
+        np.testing.assert_array_equal(converted.read(name), direct.read(name), err_msg=name)
+    assert converted.tokenizer_spec  # llama.cpp needs a vocabulary; so does text generation here
