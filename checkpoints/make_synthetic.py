@@ -160,6 +160,7 @@ def write_synthetic_gguf(path: str | os.PathLike, preset: str = "tiny", seed: in
 
     cfg = synthetic_config(preset, **shape_overrides)
     path = os.path.abspath(os.fspath(path))
+    os.makedirs(os.path.dirname(path), exist_ok=True)
     writer = gguf.GGUFWriter(path + ".tmp", "llama")
     writer.add_name(cfg.name)
     writer.add_block_count(cfg.num_layers)
