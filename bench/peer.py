@@ -36,10 +36,11 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("llama_cpp_bin", os.environ.get("ACTIVEFLOW_LLAMA_CPP_BIN"),
                     "directory holding llama.cpp's llama-completion and llama-quantize (built from the "
                     "llama-cpp-python sdist's vendor/llama.cpp); default $ACTIVEFLOW_LLAMA_CPP_BIN, then PATH")
-flags.DEFINE_list("pairs", ["F32:default"], "TYPE:STORE pairs (llama.cpp GGUF type : our store, 'default' = the "
-                  "default model's store)")
-flags.DEFINE_list("caps", ["1.0", "0.6", "0.4", "0.25"], "caps as fractions of the GGUF's weight bytes "
-                  "(each process's measured baseline is added)")
+flags.DEFINE_list("pairs", ["F32:default"], "TYPE:STORE pairs: llama.cpp on the default model's GGUF as TYPE (or "
+                  "on a GGUF file given by path) : our store ('default' = the default model's store)")
+flags.DEFINE_list("caps", ["1.0", "0.6", "0.4", "0.25"], "caps: fractions of the GGUF's weight bytes (each "
+                  "process's measured baseline is added), or absolute sizes such as 1GiB / 1500MB (the whole "
+                  "process, the same for both)")
 flags.DEFINE_float("sparsity", 0.5, "our engine's contextual sparsity under a cap")
 flags.DEFINE_integer("decode_tokens", 32, "greedy tokens decoded per run")
 flags.DEFINE_integer("threads", 2, "llama.cpp threads")
@@ -48,7 +49,12 @@ flags.DEFINE_integer("timeout", 900, "seconds before a run is killed and reporte
 flags.DEFINE_string("output", None, "append JSON records to this file as well (JSON lines)")
 flags.DEFINE_bool("ours_in_dram", True, "at cap 1.0 also run our all-in-DRAM sparse engine")
 # child role (internal): run our engine once and print one JSON line
-flags.DEFINE_enum("role", "parent", ["parent", "ours"], "internal: parent, or the child that runs our engine")
+flags.DEFINE_enum("role", "parent", ["parent", "ours", "llama"],
+                  "internal: parent, or the child that runs our engine / llama.cpp through llama-cpp-python")
+flags.DEFINE_enum("llama_runner", "auto", ["auto", "python", "binary"],
+                  "how llama.cpp runs: through llama-cpp-python (the [peer] extra), its llama-completion binary, or "
+                  "auto (the Python package where it imports, else the binary)")
+flags.DEFINE_string("gguf", None, "internal (child): GGUF for llama.cpp")
 flags.DEFINE_string("store", None, "internal (child): store")
 flags.DEFINE_integer("budget_bytes", 0, "internal (child): dram budget in bytes; 0 = all in DRAM")
 flags.DEFINE_bool("whole_process", True, "internal (child): the budget covers the whole process")
@@ -74,6 +80,39 @@ def _child_ours() -> None:
                       "peak_rss_bytes": st.peak_rss_bytes, "read_bytes": process_read_bytes(),
                       "budget_accounted_bytes": memory.get("total"), "plan": getattr(engine, "plan_explanation", None),
                       "tokens": out, "text": engine.tokenizer.decode(out)}))
+
+
+def _child_llama() -> None:
+    """llama.cpp through llama-cpp-python: mmap (its default), greedy, timing each decoded token."""
+    import llama_cpp
+
+    llm = llama_cpp.Llama(model_path=FLAGS.gguf, n_ctx=512, n_threads=FLAGS.threads, n_threads_batch=FLAGS.threads,
+                          use_mmap=True, verbose=False)
+    prompt = llm.tokenize(FLAGS.prompt.encode(), add_bos=True)
+    out, stamps = [], []
+    start = time.perf_counter()
+    for token in llm.generate(prompt, temp=0.0, top_k=1, reset=True):
+        stamps.append(time.perf_counter())
+        out.append(int(token))
+        if len(out) == FLAGS.decode_tokens:
+            break
+    # the first token comes with the prompt's evaluation; the decode rate is over the rest
+    decode = (len(out) - 1) / (stamps[-1] - stamps[0]) if len(out) > 1 else 0.0
+    print(json.dumps({"decode_tokens_per_s": decode, "prefill_seconds": stamps[0] - start, "tokens": out,
+                      "text": llm.detokenize(out).decode("utf-8", "replace")}))
+
+
+def _use_python_llama() -> bool:
+    if FLAGS.llama_runner == "binary":
+        return False
+    try:
+        import llama_cpp  # noqa: F401
+        return True
+    except ImportError:
+        if FLAGS.llama_runner == "python":
+            raise SystemExit("llama-cpp-python is not installed: pip install -e '.[peer]' (builds llama.cpp, "
+                             "~10 min on 2 cores), or use --llama_runner=binary with --llama_cpp_bin") from None
+        return False
 
 
 def _tool(name: str) -> str:
@@ -106,6 +145,15 @@ def _gguf_of_type(source: str, qtype: str) -> str:
     return out
 
 
+def _absolute_cap(text: str) -> int | None:
+    """Bytes of a cap given with a unit (1GiB, 1500MB), None for a fraction."""
+    match = re.fullmatch(r"\s*([\d.]+)\s*(KB|MB|GB|KiB|MiB|GiB)\s*", text)
+    if not match:
+        return None
+    unit = {"KB": 1e3, "MB": 1e6, "GB": 1e9, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30}[match.group(2)]
+    return int(float(match.group(1)) * unit)
+
+
 def _tensor_bytes(path: str) -> int:
     import gguf
 
@@ -115,6 +163,11 @@ def _tensor_bytes(path: str) -> int:
 def _run_llama(gguf_path: str, cap: int):
     from activeflow_jax.runtime import memcap
 
+    if _use_python_llama():
+        argv = [sys.executable, os.path.abspath(__file__), "--role=llama", f"--gguf={gguf_path}",
+                f"--threads={FLAGS.threads}", f"--decode_tokens={FLAGS.decode_tokens}", f"--prompt={FLAGS.prompt}"]
+        run = memcap.run_capped(argv, cap, timeout=FLAGS.timeout)
+        return run, _child_result(run)
     argv = [_tool("llama-completion"), "-m", gguf_path, "-p", FLAGS.prompt, "-n", str(FLAGS.decode_tokens),
             "-t", str(FLAGS.threads), "--temp", "0", "-no-cnv", "--ignore-eos", "-c", "512"]
     run = memcap.run_capped(argv, cap, timeout=FLAGS.timeout)
@@ -126,6 +179,19 @@ def _run_llama(gguf_path: str, cap: int):
                  "text": text, "error": None if run.returncode == 0 else run.stderr[-400:]}
 
 
+def _child_result(run) -> dict:
+    result = {"decode_tokens_per_s": 0.0, "text": "", "error": None}
+    lines = [line for line in run.stdout.splitlines() if line.startswith("{")]
+    if run.returncode == 0 and lines:
+        result.update(json.loads(lines[-1]))
+    else:
+        tail = run.stderr.strip().splitlines()
+        result["error"] = tail[-1][-400:] if tail else f"rc {run.returncode}"
+        if run.oom_killed:
+            result["error"] = "killed by the kernel at the memory cap (OOM)"
+    return result
+
+
 def _run_ours(store: str, cap: int, budget_bytes: int, whole_process: bool):
     from activeflow_jax.runtime import memcap
 
@@ -133,13 +199,7 @@ def _run_ours(store: str, cap: int, budget_bytes: int, whole_process: bool):
             f"--budget_bytes={budget_bytes}", f"--whole_process={whole_process}", f"--sparsity={FLAGS.sparsity}",
             f"--decode_tokens={FLAGS.decode_tokens}", f"--prompt={FLAGS.prompt}"]
     run = memcap.run_capped(argv, cap, timeout=FLAGS.timeout)
-    result = {"decode_tokens_per_s": 0.0, "text": "", "error": None}
-    lines = [line for line in run.stdout.splitlines() if line.startswith("{")]
-    if run.returncode == 0 and lines:
-        result.update(json.loads(lines[-1]))
-    else:
-        result["error"] = run.stderr.strip().splitlines()[-1][-400:] if run.stderr.strip() else f"rc {run.returncode}"
-    return run, result
+    return run, _child_result(run)
 
 
 def _record(kind: str, label: str, frac, cap: int, run, result: dict) -> dict:
@@ -155,6 +215,9 @@ def main(argv) -> None:
     if FLAGS.role == "ours":
         _child_ours()
         return
+    if FLAGS.role == "llama":
+        _child_llama()
+        return
     from activeflow_jax.fetch import fetch_default_gguf, fetch_default_model
     from activeflow_jax.runtime import memcap
 
@@ -167,9 +230,9 @@ def main(argv) -> None:
     big = 16 << 30  # "uncapped": far above anything these runs use
     records = []
     for pair in FLAGS.pairs:
-        qtype, _, store = pair.partition(":")
+        qtype, _, store = pair.rpartition(":") if pair.count(":") > 1 or ".gguf:" in pair else pair.partition(":")
         store = fetch_default_model(quiet=True) if store in ("", "default") else store
-        gguf_path = _gguf_of_type(source, qtype)
+        gguf_path = qtype if qtype.endswith(".gguf") else _gguf_of_type(source, qtype)
         weight_bytes = _tensor_bytes(gguf_path)
         # baselines: everything a process holds besides its weights, measured uncapped and cold
         run, _ = _run_llama(gguf_path, big)
@@ -178,10 +241,13 @@ def main(argv) -> None:
         ours_base = max(0, (run.peak_bytes or 0) - int(res.get("budget_accounted_bytes") or 0))
         print(f"{pair}: weights {weight_bytes / 1e6:.0f} MB, baseline llama.cpp {llama_base / 1e6:.0f} MB, "
               f"ours {ours_base / 1e6:.0f} MB", file=sys.stderr)
-        for frac in (float(c) for c in FLAGS.caps):
-            runs = [("llama.cpp", f"{qtype} mmap", int(frac * weight_bytes) + llama_base,
+        for cap_text in FLAGS.caps:
+            absolute = _absolute_cap(cap_text)
+            frac = float(cap_text) if absolute is None else round(absolute / weight_bytes, 3)
+            llama_cap = absolute or int(frac * weight_bytes) + llama_base
+            ours_cap = absolute or int(frac * weight_bytes) + ours_base
+            runs = [("llama.cpp", f"{os.path.basename(gguf_path)} mmap", llama_cap,
                      lambda cap: _run_llama(gguf_path, cap))]
-            ours_cap = int(frac * weight_bytes) + ours_base
             runs.append(("ours", f"{os.path.basename(store)} sparsity {FLAGS.sparsity} budget=cap",
                          ours_cap, lambda cap: _run_ours(store, cap, cap, whole_process=True)))
             if frac >= 1.0 and FLAGS.ours_in_dram:
