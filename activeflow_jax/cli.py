@@ -188,12 +188,12 @@ def stats_table(s) -> str:
             ("peak RSS", f"{s.peak_rss_bytes / 2**20:.0f} MiB")]
     if s.memory:
         m, lo = s.memory, s.loader or {}
-        rows += [("DRAM budget", f"{m['budget'] / 1e6:.1f} MB: resident {m['resident'] / 1e6:.1f}, KV "
-                                 f"{m['kv'] / 1e6:.1f}, staging {m['staging'] / 1e6:.1f}, pools "
-                                 f"{sum(m['pools'].values()) / 1e6:.1f} MB"),
+        rows += [("DRAM budget", (f"{m['budget'] / 1e6:.1f} MB: resident {m['resident'] / 1e6:.1f}, KV "
+                                  f"{m['kv'] / 1e6:.1f}, staging {m['staging'] / 1e6:.1f}, pools "
+                                  f"{sum(m['pools'].values()) / 1e6:.1f} MB")),
                  ("hit rate", f"{lo.get('hit_rate', 0):.3f}"),
-                 ("flash reads", f"{lo.get('bytes_requested', 0) / 1e6:.1f} MB requested, "
-                                 f"{lo.get('device_read_bytes', 0) / 1e6:.1f} MB from the device"),
+                 ("flash reads", (f"{lo.get('bytes_requested', 0) / 1e6:.1f} MB requested, "
+                                  f"{lo.get('device_read_bytes', 0) / 1e6:.1f} MB from the device")),
                  ("I/O hidden", f"{lo.get('io_hidden_share', 0):.2f}")]
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)

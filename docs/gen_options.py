@@ -48,8 +48,8 @@ def python_api() -> list[str]:
 
     lines = ["## Python API", ""]
     lines += _python_section("Engine.load(store, ...)", af.Engine.load, skip=("store_path",))
-    lines += ["Options that apply only with `dram_budget` (passed through `**budget_options` to "
-              "`runtime.session.load_swapping`):", ""]
+    lines += [("Options that apply only with `dram_budget` (passed through `**budget_options` to "
+               "`runtime.session.load_swapping`):"), ""]
     lines += _python_section("Engine.load(store, dram_budget=..., ...)", load_swapping,
                              skip=("engine_cls", "store_path", "dram_budget", "sparsity", "policy", "kernel",
                                    "dense_layers", "q8_embedding", "op_sparsity"))
@@ -98,15 +98,18 @@ def command_line() -> list[str]:
 
 def render() -> str:
     lines = ["# Options", "",
-             f"Generated from the code by `{COMMAND}`; do not edit by hand (tests/test_docs.py checks that "
-             "this file is current).", ""]
+             (f"Generated from the code by `{COMMAND}`; do not edit by hand (tests/test_docs.py checks that "
+              "this file is current)."), ""]
     return "\n".join(lines + python_api() + command_line()).rstrip() + "\n"
 
 
 def main(argv: list[str]) -> int:
     text = render()
     if "--check" in argv:
-        current = open(OUTPUT, encoding="utf-8").read() if os.path.exists(OUTPUT) else ""
+        current = ""
+        if os.path.exists(OUTPUT):
+            with open(OUTPUT, encoding="utf-8") as f:
+                current = f.read()
         if current != text:
             print(f"{OUTPUT} is out of date: run `{COMMAND}`", file=sys.stderr)
             return 1

@@ -25,7 +25,8 @@ def _load_generator():
 
 def test_options_md_is_generated_from_the_current_code():
     gen = _load_generator()
-    current = open(gen.OUTPUT, encoding="utf-8").read()
+    with open(gen.OUTPUT, encoding="utf-8") as f:
+        current = f.read()
     assert current == gen.render(), f"docs/options.md is out of date: run `{gen.COMMAND}` and commit the result"
 
 
@@ -58,7 +59,8 @@ def missing_references(path: str, text: str) -> list[str]:
 def test_readme_and_docs_name_only_files_that_exist():
     problems = {}
     for path in _documents():
-        missing = missing_references(path, open(path, encoding="utf-8").read())
+        with open(path, encoding="utf-8") as f:
+            missing = missing_references(path, f.read())
         if missing:
             problems[os.path.relpath(path, ROOT)] = sorted(set(missing))
     assert not problems, f"documents name files that do not exist: {problems}"
@@ -69,3 +71,40 @@ def test_the_reference_check_catches_a_missing_file():
     text = ("See [options](options.md), [nowhere](nothere.md), `bench/swap.py`, `runtime/swap.py`, "
             "`bench/nothing.py`, DESIGN.md and [a site](https://example.org).\n")
     assert missing_references(doc, text) == ["nothere.md", "bench/nothing.py", "DESIGN.md"]
+
+
+PLACEHOLDERS = {"N": "2", "T": "0.5", "P": "0.9", "S": "0.5", "K": "1", "B": "0.5", "DIR": "some_dir"}
+
+
+def readme_cli_commands() -> list[str]:
+    """Every `activeflow ...` command in README's code blocks (continuation lines joined, comments cut)."""
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        text = f.read()
+    commands, in_block = [], False
+    for line in text.splitlines():
+        if line.startswith("```"):
+            in_block = not in_block
+            continue
+        line = line.split("  #")[0].rstrip()
+        if in_block and line.startswith("activeflow "):
+            commands.append(line)
+        elif in_block and line.startswith(" ") and commands and line.strip().startswith("["):
+            commands[-1] += " " + line.strip()
+    return commands
+
+
+def test_readme_commands_parse_with_the_current_cli():
+    """Flags renamed or removed in cli.py make this fail: README shows only commands that parse."""
+    import shlex
+
+    from activeflow_jax.cli import build_parser
+
+    commands = readme_cli_commands()
+    assert len(commands) >= 10
+    for command in commands:
+        words = [PLACEHOLDERS.get(w, w) for w in shlex.split(command.replace("[", " ").replace("]", " "))[1:]]
+        words = [w.split("|")[0] if re.fullmatch(r"[a-z_]+(\|[a-z_]+)+", w) else w for w in words]
+        try:
+            build_parser().parse_args(words)
+        except SystemExit as exc:
+            assert exc.code == 0, f"README command does not parse: {command}"

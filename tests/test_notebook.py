@@ -52,7 +52,7 @@ def test_notebook_runs_top_to_bottom_on_the_cpu(real_store, monkeypatch):
     install = next(c for c in nb.cells if c.cell_type == "code" and "pip install" in c.source)
     # the package under test is this checkout (on sys.path via the cwd): skip pip, keep the rest of the cell
     install.source = re.sub(r"^(\s*)!pip install .*$", r"\1pass  # pip skipped by tests/test_notebook.py",
-                            install.source, flags=re.M)
+                            install.source, flags=re.MULTILINE)
     assert "!pip" not in install.source
     monkeypatch.setenv("ACTIVEFLOW_DEMO_TOKENS", DEMO_TOKENS)
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")
