@@ -108,3 +108,12 @@ def test_readme_commands_parse_with_the_current_cli():
             build_parser().parse_args(words)
         except SystemExit as exc:
             assert exc.code == 0, f"README command does not parse: {command}"
+
+
+def test_readme_support_matrix_lists_every_gguf_type_the_importer_takes():
+    from activeflow_jax.formats.gguf_import import supported_tensor_types
+
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        row = next(line for line in f if line.startswith("| GGUF weight types |"))
+    listed = set(re.findall(r"\b[A-Z][A-Z0-9_]*\d[A-Z0-9_]*\b", row.split("|")[2]))
+    assert listed == set(supported_tensor_types()), "update README's support matrix (GGUF weight types)"
