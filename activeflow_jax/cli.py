@@ -175,18 +175,28 @@ def cmd_generate(args) -> int:
         sys.stdout.flush()
     sys.stdout.write("\n")
     if args.stats:
-        s = engine.stats
-        print(f"[prefill {s.prefill_tokens} tok {s.prefill_tokens_per_s:.1f} tok/s | decode {s.decode_tokens} tok "
-              f"{s.decode_tokens_per_s:.1f} tok/s | compile {s.compile_seconds:.1f} s ({s.compiles} programs) | "
-              f"load {s.load_seconds:.1f} s | peak RSS {s.peak_rss_bytes / 2**20:.0f} MiB]", file=sys.stderr)
-        if s.memory:
-            m, lo = s.memory, s.loader or {}
-            print(f"[DRAM budget {m['budget'] / 1e6:.1f} MB: resident {m['resident'] / 1e6:.1f}, KV {m['kv'] / 1e6:.1f}, "
-                  f"staging {m['staging'] / 1e6:.1f}, pools {sum(m['pools'].values()) / 1e6:.1f} MB | hit rate "
-                  f"{lo.get('hit_rate', 0):.3f} | read {lo.get('bytes_requested', 0) / 1e6:.1f} MB requested, "
-                  f"{lo.get('device_read_bytes', 0) / 1e6:.1f} MB from the device | I/O hidden "
-                  f"{lo.get('io_hidden_share', 0):.2f}]", file=sys.stderr)
+        print(stats_table(engine.stats), file=sys.stderr)
     return 0
+
+
+def stats_table(s) -> str:
+    """`--stats`: the engine's counters as a small aligned table (two columns: what, value)."""
+    rows = [("prefill", f"{s.prefill_tokens} tokens, {s.prefill_tokens_per_s:.1f} tok/s"),
+            ("decode", f"{s.decode_tokens} tokens, {s.decode_tokens_per_s:.1f} tok/s"),
+            ("compile", f"{s.compile_seconds:.1f} s ({s.compiles} programs, excluded from tok/s)"),
+            ("load", f"{s.load_seconds:.1f} s"),
+            ("peak RSS", f"{s.peak_rss_bytes / 2**20:.0f} MiB")]
+    if s.memory:
+        m, lo = s.memory, s.loader or {}
+        rows += [("DRAM budget", (f"{m['budget'] / 1e6:.1f} MB: resident {m['resident'] / 1e6:.1f}, KV "
+                                  f"{m['kv'] / 1e6:.1f}, staging {m['staging'] / 1e6:.1f}, pools "
+                                  f"{sum(m['pools'].values()) / 1e6:.1f} MB")),
+                 ("hit rate", f"{lo.get('hit_rate', 0):.3f}"),
+                 ("flash reads", (f"{lo.get('bytes_requested', 0) / 1e6:.1f} MB requested, "
+                                  f"{lo.get('device_read_bytes', 0) / 1e6:.1f} MB from the device")),
+                 ("I/O hidden", f"{lo.get('io_hidden_share', 0):.2f}")]
+    width = max(len(name) for name, _ in rows)
+    return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
 
 
 def cmd_ppl(args) -> int:
@@ -268,8 +278,21 @@ def cmd_tasks(args) -> int:
     return 0
 
 
+def package_version() -> str:
+    """The installed distribution's version (package metadata), else the source tree's."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("activeflow-jax")
+    except metadata.PackageNotFoundError:
+        from activeflow_jax import __version__
+
+        return __version__
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="activeflow", description="ActiveFlow LLM inference on JAX/XLA.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("fetch", help="download and convert the default model (SmolLM2-135M-Instruct)")

