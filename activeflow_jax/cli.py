@@ -21,8 +21,25 @@ def _store_or_default(args) -> str:
 def cmd_fetch(args) -> int:
     from activeflow_jax.fetch import fetch_default_model
 
-    print(fetch_default_model(dtype=args.dtype))
+    print(fetch_default_model(dtype=args.dtype, verify=True))  # a damaged store is converted again
     return 0
+
+
+def cmd_verify(args) -> int:
+    from activeflow_jax.store.verify import repair_advice, verify_store
+
+    report = verify_store(_store_or_default(args), layouts=not args.no_layouts)
+    if args.json:
+        print(json.dumps(report.as_dict()))
+    elif report.ok:
+        print(f"{report.store}: intact ({report.tensors_checked} tensors, streaming layouts {report.layouts_checked}, "
+              f"{report.bytes_checked / 1e6:.1f} MB checked in {report.seconds:.1f} s)")
+    else:
+        print(f"{report.store}: DAMAGED ({len(report.problems)} problem(s)):")
+        for line in report.problems:
+            print(f"  {line}")
+        print(repair_advice(report))
+    return 0 if report.ok else 1
 
 
 def cmd_convert(args) -> int:
@@ -282,6 +299,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", choices=["float32", "float16"], help="storage dtype")
     p.add_argument("--overwrite", action="store_true", help="replace an existing store at OUT")
     p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("verify", help="check a store: manifest, every chunk's checksum (exit 1 if damaged)")
+    p.add_argument("--store", help="store directory (default: the default model)")
+    p.add_argument("--no-layouts", action="store_true", help="skip the streaming layouts (bundles/)")
+    p.add_argument("--json", action="store_true", help="print one JSON record")
+    p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("generate", help="generate text (streams to stdout)")
     p.add_argument("prompt")

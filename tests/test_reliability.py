@@ -83,3 +83,154 @@ def test_stream_of_a_closed_engine_fails_clearly(tiny_model):
         list(stream)
     with pytest.raises(InvalidArgumentError, match="closed"):
         engine.generate("hello", max_new_tokens=2)
+
+
+# -- 2. --overwrite replaces only a store ---------------------------------------------------------
+
+def test_overwrite_refuses_a_folder_that_is_not_a_store(tiny_model, tmp_path):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    (folder / "holiday.jpg").write_text("precious")
+    assert_clean_error(run_cli("convert", tiny_model.gguf_path, folder, "--overwrite"), "not an activeflow store")
+    assert (folder / "holiday.jpg").read_text() == "precious"
+    assert not [e for e in os.listdir(tmp_path) if e.startswith(".")]  # no temporary folder left either
+
+
+def test_overwrite_refuses_the_folder_holding_the_source(tmp_path):
+    from activeflow_jax.testing import write_tiny_gguf
+
+    src = tmp_path / "models" / "tiny.gguf"
+    src.parent.mkdir()
+    write_tiny_gguf(src)
+    for out in (src.parent, tmp_path):
+        assert_clean_error(run_cli("convert", src, out, "--overwrite"), "holds", "being converted")
+    with pytest.raises(InvalidArgumentError, match="being converted"):
+        af.convert(src, src, overwrite=True, progress=False)
+    assert src.is_file()
+
+
+def test_overwrite_replaces_a_store_and_an_empty_folder(tiny_model, tmp_path):
+    from activeflow_jax.store.reader import StoreReader
+    from activeflow_jax.store.writer import is_store
+
+    store = tmp_path / "s"
+    store.mkdir()
+    af.convert(tiny_model.gguf_path, store, dtype="float16", overwrite=True, progress=False)  # empty: replaced
+    assert is_store(str(store))
+    af.convert(tiny_model.gguf_path, store, dtype="float32", overwrite=True, progress=False)  # a store: replaced
+    assert StoreReader(store).storage_dtype == "float32"
+
+
+# -- 3. repairs that repair; verify --------------------------------------------------------------
+
+def _flip_byte(path, offset=100):
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ 0xFF]))
+
+
+def test_verify_lists_damage_and_convert_repairs_it(tmp_path):
+    from activeflow_jax.testing import make_tiny_store
+
+    tiny = make_tiny_store(tmp_path)
+    assert af.verify_store(tiny.store_path).ok
+    _flip_byte(os.path.join(tiny.store_path, "tensors", "layers.0.mlp.w_down", "c", "0", "0"))
+    _flip_byte(os.path.join(tiny.store_path, "tensors", "layers.1.attn.wo", "c", "0", "0"))
+    report = af.verify_store(tiny.store_path)
+    assert not report.ok and report.tensors_damaged
+    assert any("layers.0.mlp.w_down" in p for p in report.problems)
+    assert any("layers.1.attn.wo" in p for p in report.problems)
+    proc = run_cli("verify", "--store", tiny.store_path)
+    assert proc.returncode == 1 and "DAMAGED" in proc.stdout and "layers.0.mlp.w_down" in proc.stdout
+    assert "activeflow convert" in proc.stdout and "Traceback" not in proc.stderr
+    # the advised repair repairs: the same source, the same dtype, but a damaged store -> converted again
+    proc = run_cli("convert", tiny.gguf_path, tiny.store_path, "--overwrite")
+    assert proc.returncode == 0 and "damaged" in proc.stderr, proc.stderr
+    assert af.verify_store(tiny.store_path).ok
+    assert run_cli("verify", "--store", tiny.store_path).returncode == 0
+
+
+def test_verify_reports_a_damaged_manifest_and_missing_chunks(tmp_path):
+    from activeflow_jax.testing import make_tiny_store
+
+    tiny = make_tiny_store(tmp_path)
+    os.remove(os.path.join(tiny.store_path, "tensors", "embed", "c", "0", "0"))
+    report = af.verify_store(tiny.store_path)
+    assert not report.ok and any("embed" in p and "missing" in p for p in report.problems)
+    with open(os.path.join(tiny.store_path, "manifest.json"), "w") as f:
+        f.write("{not json")
+    report = af.verify_store(tiny.store_path)
+    assert not report.ok and report.problems[0].startswith("manifest")
+    assert_clean_error(run_cli("verify", "--store", tmp_path / "nothing"), "not found")
+
+
+def test_verify_checks_streaming_layouts(tmp_path):
+    from activeflow_jax.store.bundles import layout_dir, write_bundles
+    from activeflow_jax.testing import make_tiny_store
+
+    tiny = make_tiny_store(tmp_path)
+    write_bundles(tiny.store_path, 2)
+    report = af.verify_store(tiny.store_path)
+    assert report.ok and report.layouts_checked == [2]
+    shard = os.path.join(layout_dir(tiny.store_path, 2), "down", "g0", "c", "0", "0", "0")
+    _flip_byte(shard, 40)
+    report = af.verify_store(tiny.store_path)
+    assert not report.ok and not report.tensors_damaged and "relayout" in report.problems[0]
+
+
+def test_fetch_verifies_and_reconverts_a_damaged_default_store(tmp_path, monkeypatch):
+    """fetch_default_model(verify=True) (what `activeflow fetch` runs) repairs a damaged store; the
+    tiny GGUF stands in for the downloaded default model."""
+    from activeflow_jax import fetch
+    from activeflow_jax.formats.gguf_import import file_sha256
+    from activeflow_jax.testing import write_tiny_gguf
+
+    gguf_path = str(tmp_path / "tiny.gguf")
+    write_tiny_gguf(gguf_path)
+    monkeypatch.setenv("ACTIVEFLOW_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(fetch, "DEFAULT_MODEL", dataclasses_replace(fetch.DEFAULT_MODEL, gguf_sha256=file_sha256(gguf_path)))
+    monkeypatch.setattr(fetch, "fetch_default_gguf", lambda *a, **k: gguf_path)
+    store = fetch.fetch_default_model(quiet=True)
+    _flip_byte(os.path.join(store, "tensors", "layers.1.mlp.w_gate_up", "c", "0", "0"))
+    assert fetch.fetch_default_model(quiet=True) == store and not af.verify_store(store).ok  # a plain load: fast
+    fetch.fetch_default_model(quiet=True, verify=True)
+    assert af.verify_store(store).ok
+
+
+def dataclasses_replace(obj, **changes):
+    import dataclasses
+
+    return dataclasses.replace(obj, **changes)
+
+
+# -- 4. non-finite weights ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("value", ["nan", "inf"])
+def test_conversion_refuses_non_finite_weights(tmp_path, value):
+    import gguf
+
+    from activeflow_jax.errors import NonFiniteWeightsError
+    from activeflow_jax.testing import write_tiny_gguf
+
+    path = str(tmp_path / "bad.gguf")
+    write_tiny_gguf(path)
+    tensor = next(t for t in gguf.GGUFReader(path).tensors if t.name == "blk.1.ffn_down.weight")
+    with open(path, "r+b") as f:
+        f.seek(int(tensor.data_offset) + 4 * 7)
+        f.write(np.float32(value).tobytes())
+    with pytest.raises(NonFiniteWeightsError, match="layers.1.mlp.w_down"):
+        af.convert(path, tmp_path / "s", progress=False)
+    assert not os.path.exists(tmp_path / "s")
+    assert not [e for e in os.listdir(tmp_path) if e.startswith(".")]
+    assert_clean_error(run_cli("convert", path, tmp_path / "s2"), "non-finite", "layers.1.mlp.w_down")
+
+
+def test_float16_overflow_is_refused(tmp_path):
+    from activeflow_jax.errors import NonFiniteWeightsError
+    from activeflow_jax.store.writer import write_store
+    from activeflow_jax.config import tiny_config
+
+    with pytest.raises(NonFiniteWeightsError, match="float16"):
+        write_store(tmp_path / "s", tiny_config(), {}, [("embed", np.full((4, 4), 1e6, np.float32))], dtype="float16")

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from activeflow_jax.config import ModelConfig
-from activeflow_jax.errors import InvalidArgumentError, StoreError
+from activeflow_jax.errors import InvalidArgumentError, NonFiniteWeightsError, StoreError
 from activeflow_jax.store import layout
 
 
@@ -38,6 +38,7 @@ def write_store(store_dir: str | os.PathLike, config: ModelConfig, tokenizer_spe
     store_dir = os.path.abspath(os.fspath(store_dir))
     if os.path.exists(store_dir) and not overwrite:
         raise StoreError(f"{store_dir} already exists; pass overwrite=True (--overwrite) to replace it")
+    check_replaceable(store_dir, keep=[source["path"]] if source and source.get("path") else [])
     base = os.path.basename(store_dir)
     tmp = new_temporary_dir(store_dir)
     os.makedirs(os.path.join(tmp, layout.TENSOR_DIR))
@@ -52,6 +53,7 @@ def write_store(store_dir: str | os.PathLike, config: ModelConfig, tokenizer_spe
     try:
         for name, array in tensors:
             array = np.ascontiguousarray(array, dtype=np_dtype)
+            check_finite(name, array, dtype)
             chunk, shard = layout.chunking(array.shape, np_dtype.itemsize, chunk_rows)
             spec = layout.zarr_spec(layout.tensor_path(tmp, name), array.shape, dtype, chunk, shard, create=True)
             ts.open(spec).result().write(array).result()
@@ -77,6 +79,55 @@ def write_store(store_dir: str | os.PathLike, config: ModelConfig, tokenizer_spe
         if bar is not None:
             bar.close()
     return store_dir
+
+
+def check_finite(name: str, array: np.ndarray, dtype: str) -> None:
+    """Refuses a tensor holding NaN or Inf: such a store generates nothing and scores `nan`."""
+    if np.isfinite(array).all():
+        return
+    bad = np.size(array) - int(np.count_nonzero(np.isfinite(array)))
+    raise NonFiniteWeightsError(
+        f"tensor '{name}' holds {bad} non-finite value(s) (NaN or Inf) as {dtype}; the source file is damaged "
+        + ("or its values overflow float16 (convert with --dtype float32)" if dtype == "float16" else
+           "(download it again, or re-export the model)") + "; nothing was written")
+
+
+def is_store(path: str) -> bool:
+    """Whether `path` is one of our stores (of any layout version), recognised by its manifest; one
+    whose manifest is damaged counts when it holds nothing but a store's own entries."""
+    try:
+        with open(os.path.join(path, layout.MANIFEST)) as f:
+            manifest = json.load(f)
+        return isinstance(manifest, dict) and manifest.get("format") == layout.FORMAT_NAME
+    except (OSError, ValueError):
+        pass
+    try:
+        entries = set(os.listdir(path))
+    except OSError:
+        return False
+    own = {layout.MANIFEST, layout.TENSOR_DIR, layout.CALIBRATION, "bundles"}
+    return layout.MANIFEST in entries and layout.TENSOR_DIR in entries and entries <= own
+
+
+def check_replaceable(store_dir: str, keep: Iterable[str] = ()) -> None:
+    """Refuses to replace `store_dir` unless it is absent, an empty folder or one of our stores,
+    and never when it is or holds one of `keep` (e.g. the GGUF being converted): overwriting may
+    replace a store, never anything else."""
+    if not os.path.lexists(store_dir):
+        return
+    real = os.path.realpath(store_dir)
+    for path in keep:
+        inner = os.path.realpath(os.fspath(path))
+        if inner == real or inner.startswith(real.rstrip(os.sep) + os.sep):
+            raise InvalidArgumentError(f"{store_dir} holds {path}, the file being converted; choose another "
+                                       "output folder (it would be deleted)")
+    if not os.path.isdir(store_dir) or os.path.islink(store_dir):
+        raise InvalidArgumentError(f"{store_dir} exists and is not a folder; choose another output path "
+                                   "(--overwrite replaces only an activeflow store)")
+    if os.listdir(store_dir) and not is_store(store_dir):
+        raise InvalidArgumentError(
+            f"{store_dir} is not an activeflow store (no {layout.MANIFEST} of one), so --overwrite will not delete "
+            "it; choose another output folder, or remove it yourself if you mean to")
 
 
 def new_temporary_dir(final: str) -> str:
@@ -134,7 +185,8 @@ def convert(gguf_path: str | os.PathLike, store_path: str | os.PathLike, dtype: 
     """Converts a GGUF file into a flash store; returns the store path.
 
     Idempotent: if `store_path` already holds a complete store converted from the same file
-    (by sha256) with the same dtype, nothing is done.
+    (by sha256) with the same dtype, and every chunk passes its checksum (store/verify.py),
+    nothing is done; a damaged one is converted again.
     """
     from activeflow_jax.formats.gguf_import import file_sha256, open_gguf
 
@@ -151,7 +203,17 @@ def convert(gguf_path: str | os.PathLike, store_path: str | os.PathLike, dtype: 
         except StoreError:
             manifest = None
         if manifest and manifest["source"].get("sha256") == sha and manifest["storage_dtype"] == dtype:
-            return store_path
+            from activeflow_jax.store.verify import verify_store
+
+            report = verify_store(store_path, layouts=False)  # up to date only if every chunk is intact
+            if report.ok:
+                return store_path
+            import sys
+
+            print(f"{store_path} was converted from this file but is damaged ({report.problems[0]}"
+                  f"{f' and {len(report.problems) - 1} more' if len(report.problems) > 1 else ''}); converting "
+                  "it again", file=sys.stderr)
+            overwrite = True  # our own store, damaged: replacing it is the repair
     if os.path.exists(store_path) and not overwrite:
         raise StoreError(
             f"{store_path} exists and was not converted from {os.fspath(gguf_path)} as {dtype}; "
