@@ -261,7 +261,8 @@ def cmd_relayout(args) -> int:
     from activeflow_jax.store.bundles import available_group_sizes, write_bundles
 
     store = _store_or_default(args)
-    path = write_bundles(store, args.group_size, progress=True, remove_others=args.remove_others)
+    remove_others = True if args.remove_others else False if args.keep_others else None  # None: when space is short
+    path = write_bundles(store, args.group_size, progress=True, remove_others=remove_others)
     print(f"{path}: rows of each channel bundled for layer groups of {args.group_size}; layouts now in the store: "
           f"{available_group_sizes(store)}")
     return 0
@@ -428,7 +429,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("relayout", help="write the streaming flash layout for layer groups of N (for --dram-budget)")
     p.add_argument("--store", help="store directory (default: the default model)")
     p.add_argument("--group-size", type=int, required=True, help="layers per preload group")
-    p.add_argument("--remove-others", action="store_true", help="delete the layouts for other group sizes")
+    p.add_argument("--remove-others", action="store_true", help="delete the layouts for other group sizes (the "
+                   "default when free disk space is under twice the new layout's size)")
+    p.add_argument("--keep-others", action="store_true", help="keep the layouts for other group sizes even when "
+                   "disk space is short")
     p.set_defaults(func=cmd_relayout)
     return parser
 

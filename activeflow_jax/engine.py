@@ -445,6 +445,13 @@ class Engine:
             raise InvalidArgumentError("this store has no tokenizer: pass token ids to generate_ids() instead")
         if not isinstance(prompt, str):
             raise InvalidArgumentError(f"prompt must be a str, got {type(prompt).__name__}")
+        for what, text in (("prompt", prompt), ("system prompt", system or "")):
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as exc:  # a lone surrogate: e.g. bytes on the command line that are not UTF-8
+                raise InvalidArgumentError(
+                    f"the {what} is not valid text: character {exc.start} is {text[exc.start]!r}, a lone surrogate "
+                    "(on the command line: bytes that are not UTF-8); give it as UTF-8 text") from None
         ids = self.tokenizer.encode_chat(prompt, system=system) if chat else self.tokenizer.encode(prompt)
         return np.asarray(ids, np.int32)
 

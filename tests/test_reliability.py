@@ -16,7 +16,8 @@ from activeflow_jax.errors import ActiveFlowError, InvalidArgumentError
 
 
 def run_cli(*args, timeout=300, env=None):
-    return subprocess.run([sys.executable, "-m", "activeflow_jax", *map(str, args)], capture_output=True, text=True,
+    argv = [a if isinstance(a, bytes) else str(a) for a in args]
+    return subprocess.run([sys.executable, "-m", "activeflow_jax", *argv], capture_output=True, text=True,
                           timeout=timeout, env={**os.environ, **(env or {})})
 
 
@@ -234,3 +235,164 @@ def test_float16_overflow_is_refused(tmp_path):
 
     with pytest.raises(NonFiniteWeightsError, match="float16"):
         write_store(tmp_path / "s", tiny_config(), {}, [("embed", np.full((4, 4), 1e6, np.float32))], dtype="float16")
+
+
+# -- 5. file-system faults, bad text, bad numbers, tampered manifests: clear errors ----------------
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """mount(size, read_only=False) -> a fresh tmpfs folder (root only; skips otherwise)."""
+    mounted = []
+
+    def mount(size: str, read_only: bool = False, fill=None) -> str:
+        if os.geteuid() != 0:
+            pytest.skip("needs root to mount a small tmpfs (a full or read-only file system)")
+        path = str(tmp_path / f"mnt{len(mounted)}")
+        os.makedirs(path)
+        if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", path]).returncode:
+            pytest.skip("cannot mount a tmpfs here")
+        mounted.append(path)
+        if fill is not None:
+            fill(path)
+        if read_only:
+            subprocess.run(["mount", "-o", "remount,ro", path], check=True)
+        return path
+
+    yield mount
+    for path in mounted:
+        subprocess.run(["umount", "-l", path], capture_output=True)
+
+
+def test_convert_onto_a_read_only_file_system(tiny_model, tmpfs):
+    ro = tmpfs("1m", read_only=True)
+    assert_clean_error(run_cli("convert", tiny_model.gguf_path, os.path.join(ro, "s")), "read-only")
+
+
+def test_convert_onto_a_full_file_system_leaves_nothing(tiny_model, tmpfs):
+    full = tmpfs("256k")
+    proc = run_cli("convert", tiny_model.gguf_path, os.path.join(full, "s"))
+    assert_clean_error(proc, "full", "nothing was written")
+    assert os.listdir(full) == []  # no hidden temporary folder left behind
+
+
+def test_read_only_store_under_a_budget(tiny_model, tmpfs):
+    from activeflow_jax.store.bundles import write_bundles
+
+    import shutil
+
+    def copy(path):
+        shutil.copytree(tiny_model.store_path, os.path.join(path, "s"))
+
+    ro = tmpfs("16m", read_only=True, fill=copy)
+    store = os.path.join(ro, "s")
+    with pytest.raises(af.StoreError, match="read-only"):
+        af.Engine.load(store, dram_budget="2MB", sparsity=0.5, policy="topk", group_size=1, kv_tokens=32, progress=False)
+    proc = run_cli("generate", "hi", "--store", store, "--dram-budget", "2MB", "--sparsity", "0.5", "--policy", "topk",
+                   "--group-size", "1", "--max-new-tokens", "2")
+    assert_clean_error(proc, "read-only", "relayout")
+
+    def copy_with_layout(path):
+        copy(path)
+        write_bundles(os.path.join(path, "s"), 2)
+
+    ro2 = tmpfs("16m", read_only=True, fill=copy_with_layout)  # a layout it already has: used instead
+    engine = af.Engine.load(os.path.join(ro2, "s"), dram_budget="2MB", sparsity=0.5, policy="topk", kv_tokens=32,
+                            plan=False, progress=False)
+    assert engine._swap_settings["group_size"] == 2
+    assert engine.generate("hi", max_new_tokens=3) == af.Engine.load(tiny_model.store_path).generate("hi", max_new_tokens=3)
+
+
+def test_write_errors_are_named_without_root(tiny_model, tmp_path, monkeypatch):
+    """The same errors where mounting is not allowed: os-level failures injected."""
+    import errno
+
+    from activeflow_jax.store import writer
+
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(writer, "write_json_durably", no_space)
+    with pytest.raises(af.StoreError, match="full"):
+        af.convert(tiny_model.gguf_path, tmp_path / "s", progress=False)
+    assert os.listdir(tmp_path) == []
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(writer, "new_temporary_dir", read_only)
+    with pytest.raises(af.StoreError, match="read-only"):
+        af.convert(tiny_model.gguf_path, tmp_path / "s", progress=False)
+
+
+def test_prompts_that_are_not_valid_text(tiny_engine, tiny_model):
+    with pytest.raises(InvalidArgumentError, match="lone surrogate"):
+        tiny_engine.generate("caf\udcff", max_new_tokens=2)
+    with pytest.raises(InvalidArgumentError, match="system prompt"):
+        tiny_engine.generate("hi", chat=True, system="\ud800", max_new_tokens=2)
+    proc = run_cli("generate", b"caf\xe9 \xff", "--store", tiny_model.store_path, "--max-new-tokens", "2")
+    assert_clean_error(proc, "not valid text")
+
+
+@pytest.mark.parametrize("args,needle", [
+    (("--seed", str(2 ** 64)), "seed"),
+    (("--max-new-tokens", str(10 ** 30)), "max_new_tokens"),
+    (("--max-new-tokens", "0"), "max_new_tokens"),
+    (("--dram-budget", "0.9", "--sparsity", "0.5", "--policy", "topk", "--group-size", "1", "--kv-tokens",
+      str(10 ** 20)), "kv_tokens"),
+    (("--dram-budget", "0.9", "--sparsity", "0.5", "--policy", "topk", "--group-size", str(10 ** 9)), "group"),
+    (("--dram-budget", "0.9", "--sparsity", "0.5", "--policy", "topk", "--group-size", "-2"), "group"),
+])
+def test_out_of_range_integer_arguments(tiny_model, args, needle):
+    assert_clean_error(run_cli("generate", "hi", "--store", tiny_model.store_path, *args), needle)
+
+
+MANIFEST_EDITS = {
+    "d_model zero": lambda m: m["model"].__setitem__("d_model", 0),
+    "num_heads zero": lambda m: m["model"].__setitem__("num_heads", 0),
+    "vocab negative": lambda m: m["model"].__setitem__("vocab_size", -5),
+    "more layers": lambda m: m["model"].__setitem__("num_layers", 3),
+    "fewer layers": lambda m: m["model"].__setitem__("num_layers", 1),
+    "max_context zero": lambda m: m["model"].__setitem__("max_context", 0),
+    "norm_eps text": lambda m: m["model"].__setitem__("norm_eps", "small"),
+    "rope_theta negative": lambda m: m["model"].__setitem__("rope_theta", -1.0),
+    "shape negative": lambda m: m["tensors"]["layers.0.attn.wo"].__setitem__("shape", [-64, 64]),
+    "shape wrong": lambda m: m["tensors"]["layers.0.attn.wo"].__setitem__("shape", [32, 64]),
+    "chunk rows zero": lambda m: m["tensors"]["layers.0.attn.wo"].__setitem__("chunk_rows", 0),
+    "shard rows negative": lambda m: m["tensors"]["layers.0.attn.wo"].__setitem__("shard_rows", -8),
+    "dtype unknown": lambda m: m.__setitem__("storage_dtype", "int3"),
+    "tensors not a record": lambda m: m.__setitem__("tensors", [1, 2]),
+}
+
+
+@pytest.fixture
+def fresh_store(tmp_path, tiny_model):
+    import shutil
+
+    path = str(tmp_path / "store")
+    shutil.copytree(tiny_model.store_path, path)
+    return path
+
+
+def _edit_manifest(store, edit):
+    import json
+
+    path = os.path.join(store, "manifest.json")
+    with open(path) as f:
+        manifest = json.load(f)
+    edit(manifest)
+    with open(path, "w") as f:
+        json.dump(manifest, f)
+
+
+@pytest.mark.parametrize("case", sorted(MANIFEST_EDITS))
+def test_tampered_manifests_are_refused(fresh_store, case):
+    _edit_manifest(fresh_store, MANIFEST_EDITS[case])
+    with pytest.raises(af.StoreError, match="re-convert"):
+        af.Engine.load(fresh_store)
+    report = af.verify_store(fresh_store)
+    assert not report.ok and report.problems[0].startswith("manifest")
+
+
+def test_tampered_manifest_on_the_command_line(fresh_store):
+    _edit_manifest(fresh_store, MANIFEST_EDITS["fewer layers"])
+    assert_clean_error(run_cli("generate", "hi", "--store", fresh_store, "--max-new-tokens", "2"), "layers")

@@ -142,7 +142,14 @@ def get_bandwidths(store_dir: str, *, remeasure: bool = False) -> Bandwidths:
     if key in cache and not remeasure:
         return Bandwidths.from_json(cache[key])
     cpu0, t0 = _cpu_seconds(), time.perf_counter()
-    flash = measure_flash(os.path.join(store_dir, "tensors"))
+    try:
+        flash = measure_flash(os.path.join(store_dir, "tensors"))
+    except FileNotFoundError as exc:
+        from activeflow_jax.errors import StoreError
+
+        raise StoreError(f"{exc}: the store is too small for the planner to measure this disk on; give the "
+                         "sparsity and the group size yourself (--sparsity S --group-size N), or point "
+                         "ACTIVEFLOW_BANDWIDTH_FILE at a bandwidth record") from None
     result = Bandwidths(measure_dram(), tuple((r["chunk_kib"] << 10, r["bytes"] / r["seconds"]) for r in flash),
                         time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     busy = others_share(cpu0, _cpu_seconds(), time.perf_counter() - t0)

@@ -114,6 +114,15 @@ def load_swapping(engine_cls, store_path, dram_budget: Any, *, sparsity: float |
 
         allocation = allocated_sparsity(cfg, op_sparsity, **options)
         sparsity = allocation.sparsity
+    if group_size is None and relayout and not os.access(reader.path, os.W_OK):
+        # a read-only store cannot take a new streaming layout: plan for one it already has
+        have = [n for n in bundles.available_group_sizes(reader.path)
+                if (bundles.bundle_info(reader.path, n) or {}).get("first_layer") == 0]
+        if have:
+            group_size = have[0]
+            if progress:
+                print(f"{reader.path} is read-only: using its streaming layout for groups of {group_size}",
+                      file=sys.stderr)
     chosen = _choose(reader, cfg, budget, sparsity, group_size, kv_tokens, superset, baseline, plan, q8,
                      allocation.op_sparsity if allocation is not None else None)
     sparsity, group_size, explanation = chosen
@@ -132,6 +141,15 @@ def load_swapping(engine_cls, store_path, dram_budget: Any, *, sparsity: float |
         if not relayout:
             raise InvalidArgumentError(f"store {reader.path} has no streaming layout for groups of {group_size}; "
                                        f"run `activeflow relayout --store {reader.path} --group-size {group_size}`")
+        if not os.access(reader.path, os.W_OK):
+            from activeflow_jax.errors import StoreError
+
+            have = bundles.available_group_sizes(reader.path)
+            raise StoreError(
+                f"store {reader.path} is read-only and has no streaming layout for groups of {group_size}, which "
+                "running under a DRAM budget reads; run `activeflow relayout --store "
+                f"{reader.path} --group-size {group_size}` where it is writable, copy the store to a writable "
+                "folder, or load it without a budget" + (f", or with group_size one of {have}" if have else ""))
         if progress:
             print(f"laying out {reader.path} for streaming in groups of {group_size} layers (once)", file=sys.stderr)
         bundles.write_bundles(reader.path, group_size, first_layer=0, progress=progress)

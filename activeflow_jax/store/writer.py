@@ -40,8 +40,10 @@ def write_store(store_dir: str | os.PathLike, config: ModelConfig, tokenizer_spe
         raise StoreError(f"{store_dir} already exists; pass overwrite=True (--overwrite) to replace it")
     check_replaceable(store_dir, keep=[source["path"]] if source and source.get("path") else [])
     base = os.path.basename(store_dir)
-    tmp = new_temporary_dir(store_dir)
-    os.makedirs(os.path.join(tmp, layout.TENSOR_DIR))
+    try:
+        tmp = new_temporary_dir(store_dir)
+    except OSError as exc:
+        raise write_error(store_dir, exc) from None
     ts = _ts()
     np_dtype = np.dtype(dtype)
     entries: dict[str, Any] = {}
@@ -51,12 +53,16 @@ def write_store(store_dir: str | os.PathLike, config: ModelConfig, tokenizer_spe
 
         bar = tqdm(total=total, desc=f"convert -> {base}", unit="tensor")
     try:
+        os.makedirs(os.path.join(tmp, layout.TENSOR_DIR))
         for name, array in tensors:
             array = np.ascontiguousarray(array, dtype=np_dtype)
             check_finite(name, array, dtype)
             chunk, shard = layout.chunking(array.shape, np_dtype.itemsize, chunk_rows)
             spec = layout.zarr_spec(layout.tensor_path(tmp, name), array.shape, dtype, chunk, shard, create=True)
-            ts.open(spec).result().write(array).result()
+            try:
+                ts.open(spec).result().write(array).result()
+            except Exception as exc:  # TensorStore reports a failed file write as ValueError
+                raise write_error(store_dir, exc) from None
             entries[name] = {"shape": list(array.shape), "chunk_rows": chunk, "shard_rows": shard}
             if bar is not None:
                 bar.update(1)
@@ -72,6 +78,9 @@ def write_store(store_dir: str | os.PathLike, config: ModelConfig, tokenizer_spe
         }
         write_json_durably(os.path.join(tmp, layout.MANIFEST), manifest)
         replace_dir(tmp, store_dir)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise write_error(store_dir, exc) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -79,6 +88,25 @@ def write_store(store_dir: str | os.PathLike, config: ModelConfig, tokenizer_spe
         if bar is not None:
             bar.close()
     return store_dir
+
+
+def write_error(target: str, exc: BaseException) -> StoreError:
+    """A failed file write (read-only or full file system, no permission) in words: nothing was
+    written (the temporary folder is removed by the caller), and what to do."""
+    import errno
+
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    code = getattr(exc, "errno", None)
+    if code == errno.ENOSPC or "no space" in text.lower() or "RESOURCE_EXHAUSTED" in text:
+        why = "the file system is full"
+    elif code == errno.EROFS or "read-only file system" in text.lower():
+        why = "the file system is read-only"
+    elif code in (errno.EACCES, errno.EPERM) or "permission denied" in text.lower():
+        why = "permission was denied"
+    else:
+        why = f"a file could not be written ({text})"
+    return StoreError(f"cannot write {target}: {why}; nothing was written there. Free some space or choose a "
+                      "writable folder with room for it, then run the command again")
 
 
 def check_finite(name: str, array: np.ndarray, dtype: str) -> None:
