@@ -56,6 +56,8 @@ def _load_engine(args):
     options = {}
     if budget is not None:
         options = dict(dram_budget=budget, kv_tokens=args.kv_tokens, cold=args.cold, direct_io=args.direct_io)
+        if getattr(args, "whole_process", False):
+            options["budget_includes_process"] = True
         if args.group_size:
             options["group_size"] = args.group_size
     if getattr(args, "op_sparsity", None) and hasattr(args, "policy"):  # eval's --op-sparsity is a setting
@@ -73,6 +75,8 @@ def _add_budget_flags(p) -> None:
                         "the model such as 0.5 or 50%% (the planner picks sparsity and layer groups unless given)")
     p.add_argument("--group-size", type=int, default=0, help="layers per preload group (0: the planner's choice)")
     p.add_argument("--kv-tokens", type=int, default=512, help="KV cache positions the budget reserves")
+    p.add_argument("--whole-process", action="store_true", help="let the budget cover the whole process (Python, "
+                   "JAX, compiled programs), not only the model's weights, KV cache and buffers")
     p.add_argument("--cold", action="store_true", help="drop the store from the page cache first")
     p.add_argument("--direct-io", action="store_true", help="read flash with O_DIRECT (bypass the page cache)")
 
@@ -203,6 +207,8 @@ def cmd_generate(args) -> int:
                   f"{lo.get('hit_rate', 0):.3f} | read {lo.get('bytes_requested', 0) / 1e6:.1f} MB requested, "
                   f"{lo.get('device_read_bytes', 0) / 1e6:.1f} MB from the device | I/O hidden "
                   f"{lo.get('io_hidden_share', 0):.2f}]", file=sys.stderr)
+            if "scope" in m:
+                print(f"[{m['scope']}; peak RSS {s.peak_rss_bytes / 1e6:.0f} MB]", file=sys.stderr)
     return 0
 
 

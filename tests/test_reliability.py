@@ -396,3 +396,66 @@ def test_tampered_manifests_are_refused(fresh_store, case):
 def test_tampered_manifest_on_the_command_line(fresh_store):
     _edit_manifest(fresh_store, MANIFEST_EDITS["fewer layers"])
     assert_clean_error(run_cli("generate", "hi", "--store", fresh_store, "--max-new-tokens", "2"), "layers")
+
+
+# -- 6. budget accounting users can trust ----------------------------------------------------------
+
+CAPPED_CHILD = r"""
+import json, sys
+import activeflow_jax as af
+engine = af.Engine.load(sys.argv[1], dram_budget=float(sys.argv[2]) if "." in sys.argv[2] else int(sys.argv[2]), sparsity=0.5, policy="topk", group_size=1,
+                        kv_tokens=64, progress=False, **({"budget_includes_process": True} if sys.argv[3] == "1" else {}))
+text = engine.generate("the river runs past the old mill", max_new_tokens=24)
+m = engine.stats.memory
+print(json.dumps({"budget": m["budget"], "process_baseline": m["process_baseline"], "covers": m["budget_covers_process"],
+                  "scope": m["scope"], "explanation": engine.plan_explanation, "peak_rss": engine.stats.peak_rss_bytes,
+                  "tokens": engine.stats.decode_tokens}))
+"""
+
+
+@pytest.fixture(scope="module")
+def mid_store(tmp_path_factory):
+    """A random model of ~16 MB (4 layers, d=256, vocab 4096): big enough that the budget matters."""
+    from activeflow_jax.config import tiny_config
+    from activeflow_jax.testing import make_tiny_store
+
+    cfg = tiny_config(num_layers=4, d_model=256, d_ff=704, num_heads=4, num_kv_heads=2, head_dim=64, vocab_size=4096)
+    return make_tiny_store(tmp_path_factory.mktemp("mid"), cfg).store_path
+
+
+def test_every_budget_report_says_what_it_covers(mid_store):
+    engine = af.Engine.load(mid_store, dram_budget=0.9, sparsity=0.5, policy="topk", group_size=1, kv_tokens=64,
+                            progress=False)
+    engine.generate("hello", max_new_tokens=3)
+    m = engine.stats.memory
+    assert m["budget_covers_process"] is False and m["process_baseline"] > 100e6 and m["process_rss"] > 0
+    assert "NOT the process" in m["scope"] and "NOT the process" in engine.plan_explanation
+    proc = run_cli("generate", "hi", "--store", mid_store, "--dram-budget", "0.9", "--sparsity", "0.5", "--policy",
+                   "topk", "--group-size", "1", "--kv-tokens", "64", "--max-new-tokens", "2", "--stats")
+    assert proc.returncode == 0 and "NOT the process" in proc.stderr and "process RSS now" in proc.stderr, proc.stderr
+    whole = af.Engine.load(mid_store, dram_budget="900MB", sparsity=0.5, policy="topk", group_size=1, kv_tokens=64,
+                           progress=False, budget_includes_process=True)
+    assert whole.stats.memory["budget_covers_process"] and "covers the whole process" in whole.plan_explanation
+
+
+@pytest.mark.parametrize("whole_process", [False, True])
+def test_engine_runs_in_a_cgroup_capped_at_budget_plus_reported_process(mid_store, whole_process):
+    import json
+
+    from activeflow_jax.runtime import memcap
+
+    reason = memcap.available()
+    if reason is not None:
+        pytest.skip(reason)
+    argv = [sys.executable, "-c", CAPPED_CHILD, mid_store, "0.9", "1" if whole_process else "0"]
+    if whole_process:  # the budget is the whole process: give it room for that, then cap at the budget alone
+        argv[4] = str(900_000_000)
+    first = subprocess.run(argv, capture_output=True, text=True, timeout=300)  # uncapped: what it reports
+    assert first.returncode == 0, first.stderr[-2000:]
+    report = json.loads(first.stdout.strip().splitlines()[-1])
+    cap = report["budget"] + (0 if report["covers"] else report["process_baseline"])
+    run = memcap.run_capped(argv, cap, timeout=300)
+    assert not run.oom_killed and run.returncode == 0, (cap, run.peak_bytes, run.stderr[-2000:])
+    capped = json.loads(run.stdout.strip().splitlines()[-1])
+    print(f"cap {cap / 1e6:.0f} MB, cgroup peak {run.peak_bytes / 1e6:.0f} MB, child peak RSS {capped['peak_rss'] / 1e6:.0f} MB")
+    assert capped["tokens"] == 23 and run.peak_bytes <= cap

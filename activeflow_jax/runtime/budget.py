@@ -54,6 +54,30 @@ _UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb
           "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
 
 
+def current_rss() -> int:
+    """The process's resident set size now (bytes; 0 where /proc is missing)."""
+    import os
+
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        return 0
+
+
+def scope_in_words(covers_process: bool, process_bytes: int, rss: int) -> str:
+    """What a budget covers, in words, with the process figures beside it: the one wording that
+    the plan, `--stats` and `stats.memory` all give. process_bytes: the process outside the model
+    (measured before loading, plus COMPILE_GROWTH_RESERVE)."""
+    if covers_process:
+        return (f"the budget covers the whole process (its {process_bytes / 1e6:.0f} MB outside the model, measured "
+                f"at load plus a compile reserve, are counted in it); process RSS now {rss / 1e6:.0f} MB")
+    return (f"the budget covers the model's weights, KV cache and buffers only, NOT the process itself: add about "
+            f"{process_bytes / 1e6:.0f} MB for Python, JAX and the compiled programs (process RSS now "
+            f"{rss / 1e6:.0f} MB); load with budget_includes_process=True (--whole-process) for a budget that covers "
+            "everything")
+
+
 class BudgetTooSmallError(InvalidArgumentError):
     """The DRAM budget is below the minimum working set."""
 

@@ -102,7 +102,8 @@ def load_swapping(engine_cls, store_path, dram_budget: Any, *, sparsity: float |
     kv_tokens = 1 << (kv_tokens.bit_length() - 1)  # KV caches come in powers of two
     if group_size is not None and (not isinstance(group_size, int) or group_size < 1):
         raise InvalidArgumentError(f"group_size must be an int >= 1, got {group_size!r}")
-    baseline = _current_rss() + budget_mod.COMPILE_GROWTH_RESERVE if budget_includes_process else 0
+    process = _current_rss() + budget_mod.COMPILE_GROWTH_RESERVE  # the process outside the model
+    baseline = process if budget_includes_process else 0
     from activeflow_jax.models.embedding import Q8Table
 
     embed = resident_embedding(reader, q8_embedding, kernel)
@@ -126,6 +127,10 @@ def load_swapping(engine_cls, store_path, dram_budget: Any, *, sparsity: float |
     chosen = _choose(reader, cfg, budget, sparsity, group_size, kv_tokens, superset, baseline, plan, q8,
                      allocation.op_sparsity if allocation is not None else None)
     sparsity, group_size, explanation = chosen
+    if not explanation:  # not planned: still say what the budget covers
+        scope = budget_mod.scope_in_words(budget_includes_process, process, _current_rss())
+        explanation = (f"Budget {budget / 1e6:.0f} MB with the sparsity and layer groups ({group_size}) given, "
+                       f"not planned. {scope[0].upper() + scope[1:]}.")
     config = None
     if allocation is not None:
         config = allocation.resolved()
@@ -159,6 +164,7 @@ def load_swapping(engine_cls, store_path, dram_budget: Any, *, sparsity: float |
         drop_page_cache(reader.path)
     runtime = SwapRuntime(reader.path, cfg, config, thresholds, memory, group_size=group_size, superset=superset,
                           direct_io=direct_io, embed=embed)
+    runtime.process_outside_budget = 0 if budget_includes_process else process  # reported beside the budget
     del embed
     tokenizer = Tokenizer.from_spec(reader.tokenizer_spec) if reader.tokenizer_spec else None
     engine = engine_cls(cfg, {}, tokenizer, store_path=reader.path)
