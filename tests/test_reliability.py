@@ -459,3 +459,31 @@ def test_engine_runs_in_a_cgroup_capped_at_budget_plus_reported_process(mid_stor
     capped = json.loads(run.stdout.strip().splitlines()[-1])
     print(f"cap {cap / 1e6:.0f} MB, cgroup peak {run.peak_bytes / 1e6:.0f} MB, child peak RSS {capped['peak_rss'] / 1e6:.0f} MB")
     assert capped["tokens"] == 23 and run.peak_bytes <= cap
+
+
+# -- 7. a new streaming layout says its size; short of disk, the others go first -------------------
+
+def test_new_layout_is_announced_and_others_removed_when_space_is_short(tmp_path, monkeypatch, capsys):
+    import collections
+
+    from activeflow_jax.store import bundles
+    from activeflow_jax.testing import make_tiny_store
+
+    store = make_tiny_store(tmp_path).store_path
+    bundles.write_bundles(store, 1, progress=True)
+    err = capsys.readouterr().err
+    needed = bundles.layout_bytes(bundles.StoreReader(store))
+    assert f"{needed / 1e6:.0f} MB more on disk in {bundles.layout_dir(store, 1)}" in err
+    bundles.write_bundles(store, 2)  # plenty of space: both stay
+    assert bundles.available_group_sizes(store) == [1, 2]
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(bundles.shutil, "disk_usage", lambda path: usage(10 ** 9, 10 ** 9, int(1.5 * needed)))
+    bundles.write_bundles(store, 4)
+    assert "disk space is short" in capsys.readouterr().err
+    assert bundles.available_group_sizes(store) == [4]
+    bundles.write_bundles(store, 1, remove_others=False)  # asked to keep them: kept
+    assert bundles.available_group_sizes(store) == [1, 4]
+    monkeypatch.setattr(bundles.shutil, "disk_usage", lambda path: usage(10 ** 9, 10 ** 9, needed // 2))
+    with pytest.raises(af.StoreError, match="free"):
+        bundles.write_bundles(store, 2, remove_others=False)
+    assert bundles.available_group_sizes(store) == [1, 4]
