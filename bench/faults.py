@@ -194,7 +194,8 @@ def fault_readonly_store_budget(p: Probe) -> dict:
         store = os.path.join(mnt, "store")
         shutil.copytree(tiny.store_path, store)
         subprocess.run(["mount", "-o", "remount,ro", mnt], check=True)
-        return p.run("generate", "hello", "--store", store, "--max-new-tokens", "3", "--dram-budget", "0.9")
+        return p.run("generate", "hello", "--store", store, "--max-new-tokens", "3", "--dram-budget", "2MB",
+                     "--sparsity", "0.5", "--policy", "topk", "--group-size", "1", "--kv-tokens", "32")
     finally:
         _umount(mnt)
 
@@ -230,6 +231,7 @@ def _set_tensor(name, key, value):
     return lambda m: m["tensors"][name].__setitem__(key, value)
 
 
+BUDGET = ("--dram-budget", "2MB", "--sparsity", "0.5", "--policy", "topk")
 FAULTS = {
     "overwrite_non_store_folder": fault_overwrite_non_store,
     "overwrite_folder_holding_source": fault_overwrite_holding_source,
@@ -244,9 +246,10 @@ FAULTS = {
     "max_new_tokens_negative": _int_fault("--max-new-tokens", "-5"),
     "seed_negative": _int_fault("--seed", "-1", "--max-new-tokens", "2"),
     "seed_2_64": _int_fault("--seed", str(2 ** 64), "--max-new-tokens", "2"),
-    "kv_tokens_huge": _int_fault("--dram-budget", "0.9", "--kv-tokens", str(10 ** 20), "--max-new-tokens", "2"),
-    "group_size_huge": _int_fault("--dram-budget", "0.9", "--group-size", str(10 ** 9), "--max-new-tokens", "2"),
-    "group_size_negative": _int_fault("--dram-budget", "0.9", "--group-size", "-3", "--max-new-tokens", "2"),
+    "kv_tokens_huge": _int_fault(*BUDGET, "--group-size", "1", "--kv-tokens", str(10 ** 20), "--max-new-tokens", "2"),
+    "group_size_huge": _int_fault(*BUDGET, "--group-size", str(10 ** 9), "--max-new-tokens", "2"),
+    "group_size_negative": _int_fault(*BUDGET, "--group-size", "-3", "--max-new-tokens", "2"),
+    "dense_tiny_store_planned": _int_fault("--dram-budget", "0.9", "--max-new-tokens", "2"),
     "manifest_d_model_zero": _manifest_fault(_set_model("d_model", 0)),
     "manifest_num_heads_zero": _manifest_fault(_set_model("num_heads", 0)),
     "manifest_vocab_negative": _manifest_fault(_set_model("vocab_size", -5)),

@@ -109,7 +109,11 @@ def _build_hf_tokenizer(spec: dict[str, Any]) -> Any:
         if not sep:
             raise UnsupportedModelError(f"malformed BPE merge {merge!r} in the tokenizer")
         merges.append((left, right))
-    hf = HFTokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, ignore_merges=False))
+    try:
+        hf = HFTokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, ignore_merges=False))
+    except Exception as exc:  # tokenizers raises a bare Exception for a merge of unknown tokens
+        raise UnsupportedModelError(f"the tokenizer is inconsistent ({exc}); the file or store is damaged: "
+                                    "download or convert it again") from None
     pre = spec["pre"]
     if pre in _DIGITS_THEN_BYTELEVEL:
         hf.pre_tokenizer = pre_tokenizers.Sequence([

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from activeflow_jax.config import ModelConfig
-from activeflow_jax.errors import InvalidArgumentError, NonFiniteWeightsError, StoreError
+from activeflow_jax.errors import ActiveFlowError, GGUFError, InvalidArgumentError, NonFiniteWeightsError, StoreError
 from activeflow_jax.store import layout
 
 
@@ -220,7 +220,12 @@ def convert(gguf_path: str | os.PathLike, store_path: str | os.PathLike, dtype: 
 
     if dtype not in layout.STORAGE_DTYPES:
         raise InvalidArgumentError(f"storage dtype '{dtype}' is not supported; choose one of {layout.STORAGE_DTYPES}")
-    model = open_gguf(gguf_path)  # validates before anything is written
+    try:
+        model = open_gguf(gguf_path)  # validates before anything is written
+    except ActiveFlowError:
+        raise
+    except Exception as exc:  # a damaged field that the gguf package decodes lazily (bench/fuzz.py)
+        raise _damaged_gguf(gguf_path, exc) from None
     sha = file_sha256(gguf_path)
     store_path = os.path.abspath(os.fspath(store_path))
     if os.path.exists(os.path.join(store_path, layout.MANIFEST)):
@@ -248,7 +253,27 @@ def convert(gguf_path: str | os.PathLike, store_path: str | os.PathLike, dtype: 
             "pass overwrite=True (--overwrite) or choose another path"
         )
     return write_store(
-        store_path, model.config, model.tokenizer_spec, model.iter_tensors(), dtype=dtype,
+        store_path, model.config, model.tokenizer_spec, _guarded(model.iter_tensors(), gguf_path), dtype=dtype,
         source={"path": os.path.abspath(os.fspath(gguf_path)), "sha256": sha, "format": "gguf"},
         overwrite=True, progress=progress, total=len(model.tensor_names()),
     )
+
+
+def _damaged_gguf(path, exc: Exception) -> GGUFError:
+    return GGUFError(f"{os.fspath(path)} could not be read as GGUF ({type(exc).__name__}: {str(exc)[:200]}); the file "
+                     "is probably truncated or damaged: download it again")
+
+
+def _guarded(tensors: Iterable[tuple[str, np.ndarray]], path) -> Iterable[tuple[str, np.ndarray]]:
+    """The GGUF's tensors, with a failure to decode one said as a damaged file (not a traceback)."""
+    iterator = iter(tensors)
+    while True:
+        try:
+            item = next(iterator)
+        except StopIteration:
+            return
+        except ActiveFlowError:
+            raise
+        except Exception as exc:
+            raise _damaged_gguf(path, exc) from None
+        yield item
