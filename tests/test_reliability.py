@@ -487,3 +487,54 @@ def test_new_layout_is_announced_and_others_removed_when_space_is_short(tmp_path
     with pytest.raises(af.StoreError, match="free"):
         bundles.write_bundles(store, 2, remove_others=False)
     assert bundles.available_group_sizes(store) == [1, 4]
+
+
+# -- what bench/fuzz.py found ------------------------------------------------------------------------
+
+def test_damaged_gguf_array_count_is_refused_fast(tmp_path):
+    """A flipped high bit in a metadata array's count made the gguf package parse for hours."""
+    import struct
+    import time
+
+    from activeflow_jax.errors import GGUFError
+    from activeflow_jax.testing import write_tiny_gguf
+
+    path = str(tmp_path / "t.gguf")
+    write_tiny_gguf(path)
+    data = bytearray(open(path, "rb").read())
+    key = b"tokenizer.ggml.tokens"
+    pos = data.index(key) + len(key) + 4 + 4  # key, value type (array), element type (string), then the count
+    assert struct.unpack_from("<Q", data, pos)[0] == 300
+    struct.pack_into("<Q", data, pos, 300 + (1 << 54))
+    open(path, "wb").write(bytes(data))
+    start = time.perf_counter()
+    with pytest.raises(GGUFError, match="array count"):
+        af.convert(path, tmp_path / "s", progress=False)
+    assert time.perf_counter() - start < 30
+
+
+def test_gguf_whose_strings_do_not_decode(tmp_path):
+    from activeflow_jax.errors import GGUFError
+    from activeflow_jax.testing import write_tiny_gguf
+
+    path = str(tmp_path / "t.gguf")
+    write_tiny_gguf(path)
+    data = bytearray(open(path, "rb").read())
+    pos = data.index(b"tiny-llama-F32")  # general.name's text
+    data[pos] = 0xDC  # not UTF-8
+    open(path, "wb").write(bytes(data))
+    with pytest.raises((GGUFError, af.UnsupportedModelError)):
+        af.convert(path, tmp_path / "s", progress=False)
+
+
+@pytest.mark.parametrize("edit", [
+    lambda m: m["model"].__setitem__("name", [-1, 64]),
+    lambda m: m["model"].__setitem__("tie_embeddings", [0]),
+    lambda m: m["model"].__setitem__("arch", 5),
+    lambda m: m["tokenizer"].pop("merges"),
+    lambda m: m.__setitem__("tokenizer", -1),
+])
+def test_fuzzed_manifests_give_clear_errors(fresh_store, edit):
+    _edit_manifest(fresh_store, edit)
+    with pytest.raises(ActiveFlowError):
+        af.Engine.load(fresh_store)

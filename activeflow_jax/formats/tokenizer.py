@@ -163,7 +163,15 @@ class Tokenizer:
 
     @classmethod
     def from_spec(cls, spec: dict[str, Any]) -> Tokenizer:
-        return cls(spec)
+        from activeflow_jax.errors import ActiveFlowError
+
+        try:
+            return cls(spec)
+        except ActiveFlowError:
+            raise
+        except Exception as exc:  # a damaged or edited spec (bench/fuzz.py): missing keys, wrong types
+            raise UnsupportedModelError(f"the tokenizer description is damaged or incomplete ({type(exc).__name__}: "
+                                        f"{str(exc)[:120]}); convert the store again") from None
 
     @property
     def vocab_size(self) -> int:

@@ -69,8 +69,20 @@ def config_from_manifest(manifest: dict[str, Any], store_dir: str) -> ModelConfi
         value = model.get(key)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
             raise StoreError(f"store {store_dir}: model field '{key}' is {value!r}, not a positive number; {_EDITED}")
+    import dataclasses
+
+    kinds = {"str": str, "int": int, "float": (int, float), "bool": bool}
+    for field in dataclasses.fields(ModelConfig):
+        kind = kinds.get(field.type) if isinstance(field.type, str) else None
+        value = model.get(field.name)
+        if kind is not None and field.name in model and (not isinstance(value, kind) or
+                                                         (kind is not bool and isinstance(value, bool))):
+            raise StoreError(f"store {store_dir}: model field '{field.name}' is {value!r:.60}, not a {field.type}; "
+                             f"{_EDITED}")
     try:
-        return ModelConfig.from_json(model)
+        cfg = ModelConfig.from_json(model)
+        hash(cfg)
+        return cfg
     except (TypeError, ValueError) as exc:
         raise StoreError(f"store {store_dir}: the model config is inconsistent ({exc}); {_EDITED}") from None
 
