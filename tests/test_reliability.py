@@ -351,6 +351,7 @@ MANIFEST_EDITS = {
     "num_heads zero": lambda m: m["model"].__setitem__("num_heads", 0),
     "vocab negative": lambda m: m["model"].__setitem__("vocab_size", -5),
     "more layers": lambda m: m["model"].__setitem__("num_layers", 3),
+    "huge layer count": lambda m: m["model"].__setitem__("num_layers", 2 ** 62),
     "fewer layers": lambda m: m["model"].__setitem__("num_layers", 1),
     "max_context zero": lambda m: m["model"].__setitem__("max_context", 0),
     "norm_eps text": lambda m: m["model"].__setitem__("norm_eps", "small"),

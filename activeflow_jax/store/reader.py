@@ -100,8 +100,8 @@ def check_manifest_tensors(manifest: dict[str, Any], cfg: ModelConfig, store_dir
     if not isinstance(tensors, dict):
         raise StoreError(f"store {store_dir}: the tensor list is not a record; {_EDITED}")
     layers = {name.split(".")[1] for name in tensors if name.startswith("layers.")}
-    if layers != {str(i) for i in range(cfg.num_layers)}:
-        named = sorted(int(x) for x in layers if x.isdigit())
+    named = sorted(int(x) for x in layers if x.isdigit())
+    if len(layers) != cfg.num_layers or named != list(range(cfg.num_layers)):  # the count first: it may be huge
         raise StoreError(f"store {store_dir}: the model config counts {cfg.num_layers} layers but the tensors are of "
                          f"{len(named)} layers ({named[0] if named else '-'}..{named[-1] if named else '-'}); {_EDITED}")
     expected = param_shapes(cfg)
