@@ -103,10 +103,10 @@ def test_overwrite_refuses_the_folder_holding_the_source(tmp_path):
     src = tmp_path / "models" / "tiny.gguf"
     src.parent.mkdir()
     write_tiny_gguf(src)
-    for out in (src.parent, tmp_path):
-        assert_clean_error(run_cli("convert", src, out, "--overwrite"), "holds", "being converted")
-    with pytest.raises(InvalidArgumentError, match="being converted"):
-        af.convert(src, src, overwrite=True, progress=False)
+    assert_clean_error(run_cli("convert", src, src.parent, "--overwrite"), "holds", "being converted")
+    for out in (tmp_path, src):  # an ancestor, the file itself
+        with pytest.raises(InvalidArgumentError, match="being converted"):
+            af.convert(src, out, overwrite=True, progress=False)
     assert src.is_file()
 
 
