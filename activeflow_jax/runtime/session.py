@@ -125,7 +125,7 @@ def load_swapping(engine_cls, store_path, dram_budget: Any, *, sparsity: float |
                 print(f"{reader.path} is read-only: using its streaming layout for groups of {group_size}",
                       file=sys.stderr)
     chosen = _choose(reader, cfg, budget, sparsity, group_size, kv_tokens, superset, baseline, plan, q8,
-                     allocation.op_sparsity if allocation is not None else None)
+                     allocation.op_sparsity if allocation is not None else None, process)
     sparsity, group_size, explanation = chosen
     if not explanation:  # not planned: still say what the budget covers
         scope = budget_mod.scope_in_words(budget_includes_process, process, _current_rss())
@@ -179,7 +179,7 @@ def load_swapping(engine_cls, store_path, dram_budget: Any, *, sparsity: float |
 
 
 def _choose(reader, cfg, budget, sparsity, group_size, kv_tokens, superset, baseline, plan, q8_embed,
-            op_sparsity=None):
+            op_sparsity=None, process=0):
     """(sparsity, group_size, explanation): the planner's choice where not given."""
     if not plan or (sparsity is not None and group_size is not None):
         return sparsity, group_size or DEFAULT_GROUP_SIZE, ""
@@ -191,7 +191,7 @@ def _choose(reader, cfg, budget, sparsity, group_size, kv_tokens, superset, base
     levels = sorted(calibration.levels) if calibration is not None else []
     chosen = planner.plan(cfg, budget, get_bandwidths(reader.path), levels=levels, kv_tokens=kv_tokens,
                           superset=superset, sparsity=sparsity, group_size=group_size, baseline=baseline,
-                          q8_embed=q8_embed, op_sparsity=op_sparsity)
+                          q8_embed=q8_embed, op_sparsity=op_sparsity, process=process)
     return chosen.sparsity or None, chosen.group_size, chosen.explain()
 
 
