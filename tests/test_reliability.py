@@ -539,3 +539,35 @@ def test_fuzzed_manifests_give_clear_errors(fresh_store, edit):
     _edit_manifest(fresh_store, edit)
     with pytest.raises(ActiveFlowError):
         af.Engine.load(fresh_store)
+
+
+REAL_CHILD = r"""
+import json, sys
+import activeflow_jax as af
+from activeflow_jax.store.bundles import available_group_sizes
+have = available_group_sizes(sys.argv[1])
+engine = af.Engine.load(sys.argv[1], dram_budget=0.5, group_size=have[0] if have else 1, progress=False)
+engine.generate("The history of the river town", max_new_tokens=8)
+m = engine.stats.memory
+print(json.dumps({"budget": m["budget"], "process_baseline": m["process_baseline"], "peak_rss": engine.stats.peak_rss_bytes}))
+"""
+
+
+@pytest.mark.real_model
+def test_default_model_runs_in_a_cgroup_capped_at_budget_plus_reported_process(real_store):
+    """The issue's case: the default model at dram_budget=0.5 (weights-only budget) inside a cgroup
+    capped at the budget plus the process figure the engine reports beside it."""
+    import json
+
+    from activeflow_jax.runtime import memcap
+
+    reason = memcap.available()
+    if reason is not None:
+        pytest.skip(reason)
+    argv = [sys.executable, "-c", REAL_CHILD, real_store]
+    first = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-2000:]
+    report = json.loads(first.stdout.strip().splitlines()[-1])
+    cap = report["budget"] + report["process_baseline"]
+    run = memcap.run_capped(argv, cap, timeout=600)
+    assert not run.oom_killed and run.returncode == 0, (cap, run.peak_bytes, run.stderr[-2000:])
