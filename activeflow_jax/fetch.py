@@ -124,9 +124,11 @@ def fetch_default_model(dtype: str = "float32", *, quiet: bool = False, verify: 
     store = default_store_path(dtype)
     try:
         manifest = read_manifest(store)
-        if (manifest["source"].get("sha256") == DEFAULT_MODEL.gguf_sha256 and manifest["storage_dtype"] == dtype
-                and not verify):
-            return store
+        if manifest["source"].get("sha256") == DEFAULT_MODEL.gguf_sha256 and manifest["storage_dtype"] == dtype:
+            from activeflow_jax.store.verify import verify_store
+
+            if not verify or verify_store(store, layouts=False).ok:  # damaged: convert (again) below
+                return store
     except StoreError:
         pass
     gguf_path = fetch_default_gguf(quiet=quiet)
