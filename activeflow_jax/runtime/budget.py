@@ -237,7 +237,9 @@ def plan_memory(cfg: ModelConfig, budget: int, *, baseline: int, kv_tokens: int,
     if budget < minimum:
         raise BudgetTooSmallError(
             f"a DRAM budget of {budget / 1e6:.1f} MB is below the minimum working set of {minimum / 1e6:.1f} MB "
-            f"for this model and setting (process baseline {baseline / 1e6:.0f} MB, resident head/norms"
+            f"for this model and setting ("
+            + (f"process baseline {baseline / 1e6:.0f} MB" if baseline else "the process itself not counted: "
+               "the budget covers the model only") + f", resident head/norms"
             f" {resident / 1e6:.1f} MB, KV cache for {kv_tokens} tokens "
             f"{kv_bytes(cfg, kv_tokens) / 1e6:.1f} MB, the active rows of one layer and one group's preload "
             f"{(minimum - fixed + staging) / 1e6:.1f} MB); raise the budget, raise the sparsity, lower kv_tokens "
