@@ -21,8 +21,25 @@ def _store_or_default(args) -> str:
 def cmd_fetch(args) -> int:
     from activeflow_jax.fetch import fetch_default_model
 
-    print(fetch_default_model(dtype=args.dtype))
+    print(fetch_default_model(dtype=args.dtype, verify=True))  # a damaged store is converted again
     return 0
+
+
+def cmd_verify(args) -> int:
+    from activeflow_jax.store.verify import repair_advice, verify_store
+
+    report = verify_store(_store_or_default(args), layouts=not args.no_layouts)
+    if args.json:
+        print(json.dumps(report.as_dict()))
+    elif report.ok:
+        print(f"{report.store}: intact ({report.tensors_checked} tensors, streaming layouts {report.layouts_checked}, "
+              f"{report.bytes_checked / 1e6:.1f} MB checked in {report.seconds:.1f} s)")
+    else:
+        print(f"{report.store}: DAMAGED ({len(report.problems)} problem(s)):")
+        for line in report.problems:
+            print(f"  {line}")
+        print(repair_advice(report))
+    return 0 if report.ok else 1
 
 
 def cmd_convert(args) -> int:
@@ -39,6 +56,8 @@ def _load_engine(args):
     options = {}
     if budget is not None:
         options = dict(dram_budget=budget, kv_tokens=args.kv_tokens, cold=args.cold, direct_io=args.direct_io)
+        if getattr(args, "whole_process", False):
+            options["budget_includes_process"] = True
         if args.group_size:
             options["group_size"] = args.group_size
     if getattr(args, "op_sparsity", None) and hasattr(args, "policy"):  # eval's --op-sparsity is a setting
@@ -56,6 +75,8 @@ def _add_budget_flags(p) -> None:
                         "the model such as 0.5 or 50%% (the planner picks sparsity and layer groups unless given)")
     p.add_argument("--group-size", type=int, default=0, help="layers per preload group (0: the planner's choice)")
     p.add_argument("--kv-tokens", type=int, default=512, help="KV cache positions the budget reserves")
+    p.add_argument("--whole-process", action="store_true", help="let the budget cover the whole process (Python, "
+                   "JAX, compiled programs), not only the model's weights, KV cache and buffers")
     p.add_argument("--cold", action="store_true", help="drop the store from the page cache first")
     p.add_argument("--direct-io", action="store_true", help="read flash with O_DIRECT (bypass the page cache)")
 
@@ -194,7 +215,12 @@ def stats_table(s) -> str:
                  ("hit rate", f"{lo.get('hit_rate', 0):.3f}"),
                  ("flash reads", (f"{lo.get('bytes_requested', 0) / 1e6:.1f} MB requested, "
                                   f"{lo.get('device_read_bytes', 0) / 1e6:.1f} MB from the device")),
-                 ("I/O hidden", f"{lo.get('io_hidden_share', 0):.2f}")]
+                 ("I/O hidden", f"{lo.get('io_hidden_share', 0):.2f}"),
+                 ("per token", (f"{lo.get('dispatches_per_token', 0):.0f} dispatches, "
+                                f"{lo.get('host_syncs_per_token', 0):.0f} host syncs, "
+                                f"{1e3 * lo.get('host_cpu_seconds_per_token', 0):.1f} ms host CPU"))]
+        if "scope" in m:  # whether the budget covers the whole process, and the process beside it
+            rows.append(("budget covers", f"{m['scope']}; peak RSS {s.peak_rss_bytes / 1e6:.0f} MB"))
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
 
@@ -254,7 +280,8 @@ def cmd_relayout(args) -> int:
     from activeflow_jax.store.bundles import available_group_sizes, write_bundles
 
     store = _store_or_default(args)
-    path = write_bundles(store, args.group_size, progress=True, remove_others=args.remove_others)
+    remove_others = True if args.remove_others else False if args.keep_others else None  # None: when space is short
+    path = write_bundles(store, args.group_size, progress=True, remove_others=remove_others)
     print(f"{path}: rows of each channel bundled for layer groups of {args.group_size}; layouts now in the store: "
           f"{available_group_sizes(store)}")
     return 0
@@ -305,6 +332,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", choices=["float32", "float16"], help="storage dtype")
     p.add_argument("--overwrite", action="store_true", help="replace an existing store at OUT")
     p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("verify", help="check a store: manifest, every chunk's checksum (exit 1 if damaged)")
+    p.add_argument("--store", help="store directory (default: the default model)")
+    p.add_argument("--no-layouts", action="store_true", help="skip the streaming layouts (bundles/)")
+    p.add_argument("--json", action="store_true", help="print one JSON record")
+    p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("generate", help="generate text (streams to stdout)")
     p.add_argument("prompt")
@@ -428,7 +461,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("relayout", help="write the streaming flash layout for layer groups of N (for --dram-budget)")
     p.add_argument("--store", help="store directory (default: the default model)")
     p.add_argument("--group-size", type=int, required=True, help="layers per preload group")
-    p.add_argument("--remove-others", action="store_true", help="delete the layouts for other group sizes")
+    p.add_argument("--remove-others", action="store_true", help="delete the layouts for other group sizes (the "
+                   "default when free disk space is under twice the new layout's size)")
+    p.add_argument("--keep-others", action="store_true", help="keep the layouts for other group sizes even when "
+                   "disk space is short")
     p.set_defaults(func=cmd_relayout)
     return parser
 

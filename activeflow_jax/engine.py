@@ -134,7 +134,8 @@ class EngineStats:
 
 
 class Engine:
-    """A loaded model. Not re-entrant: concurrent calls are serialized by a lock."""
+    """A loaded model. Concurrent calls are serialized by a lock, taken per decode step by streams
+    (see `_generate`), so an unfinished stream never blocks other calls."""
 
     def __init__(self, config: ModelConfig, params: llama.Params, tokenizer: Tokenizer | None,
                  *, store_path: str | None = None):
@@ -150,6 +151,7 @@ class Engine:
         self._thresholds: jax.Array | None = None
         self.swap = None  # runtime.swap.SwapRuntime when the engine runs under a DRAM budget
         self._native: bool | None = None  # one-token native kernels; resolved on first compile (builds them)
+        self._closed = False  # close() frees the buffers; a stream still open then fails clearly
 
     @classmethod
     def load(cls, store_path: str | os.PathLike, *, sparsity: float | None = None, policy: str = "threshold",
@@ -324,6 +326,7 @@ class Engine:
     def close(self) -> None:
         """Frees the engine's device buffers now (instead of when it is garbage collected)."""
         with self._lock:
+            self._closed = True
             if self.swap is not None:
                 self.swap.close()
             for leaf in jax.tree.leaves(self.params):
@@ -375,6 +378,7 @@ class Engine:
         ids = self._validate_ids(token_ids)
         self._check_fits(len(ids), 0)
         with self._lock:
+            self._check_open()
             cache = self._new_cache(self._cache_len_for(len(ids), 0))
             t0, c0 = time.perf_counter(), self.stats.compile_seconds
             out, _ = self._prefill(ids, cache, all_logits=True)
@@ -396,7 +400,12 @@ class Engine:
 
     def _generate(self, ids: np.ndarray, max_new_tokens: int, sampling: SamplingParams,
                   stop_ids: frozenset[int]) -> Iterator[int]:
+        # The lock is taken per step, never held across a yield: a stream its caller leaves
+        # unfinished (neither exhausted nor closed) would otherwise block every other call on this
+        # engine, from any thread, forever. The sequence's state (KV cache, key, position) belongs
+        # to this generator, so streams may interleave and may be consumed from any thread.
         with self._lock:
+            self._check_open()
             cache = self._new_cache(self._cache_len_for(len(ids), max_new_tokens))
             key = jax.random.key(sampling.seed)
             temperature, top_p = jnp.float32(sampling.temperature), jnp.float32(sampling.top_p)
@@ -405,14 +414,16 @@ class Engine:
             key, sub = jax.random.split(key)
             token = int(sample_token(logits[-1], sub, temperature, top_p))
             self._account_prefill(len(ids), t0, c0)
-            pos = len(ids)
-            step_tokens = np.zeros(1, np.int32)
-            for i in range(max_new_tokens):
-                if token in stop_ids:
-                    return
-                yield token
-                if i == max_new_tokens - 1:
-                    return
+        pos = len(ids)
+        step_tokens = np.zeros(1, np.int32)
+        for i in range(max_new_tokens):
+            if token in stop_ids:
+                return
+            yield token
+            if i == max_new_tokens - 1:
+                return
+            with self._lock:
+                self._check_open()
                 t0 = time.perf_counter()
                 step_tokens[0] = token
                 attn_len = min(cache.max_len, _pow2_at_least(pos + 1, MIN_ATTN_LEN))
@@ -422,6 +433,10 @@ class Engine:
                 self.stats.decode_tokens += 1
                 self.stats.decode_seconds += time.perf_counter() - t0 - (self.stats.compile_seconds - c0)
                 self.stats.peak_rss_bytes = peak_rss_bytes()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise InvalidArgumentError("this engine was closed (Engine.close); load the store again to use it")
 
     def _account_prefill(self, n_tokens: int, t0: float, compile_before: float) -> None:
         # compile time of programs first used here is excluded from the throughput figure
@@ -435,6 +450,13 @@ class Engine:
             raise InvalidArgumentError("this store has no tokenizer: pass token ids to generate_ids() instead")
         if not isinstance(prompt, str):
             raise InvalidArgumentError(f"prompt must be a str, got {type(prompt).__name__}")
+        for what, text in (("prompt", prompt), ("system prompt", system or "")):
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as exc:  # a lone surrogate: e.g. bytes on the command line that are not UTF-8
+                raise InvalidArgumentError(
+                    f"the {what} is not valid text: character {exc.start} is {text[exc.start]!r}, a lone surrogate "
+                    "(on the command line: bytes that are not UTF-8); give it as UTF-8 text") from None
         ids = self.tokenizer.encode_chat(prompt, system=system) if chat else self.tokenizer.encode(prompt)
         return np.asarray(ids, np.int32)
 

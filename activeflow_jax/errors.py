@@ -28,6 +28,10 @@ class StoreCorruptError(StoreError):
     """A chunk of the flash store failed its checksum or could not be read."""
 
 
+class NonFiniteWeightsError(ActiveFlowError):
+    """A tensor to be written holds NaN or Inf (a damaged source, or float16 overflow)."""
+
+
 class InvalidArgumentError(ActiveFlowError, ValueError):
     """An argument (prompt, sampling parameter, path, ...) is not acceptable."""
 

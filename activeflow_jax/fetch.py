@@ -126,8 +126,10 @@ def default_store_path(dtype: str = "float32", source: ModelSource = DEFAULT_MOD
     return os.path.join(activeflow_home(), "stores", f"{source.name}-{suffix}")
 
 
-def fetch_default_model(dtype: str = "float32", *, quiet: bool = False) -> str:
-    """Downloads (once) and converts (once) the default model; returns the store path."""
+def fetch_default_model(dtype: str = "float32", *, quiet: bool = False, verify: bool = False) -> str:
+    """Downloads (once) and converts (once) the default model; returns the store path.
+    verify: read every chunk of an existing store first and convert again if it is damaged
+    (what `activeflow fetch` does; a plain load checks chunks only as it reads them)."""
     from activeflow_jax.store.reader import read_manifest
     from activeflow_jax.store.writer import convert
     from activeflow_jax.errors import StoreError
@@ -136,7 +138,10 @@ def fetch_default_model(dtype: str = "float32", *, quiet: bool = False) -> str:
     try:
         manifest = read_manifest(store)
         if manifest["source"].get("sha256") == DEFAULT_MODEL.gguf_sha256 and manifest["storage_dtype"] == dtype:
-            return store
+            from activeflow_jax.store.verify import verify_store
+
+            if not verify or verify_store(store, layouts=False).ok:  # damaged: convert (again) below
+                return store
     except StoreError:
         pass
     gguf_path = fetch_default_gguf(quiet=quiet)

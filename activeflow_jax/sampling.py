@@ -25,8 +25,8 @@ class SamplingParams:
             raise InvalidArgumentError(f"temperature must be a finite number >= 0 (0 = greedy), got {t!r}")
         if not isinstance(p, (int, float)) or not (0 < p <= 1):
             raise InvalidArgumentError(f"top_p must be in (0, 1], got {p!r}")
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
-            raise InvalidArgumentError(f"seed must be an int, got {self.seed!r}")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not -2**63 <= self.seed < 2**63:
+            raise InvalidArgumentError(f"seed must be a 64-bit int (|seed| < 2**63), got {self.seed!r}")
 
 
 def first_argmax(x: jax.Array) -> jax.Array:

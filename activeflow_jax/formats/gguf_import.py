@@ -154,6 +154,9 @@ def open_gguf(path: str | os.PathLike) -> GGUFModel:
     if magic != b"GGUF":
         raise GGUFError(f"{path} is not a GGUF file (magic {magic!r}, expected b'GGUF')")
     gguf = _gguf()
+    from activeflow_jax.formats.gguf_check import check_gguf_structure
+
+    check_gguf_structure(path)  # counts and lengths checked against the file before the gguf package trusts them
     try:
         reader = gguf.GGUFReader(path)
     except Exception as exc:  # the gguf package raises ValueError/IndexError/OSError on damage

@@ -109,7 +109,11 @@ def _build_hf_tokenizer(spec: dict[str, Any]) -> Any:
         if not sep:
             raise UnsupportedModelError(f"malformed BPE merge {merge!r} in the tokenizer")
         merges.append((left, right))
-    hf = HFTokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, ignore_merges=False))
+    try:
+        hf = HFTokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, ignore_merges=False))
+    except Exception as exc:  # tokenizers raises a bare Exception for a merge of unknown tokens
+        raise UnsupportedModelError(f"the tokenizer is inconsistent ({exc}); the file or store is damaged: "
+                                    "download or convert it again") from None
     pre = spec["pre"]
     if pre in _DIGITS_THEN_BYTELEVEL:
         hf.pre_tokenizer = pre_tokenizers.Sequence([
@@ -159,7 +163,15 @@ class Tokenizer:
 
     @classmethod
     def from_spec(cls, spec: dict[str, Any]) -> Tokenizer:
-        return cls(spec)
+        from activeflow_jax.errors import ActiveFlowError
+
+        try:
+            return cls(spec)
+        except ActiveFlowError:
+            raise
+        except Exception as exc:  # a damaged or edited spec (bench/fuzz.py): missing keys, wrong types
+            raise UnsupportedModelError(f"the tokenizer description is damaged or incomplete ({type(exc).__name__}: "
+                                        f"{str(exc)[:120]}); convert the store again") from None
 
     @property
     def vocab_size(self) -> int:

@@ -105,7 +105,9 @@ def measure_flash(directory: str, chunk_kib=CHUNK_KIB, threads: int = 8, mib_per
     return results
 
 
-def measure_dram(nbytes: int = 256 << 20, repeats: int = 3) -> float:
+def measure_dram(nbytes: int = 64 << 20, repeats: int = 3) -> float:
+    # 2 x 64 MiB: past any CPU cache, and small beside a DRAM budget (2 x 256 MiB got a 0.5-budget
+    # run of the default model killed in a memory cgroup capped at budget + process)
     src = np.ones(nbytes // 4, np.float32)
     dst = np.empty_like(src)
     best = min(_timed(lambda: np.copyto(dst, src)) for _ in range(repeats))
@@ -142,7 +144,14 @@ def get_bandwidths(store_dir: str, *, remeasure: bool = False) -> Bandwidths:
     if key in cache and not remeasure:
         return Bandwidths.from_json(cache[key])
     cpu0, t0 = _cpu_seconds(), time.perf_counter()
-    flash = measure_flash(os.path.join(store_dir, "tensors"))
+    try:
+        flash = measure_flash(os.path.join(store_dir, "tensors"))
+    except FileNotFoundError as exc:
+        from activeflow_jax.errors import StoreError
+
+        raise StoreError(f"{exc}: the store is too small for the planner to measure this disk on; give the "
+                         "sparsity and the group size yourself (--sparsity S --group-size N), or point "
+                         "ACTIVEFLOW_BANDWIDTH_FILE at a bandwidth record") from None
     result = Bandwidths(measure_dram(), tuple((r["chunk_kib"] << 10, r["bytes"] / r["seconds"]) for r in flash),
                         time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     busy = others_share(cpu0, _cpu_seconds(), time.perf_counter() - t0)

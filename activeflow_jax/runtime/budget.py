@@ -54,6 +54,30 @@ _UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb
           "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
 
 
+def current_rss() -> int:
+    """The process's resident set size now (bytes; 0 where /proc is missing)."""
+    import os
+
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        return 0
+
+
+def scope_in_words(covers_process: bool, process_bytes: int, rss: int) -> str:
+    """What a budget covers, in words, with the process figures beside it: the one wording that
+    the plan, `--stats` and `stats.memory` all give. process_bytes: the process outside the model
+    (measured before loading, plus COMPILE_GROWTH_RESERVE)."""
+    if covers_process:
+        return (f"the budget covers the whole process (its {process_bytes / 1e6:.0f} MB outside the model, measured "
+                f"at load plus a compile reserve, are counted in it); process RSS now {rss / 1e6:.0f} MB")
+    return (f"the budget covers the model's weights, KV cache and buffers only, NOT the process itself: add about "
+            f"{process_bytes / 1e6:.0f} MB for Python, JAX and the compiled programs (process RSS now "
+            f"{rss / 1e6:.0f} MB); load with budget_includes_process=True (--whole-process) for a budget that covers "
+            "everything")
+
+
 class BudgetTooSmallError(InvalidArgumentError):
     """The DRAM budget is below the minimum working set."""
 
@@ -213,7 +237,9 @@ def plan_memory(cfg: ModelConfig, budget: int, *, baseline: int, kv_tokens: int,
     if budget < minimum:
         raise BudgetTooSmallError(
             f"a DRAM budget of {budget / 1e6:.1f} MB is below the minimum working set of {minimum / 1e6:.1f} MB "
-            f"for this model and setting (process baseline {baseline / 1e6:.0f} MB, resident head/norms"
+            f"for this model and setting ("
+            + (f"process baseline {baseline / 1e6:.0f} MB" if baseline else "the process itself not counted: "
+               "the budget covers the model only") + f", resident head/norms"
             f" {resident / 1e6:.1f} MB, KV cache for {kv_tokens} tokens "
             f"{kv_bytes(cfg, kv_tokens) / 1e6:.1f} MB, the active rows of one layer and one group's preload "
             f"{(minimum - fixed + staging) / 1e6:.1f} MB); raise the budget, raise the sparsity, lower kv_tokens "

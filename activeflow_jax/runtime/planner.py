@@ -100,6 +100,7 @@ class Plan:
     model_bytes: int
     capped: bool
     max_sparsity: float = 0.5
+    process: int = 0  # the process outside the model as the loader measured it (0: measure when explaining)
 
     @property
     def memory(self) -> budget_mod.MemoryPlan:
@@ -127,6 +128,12 @@ class Plan:
             f"(cache {m.cache / mb:.1f} MB beyond the working set); modelled hit rates "
             f"{', '.join(f'{h:.2f}' for h in c.hit_rates)}.",
         ]
+        from activeflow_jax.runtime.session import _current_rss
+
+        rss = _current_rss()
+        process = m.baseline or self.process or rss + budget_mod.COMPILE_GROWTH_RESERVE
+        scope = budget_mod.scope_in_words(m.baseline > 0, process, rss)
+        lines.append(scope[0].upper() + scope[1:] + ".")
         if self.capped:
             lines.append("Nothing fits at or below the sparsity cap, so a higher sparsity was taken: expect a "
                          "large quality loss (see `activeflow eval`).")
@@ -184,7 +191,7 @@ def plan(cfg: ModelConfig, budget: int, bw: Bandwidths, *, levels: Sequence[floa
          superset: float = budget_mod.DEFAULT_PRELOAD_SUPERSET, max_sparsity: float = 0.5,
          sparsity: float | None = None,
          group_size: int | None = None, baseline: int = 0, hit_rate_fn: Callable | None = None,
-         q8_embed: bool = False, op_sparsity: Sequence[float] | None = None) -> Plan:
+         q8_embed: bool = False, op_sparsity: Sequence[float] | None = None, process: int = 0) -> Plan:
     """The fastest feasible setting; op_sparsity: a per-op allocation, fixed (with `sparsity` its
     byte mean, see config.allocated_sparsity): only the group size and the cache are chosen."""
     if isinstance(budget, bool) or not isinstance(budget, (int, np.integer)) or budget <= 0:
@@ -216,7 +223,7 @@ def plan(cfg: ModelConfig, budget: int, bw: Bandwidths, *, levels: Sequence[floa
     best = min(c.t_decode for c in pool)
     chosen = min((c for c in pool if c.t_decode <= 1.05 * best), key=lambda c: (c.sparsity, c.t_decode))
     return Plan(chosen.sparsity, chosen.group_size, chosen, cands, int(budget), budget_mod.model_weight_bytes(cfg),
-                capped and sparsity is None, max_sparsity)
+                capped and sparsity is None, max_sparsity, process)
 
 
 def _minimum_of(reason: str) -> float:

@@ -102,7 +102,8 @@ def load_swapping(engine_cls, store_path, dram_budget: Any, *, sparsity: float |
     kv_tokens = 1 << (kv_tokens.bit_length() - 1)  # KV caches come in powers of two
     if group_size is not None and (not isinstance(group_size, int) or group_size < 1):
         raise InvalidArgumentError(f"group_size must be an int >= 1, got {group_size!r}")
-    baseline = _current_rss() + budget_mod.COMPILE_GROWTH_RESERVE if budget_includes_process else 0
+    process = _current_rss() + budget_mod.COMPILE_GROWTH_RESERVE  # the process outside the model
+    baseline = process if budget_includes_process else 0
     from activeflow_jax.models.embedding import Q8Table
 
     embed = resident_embedding(reader, q8_embedding, kernel)
@@ -114,9 +115,22 @@ def load_swapping(engine_cls, store_path, dram_budget: Any, *, sparsity: float |
 
         allocation = allocated_sparsity(cfg, op_sparsity, **options)
         sparsity = allocation.sparsity
+    if group_size is None and relayout and not os.access(reader.path, os.W_OK):
+        # a read-only store cannot take a new streaming layout: plan for one it already has
+        have = [n for n in bundles.available_group_sizes(reader.path)
+                if (bundles.bundle_info(reader.path, n) or {}).get("first_layer") == 0]
+        if have:
+            group_size = have[0]
+            if progress:
+                print(f"{reader.path} is read-only: using its streaming layout for groups of {group_size}",
+                      file=sys.stderr)
     chosen = _choose(reader, cfg, budget, sparsity, group_size, kv_tokens, superset, baseline, plan, q8,
-                     allocation.op_sparsity if allocation is not None else None)
+                     allocation.op_sparsity if allocation is not None else None, process)
     sparsity, group_size, explanation = chosen
+    if not explanation:  # not planned: still say what the budget covers
+        scope = budget_mod.scope_in_words(budget_includes_process, process, _current_rss())
+        explanation = (f"Budget {budget / 1e6:.0f} MB with the sparsity and layer groups ({group_size}) given, "
+                       f"not planned. {scope[0].upper() + scope[1:]}.")
     config = None
     if allocation is not None:
         config = allocation.resolved()
@@ -132,6 +146,15 @@ def load_swapping(engine_cls, store_path, dram_budget: Any, *, sparsity: float |
         if not relayout:
             raise InvalidArgumentError(f"store {reader.path} has no streaming layout for groups of {group_size}; "
                                        f"run `activeflow relayout --store {reader.path} --group-size {group_size}`")
+        if not os.access(reader.path, os.W_OK):
+            from activeflow_jax.errors import StoreError
+
+            have = bundles.available_group_sizes(reader.path)
+            raise StoreError(
+                f"store {reader.path} is read-only and has no streaming layout for groups of {group_size}, which "
+                "running under a DRAM budget reads; run `activeflow relayout --store "
+                f"{reader.path} --group-size {group_size}` where it is writable, copy the store to a writable "
+                "folder, or load it without a budget" + (f", or with group_size one of {have}" if have else ""))
         if progress:
             print(f"laying out {reader.path} for streaming in groups of {group_size} layers (once)", file=sys.stderr)
         bundles.write_bundles(reader.path, group_size, first_layer=0, progress=progress)
@@ -141,6 +164,7 @@ def load_swapping(engine_cls, store_path, dram_budget: Any, *, sparsity: float |
         drop_page_cache(reader.path)
     runtime = SwapRuntime(reader.path, cfg, config, thresholds, memory, group_size=group_size, superset=superset,
                           direct_io=direct_io, embed=embed)
+    runtime.process_outside_budget = 0 if budget_includes_process else process  # reported beside the budget
     del embed
     tokenizer = Tokenizer.from_spec(reader.tokenizer_spec) if reader.tokenizer_spec else None
     engine = engine_cls(cfg, {}, tokenizer, store_path=reader.path)
@@ -155,7 +179,7 @@ def load_swapping(engine_cls, store_path, dram_budget: Any, *, sparsity: float |
 
 
 def _choose(reader, cfg, budget, sparsity, group_size, kv_tokens, superset, baseline, plan, q8_embed,
-            op_sparsity=None):
+            op_sparsity=None, process=0):
     """(sparsity, group_size, explanation): the planner's choice where not given."""
     if not plan or (sparsity is not None and group_size is not None):
         return sparsity, group_size or DEFAULT_GROUP_SIZE, ""
@@ -167,7 +191,7 @@ def _choose(reader, cfg, budget, sparsity, group_size, kv_tokens, superset, base
     levels = sorted(calibration.levels) if calibration is not None else []
     chosen = planner.plan(cfg, budget, get_bandwidths(reader.path), levels=levels, kv_tokens=kv_tokens,
                           superset=superset, sparsity=sparsity, group_size=group_size, baseline=baseline,
-                          q8_embed=q8_embed, op_sparsity=op_sparsity)
+                          q8_embed=q8_embed, op_sparsity=op_sparsity, process=process)
     return chosen.sparsity or None, chosen.group_size, chosen.explain()
 
 

@@ -239,7 +239,18 @@ class SwapRuntime:
         return {"budget": self.memory.budget, "resident": self.resident_bytes, "kv": self.memory.kv,
                 "kv_tokens": self.memory.kv_tokens, "staging": self.memory.staging, "pools": pools,
                 "cache_rows_resident": {g: p.resident_rows for g, p in self.pools.items()},
-                "total": self.resident_bytes + self.memory.kv + self.memory.staging + sum(pools.values())}
+                "total": self.resident_bytes + self.memory.kv + self.memory.staging + sum(pools.values()),
+                **self.process_accounting()}
+
+    def process_accounting(self) -> dict[str, Any]:
+        """Whether the budget covers the whole process, the process outside the model and the RSS now."""
+        from activeflow_jax.runtime.budget import current_rss, scope_in_words
+
+        covers = self.memory.baseline > 0
+        process = self.memory.baseline if covers else getattr(self, "process_outside_budget", 0)
+        rss = current_rss()
+        return {"budget_covers_process": covers, "process_baseline": process, "process_rss": rss,
+                "scope": scope_in_words(covers, process, rss)}
 
     def close(self) -> None:
         for pool in self.pools.values():

@@ -27,13 +27,14 @@ import json
 import os
 import re
 import shutil
+import sys
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 from activeflow_jax.config import OP_GROUPS, PREDICTED_GROUPS
-from activeflow_jax.errors import InvalidArgumentError, StoreCorruptError, StoreError
+from activeflow_jax.errors import ActiveFlowError, InvalidArgumentError, StoreCorruptError, StoreError
 from activeflow_jax.store.reader import StoreReader, read_manifest
 from activeflow_jax.store.writer import new_temporary_dir, replace_dir, write_json_durably
 
@@ -113,10 +114,24 @@ def bundle_info(store_dir: str | os.PathLike, group_size: int) -> dict[str, Any]
     return info
 
 
+def layout_bytes(reader: StoreReader, first_layer: int = 0) -> int:
+    """Bytes a streaming layout takes on disk: every decoder layer's weights once (whatever N)."""
+    return sum(reader.nbytes(f"layers.{i}.{t}") for i in range(first_layer, reader.config.num_layers)
+               for t in TENSOR_OF_OP.values())
+
+
+def _dir_bytes(path: str) -> int:
+    return sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(path) for f in files)
+
+
 def write_bundles(store_dir: str | os.PathLike, group_size: int, *, first_layer: int = 0, overwrite: bool = True,
-                  progress: bool = False, remove_others: bool = False) -> str:
+                  progress: bool = False, remove_others: bool | None = None) -> str:
     """Writes the streaming layout for layer groups of `group_size`; returns its directory. Reads
-    one (op, group) at a time, so memory stays near N layers of one op."""
+    one (op, group) at a time, so memory stays near N layers of one op.
+
+    Each layout is a full copy of the decoder weights; with `progress` the size and the place are
+    said before writing. remove_others: delete the layouts for other group sizes (after writing);
+    None: only when disk space is short (less than twice the new layout free), and then first."""
     if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
         raise InvalidArgumentError(f"group size must be an int >= 1, got {group_size!r}")
     reader = StoreReader(store_dir)
@@ -126,7 +141,32 @@ def write_bundles(store_dir: str | os.PathLike, group_size: int, *, first_layer:
     final = layout_dir(reader.path, group_size)
     if os.path.exists(final) and not overwrite:
         raise StoreError(f"{final} exists; pass overwrite=True to replace it")
-    tmp = new_temporary_dir(final)
+    from activeflow_jax.store.writer import write_error
+
+    needed = layout_bytes(reader, first_layer)
+    others = [n for n in available_group_sizes(reader.path) if n != group_size]
+    free = shutil.disk_usage(reader.path).free if os.path.isdir(reader.path) else 0
+    if remove_others is None and others and free < 2 * needed:
+        freed = sum(_dir_bytes(layout_dir(reader.path, n)) for n in others)
+        print(f"disk space is short ({free / 1e6:.0f} MB free, the new layout needs {needed / 1e6:.0f} MB): removing "
+              f"the streaming layouts for groups of {others} ({freed / 1e6:.0f} MB) first, as "
+              "`activeflow relayout --remove-others` would (--keep-others keeps them)", file=sys.stderr)
+        for n in others:
+            shutil.rmtree(layout_dir(reader.path, n), ignore_errors=True)
+        free += freed
+    if progress:
+        kept = f"; the layouts for groups of {others} stay (remove them with --remove-others)" if others and \
+            os.path.isdir(layout_dir(reader.path, others[0])) and not remove_others else ""
+        print(f"writing a streaming layout for groups of {group_size}: {needed / 1e6:.0f} MB more on disk in {final} "
+              f"({free / 1e6:.0f} MB free there){kept}", file=sys.stderr)
+    if free and free < needed:
+        raise StoreError(f"cannot write {final}: it needs {needed / 1e6:.0f} MB and only {free / 1e6:.0f} MB are "
+                         "free there; free some space (or remove other layouts with `activeflow relayout "
+                         "--remove-others`)")
+    try:
+        tmp = new_temporary_dir(final)
+    except OSError as exc:
+        raise write_error(final, exc) from None
     groups = layer_groups(cfg.num_layers, group_size, first_layer)
     itemsize = np.dtype(reader.storage_dtype).itemsize
     ts = _ts()
@@ -169,6 +209,12 @@ def write_bundles(store_dir: str | os.PathLike, group_size: int, *, first_layer:
                 "fingerprint": _fingerprint(reader.manifest)}
         write_json_durably(os.path.join(tmp, BUNDLE_MANIFEST), info)
         replace_dir(tmp, final)
+    except ActiveFlowError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    except (OSError, ValueError) as exc:  # TensorStore reports a failed file write as ValueError
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise write_error(final, exc) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -50,6 +50,74 @@ def read_manifest(store_dir: str | os.PathLike) -> dict[str, Any]:
     return manifest
 
 
+_POSITIVE_INT_FIELDS = ("num_layers", "d_model", "d_ff", "num_heads", "num_kv_heads", "head_dim", "vocab_size",
+                        "max_context")
+_EDITED = "the manifest is damaged or was edited: re-convert the store (`activeflow convert --overwrite`)"
+
+
+def config_from_manifest(manifest: dict[str, Any], store_dir: str) -> ModelConfig:
+    """The model config of a manifest, its fields checked (a zero, negative or non-numeric size
+    would otherwise surface as a traceback deep inside JAX, or as wrong text)."""
+    model = manifest["model"]
+    if not isinstance(model, dict):
+        raise StoreError(f"store {store_dir}: the model config is not a record; {_EDITED}")
+    for key in _POSITIVE_INT_FIELDS:
+        value = model.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise StoreError(f"store {store_dir}: model field '{key}' is {value!r}, not a positive integer; {_EDITED}")
+    for key in ("rope_theta", "norm_eps"):
+        value = model.get(key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+            raise StoreError(f"store {store_dir}: model field '{key}' is {value!r}, not a positive number; {_EDITED}")
+    import dataclasses
+
+    kinds = {"str": str, "int": int, "float": (int, float), "bool": bool}
+    for field in dataclasses.fields(ModelConfig):
+        kind = kinds.get(field.type) if isinstance(field.type, str) else None
+        value = model.get(field.name)
+        if kind is not None and field.name in model and (not isinstance(value, kind) or
+                                                         (kind is not bool and isinstance(value, bool))):
+            raise StoreError(f"store {store_dir}: model field '{field.name}' is {value!r:.60}, not a {field.type}; "
+                             f"{_EDITED}")
+    try:
+        cfg = ModelConfig.from_json(model)
+        hash(cfg)
+        return cfg
+    except (TypeError, ValueError) as exc:
+        raise StoreError(f"store {store_dir}: the model config is inconsistent ({exc}); {_EDITED}") from None
+
+
+def check_manifest_tensors(manifest: dict[str, Any], cfg: ModelConfig, store_dir: str) -> None:
+    """The manifest's tensor records agree with its model config: sizes and chunking are positive
+    integers, the layers the tensors name are those the config counts, and every tensor the model
+    needs has the shape it needs (records of a kind this check does not know are left alone)."""
+    from activeflow_jax.models.llama import param_shapes
+
+    if manifest["storage_dtype"] not in layout.STORAGE_DTYPES:
+        raise StoreError(f"store {store_dir}: storage dtype {manifest['storage_dtype']!r} is not one of "
+                         f"{layout.STORAGE_DTYPES}; {_EDITED}")
+    tensors = manifest["tensors"]
+    if not isinstance(tensors, dict):
+        raise StoreError(f"store {store_dir}: the tensor list is not a record; {_EDITED}")
+    layers = {name.split(".")[1] for name in tensors if name.startswith("layers.")}
+    named = sorted(int(x) for x in layers if x.isdigit())
+    if len(layers) != cfg.num_layers or named != list(range(cfg.num_layers)):  # the count first: it may be huge
+        raise StoreError(f"store {store_dir}: the model config counts {cfg.num_layers} layers but the tensors are of "
+                         f"{len(named)} layers ({named[0] if named else '-'}..{named[-1] if named else '-'}); {_EDITED}")
+    expected = param_shapes(cfg)
+    for name, entry in tensors.items():
+        shape = entry.get("shape") if isinstance(entry, dict) else None
+        fields = [shape, [entry.get("chunk_rows"), entry.get("shard_rows")] if shape is not None else None]
+        if not all(isinstance(f, list) and f and all(type(x) is int and x >= 1 for x in f) for f in fields):
+            raise StoreError(f"store {store_dir}: tensor '{name}' has a shape or chunking that is not positive "
+                             f"integers ({entry!r:.120}); {_EDITED}")
+        if entry["shard_rows"] % entry["chunk_rows"]:
+            raise StoreError(f"store {store_dir}: tensor '{name}' has shard_rows not a multiple of chunk_rows; {_EDITED}")
+        if name in expected and set(entry) <= {"shape", "chunk_rows", "shard_rows"} and tuple(shape) != expected[name]:
+            raise StoreError(f"store {store_dir}: tensor '{name}' has shape {tuple(shape)} but the model config needs "
+                             f"{expected[name]}; {_EDITED}")
+
+
 def aligned_float32(shape: tuple[int, ...], *, zeros: bool = False) -> np.ndarray:
     """A float32 array on a 64-byte boundary. On the CPU, `jax.device_put` and jit arguments
     adopt such a buffer instead of copying it (numpy's default 16-byte alignment forces a copy),
@@ -69,10 +137,11 @@ def _ts():
 class StoreReader:
     """An opened store: config, tokenizer spec, and reads of whole tensors or row sets."""
 
-    def __init__(self, store_dir: str | os.PathLike, *, direct_io: bool = False):
+    def __init__(self, store_dir: str | os.PathLike, *, direct_io: bool = False, check_files: bool = True):
         self.path = os.path.abspath(os.fspath(store_dir))
         self.manifest = read_manifest(self.path)
-        self.config = ModelConfig.from_json(self.manifest["model"])
+        self.config = config_from_manifest(self.manifest, self.path)
+        check_manifest_tensors(self.manifest, self.config, self.path)
         self.tokenizer_spec: dict[str, Any] = self.manifest["tokenizer"]
         self.storage_dtype: str = self.manifest["storage_dtype"]
         self.direct_io = direct_io
@@ -83,7 +152,8 @@ class StoreReader:
             "file_io_concurrency": {"limit": 16},
         })
         self._arrays: dict[str, Any] = {}
-        self.check_files()
+        if check_files:
+            self.check_files()
 
     def check_files(self) -> None:
         """Every shard file the manifest implies must exist (a missing one would read as zeros)."""

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from activeflow_jax.config import ModelConfig
-from activeflow_jax.errors import InvalidArgumentError, StoreError
+from activeflow_jax.errors import ActiveFlowError, GGUFError, InvalidArgumentError, NonFiniteWeightsError, StoreError
 from activeflow_jax.store import layout
 
 
@@ -38,9 +38,12 @@ def write_store(store_dir: str | os.PathLike, config: ModelConfig, tokenizer_spe
     store_dir = os.path.abspath(os.fspath(store_dir))
     if os.path.exists(store_dir) and not overwrite:
         raise StoreError(f"{store_dir} already exists; pass overwrite=True (--overwrite) to replace it")
+    check_replaceable(store_dir, keep=[source["path"]] if source and source.get("path") else [])
     base = os.path.basename(store_dir)
-    tmp = new_temporary_dir(store_dir)
-    os.makedirs(os.path.join(tmp, layout.TENSOR_DIR))
+    try:
+        tmp = new_temporary_dir(store_dir)
+    except OSError as exc:
+        raise write_error(store_dir, exc) from None
     ts = _ts()
     np_dtype = np.dtype(dtype)
     entries: dict[str, Any] = {}
@@ -50,11 +53,16 @@ def write_store(store_dir: str | os.PathLike, config: ModelConfig, tokenizer_spe
 
         bar = tqdm(total=total, desc=f"convert -> {base}", unit="tensor")
     try:
+        os.makedirs(os.path.join(tmp, layout.TENSOR_DIR))
         for name, array in tensors:
             array = np.ascontiguousarray(array, dtype=np_dtype)
+            check_finite(name, array, dtype)
             chunk, shard = layout.chunking(array.shape, np_dtype.itemsize, chunk_rows)
             spec = layout.zarr_spec(layout.tensor_path(tmp, name), array.shape, dtype, chunk, shard, create=True)
-            ts.open(spec).result().write(array).result()
+            try:
+                ts.open(spec).result().write(array).result()
+            except Exception as exc:  # TensorStore reports a failed file write as ValueError
+                raise write_error(store_dir, exc) from None
             entries[name] = {"shape": list(array.shape), "chunk_rows": chunk, "shard_rows": shard}
             if bar is not None:
                 bar.update(1)
@@ -70,6 +78,9 @@ def write_store(store_dir: str | os.PathLike, config: ModelConfig, tokenizer_spe
         }
         write_json_durably(os.path.join(tmp, layout.MANIFEST), manifest)
         replace_dir(tmp, store_dir)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise write_error(store_dir, exc) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -77,6 +88,74 @@ def write_store(store_dir: str | os.PathLike, config: ModelConfig, tokenizer_spe
         if bar is not None:
             bar.close()
     return store_dir
+
+
+def write_error(target: str, exc: BaseException) -> StoreError:
+    """A failed file write (read-only or full file system, no permission) in words: nothing was
+    written (the temporary folder is removed by the caller), and what to do."""
+    import errno
+
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    code = getattr(exc, "errno", None)
+    if code == errno.ENOSPC or "no space" in text.lower() or "RESOURCE_EXHAUSTED" in text:
+        why = "the file system is full"
+    elif code == errno.EROFS or "read-only file system" in text.lower():
+        why = "the file system is read-only"
+    elif code in (errno.EACCES, errno.EPERM) or "permission denied" in text.lower():
+        why = "permission was denied"
+    else:
+        why = f"a file could not be written ({text})"
+    return StoreError(f"cannot write {target}: {why}; nothing was written there. Free some space or choose a "
+                      "writable folder with room for it, then run the command again")
+
+
+def check_finite(name: str, array: np.ndarray, dtype: str) -> None:
+    """Refuses a tensor holding NaN or Inf: such a store generates nothing and scores `nan`."""
+    if np.isfinite(array).all():
+        return
+    bad = np.size(array) - int(np.count_nonzero(np.isfinite(array)))
+    raise NonFiniteWeightsError(
+        f"tensor '{name}' holds {bad} non-finite value(s) (NaN or Inf) as {dtype}; the source file is damaged "
+        + ("or its values overflow float16 (convert with --dtype float32)" if dtype == "float16" else
+           "(download it again, or re-export the model)") + "; nothing was written")
+
+
+def is_store(path: str) -> bool:
+    """Whether `path` is one of our stores (of any layout version), recognised by its manifest; one
+    whose manifest is damaged counts when it holds nothing but a store's own entries."""
+    try:
+        with open(os.path.join(path, layout.MANIFEST)) as f:
+            manifest = json.load(f)
+        return isinstance(manifest, dict) and manifest.get("format") == layout.FORMAT_NAME
+    except (OSError, ValueError):
+        pass
+    try:
+        entries = set(os.listdir(path))
+    except OSError:
+        return False
+    own = {layout.MANIFEST, layout.TENSOR_DIR, layout.CALIBRATION, "bundles"}
+    return layout.MANIFEST in entries and layout.TENSOR_DIR in entries and entries <= own
+
+
+def check_replaceable(store_dir: str, keep: Iterable[str] = ()) -> None:
+    """Refuses to replace `store_dir` unless it is absent, an empty folder or one of our stores,
+    and never when it is or holds one of `keep` (e.g. the GGUF being converted): overwriting may
+    replace a store, never anything else."""
+    if not os.path.lexists(store_dir):
+        return
+    real = os.path.realpath(store_dir)
+    for path in keep:
+        inner = os.path.realpath(os.fspath(path))
+        if inner == real or inner.startswith(real.rstrip(os.sep) + os.sep):
+            raise InvalidArgumentError(f"{store_dir} holds {path}, the file being converted; choose another "
+                                       "output folder (it would be deleted)")
+    if not os.path.isdir(store_dir) or os.path.islink(store_dir):
+        raise InvalidArgumentError(f"{store_dir} exists and is not a folder; choose another output path "
+                                   "(--overwrite replaces only an activeflow store)")
+    if os.listdir(store_dir) and not is_store(store_dir):
+        raise InvalidArgumentError(
+            f"{store_dir} is not an activeflow store (no {layout.MANIFEST} of one), so --overwrite will not delete "
+            "it; choose another output folder, or remove it yourself if you mean to")
 
 
 def new_temporary_dir(final: str) -> str:
@@ -134,13 +213,19 @@ def convert(gguf_path: str | os.PathLike, store_path: str | os.PathLike, dtype: 
     """Converts a GGUF file into a flash store; returns the store path.
 
     Idempotent: if `store_path` already holds a complete store converted from the same file
-    (by sha256) with the same dtype, nothing is done.
+    (by sha256) with the same dtype, and every chunk passes its checksum (store/verify.py),
+    nothing is done; a damaged one is converted again.
     """
     from activeflow_jax.formats.gguf_import import file_sha256, open_gguf
 
     if dtype not in layout.STORAGE_DTYPES:
         raise InvalidArgumentError(f"storage dtype '{dtype}' is not supported; choose one of {layout.STORAGE_DTYPES}")
-    model = open_gguf(gguf_path)  # validates before anything is written
+    try:
+        model = open_gguf(gguf_path)  # validates before anything is written
+    except ActiveFlowError:
+        raise
+    except Exception as exc:  # a damaged field that the gguf package decodes lazily (bench/fuzz.py)
+        raise _damaged_gguf(gguf_path, exc) from None
     sha = file_sha256(gguf_path)
     store_path = os.path.abspath(os.fspath(store_path))
     if os.path.exists(os.path.join(store_path, layout.MANIFEST)):
@@ -151,14 +236,44 @@ def convert(gguf_path: str | os.PathLike, store_path: str | os.PathLike, dtype: 
         except StoreError:
             manifest = None
         if manifest and manifest["source"].get("sha256") == sha and manifest["storage_dtype"] == dtype:
-            return store_path
+            from activeflow_jax.store.verify import verify_store
+
+            report = verify_store(store_path, layouts=False)  # up to date only if every chunk is intact
+            if report.ok:
+                return store_path
+            import sys
+
+            print(f"{store_path} was converted from this file but is damaged ({report.problems[0]}"
+                  f"{f' and {len(report.problems) - 1} more' if len(report.problems) > 1 else ''}); converting "
+                  "it again", file=sys.stderr)
+            overwrite = True  # our own store, damaged: replacing it is the repair
     if os.path.exists(store_path) and not overwrite:
         raise StoreError(
             f"{store_path} exists and was not converted from {os.fspath(gguf_path)} as {dtype}; "
             "pass overwrite=True (--overwrite) or choose another path"
         )
     return write_store(
-        store_path, model.config, model.tokenizer_spec, model.iter_tensors(), dtype=dtype,
+        store_path, model.config, model.tokenizer_spec, _guarded(model.iter_tensors(), gguf_path), dtype=dtype,
         source={"path": os.path.abspath(os.fspath(gguf_path)), "sha256": sha, "format": "gguf"},
         overwrite=True, progress=progress, total=len(model.tensor_names()),
     )
+
+
+def _damaged_gguf(path, exc: Exception) -> GGUFError:
+    return GGUFError(f"{os.fspath(path)} could not be read as GGUF ({type(exc).__name__}: {str(exc)[:200]}); the file "
+                     "is probably truncated or damaged: download it again")
+
+
+def _guarded(tensors: Iterable[tuple[str, np.ndarray]], path) -> Iterable[tuple[str, np.ndarray]]:
+    """The GGUF's tensors, with a failure to decode one said as a damaged file (not a traceback)."""
+    iterator = iter(tensors)
+    while True:
+        try:
+            item = next(iterator)
+        except StopIteration:
+            return
+        except ActiveFlowError:
+            raise
+        except Exception as exc:
+            raise _damaged_gguf(path, exc) from None
+        yield item
