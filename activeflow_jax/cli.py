@@ -9,6 +9,8 @@ import sys
 
 from activeflow_jax.errors import ActiveFlowError
 
+DTYPE_CHOICES = ["f32", "f16", "q8", "q4", "float32", "float16"]  # store dtypes (quant.canonical_dtype)
+
 
 def _store_or_default(args) -> str:
     if args.store:
@@ -273,13 +275,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("fetch", help="download and convert the default model (SmolLM2-135M-Instruct)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "float16"], help="storage dtype of the store")
+    p.add_argument("--dtype", default="float32", choices=DTYPE_CHOICES, help="storage dtype of the store "
+                   "(q8/q4: int8/4-bit rows with f16 block scales, see activeflow_jax/quant.py)")
     p.set_defaults(func=cmd_fetch)
 
     p = sub.add_parser("convert", help="convert a GGUF file into a flash store")
     p.add_argument("gguf", help="path of the .gguf file")
     p.add_argument("out", help="directory of the store to create")
-    p.add_argument("--dtype", default="float32", choices=["float32", "float16"], help="storage dtype")
+    p.add_argument("--dtype", default="float32", choices=DTYPE_CHOICES, help="storage dtype: f32 (float32), "
+                   "f16 (float16), q8 or q4 (int8/4-bit rows with f16 block scales, see activeflow_jax/quant.py)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing store at OUT")
     p.set_defaults(func=cmd_convert)
 

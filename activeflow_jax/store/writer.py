@@ -14,6 +14,7 @@ import numpy as np
 
 from activeflow_jax.config import ModelConfig
 from activeflow_jax.errors import InvalidArgumentError, StoreError
+from activeflow_jax.quant import canonical_dtype, is_quantized, quantize_rows
 from activeflow_jax.store import layout
 
 
@@ -33,8 +34,7 @@ def write_store(store_dir: str | os.PathLike, config: ModelConfig, tokenizer_spe
     last and the directory renamed into place, so an interrupted write never leaves a store
     that loads (a leftover `.<name>.tmp-*` directory is ignored and cleaned up next time).
     """
-    if dtype not in layout.STORAGE_DTYPES:
-        raise InvalidArgumentError(f"storage dtype '{dtype}' is not supported; choose one of {layout.STORAGE_DTYPES}")
+    dtype = canonical_dtype(dtype)
     store_dir = os.path.abspath(os.fspath(store_dir))
     if os.path.exists(store_dir) and not overwrite:
         raise StoreError(f"{store_dir} already exists; pass overwrite=True (--overwrite) to replace it")
@@ -42,7 +42,6 @@ def write_store(store_dir: str | os.PathLike, config: ModelConfig, tokenizer_spe
     tmp = new_temporary_dir(store_dir)
     os.makedirs(os.path.join(tmp, layout.TENSOR_DIR))
     ts = _ts()
-    np_dtype = np.dtype(dtype)
     entries: dict[str, Any] = {}
     bar = None
     if progress:
@@ -51,16 +50,22 @@ def write_store(store_dir: str | os.PathLike, config: ModelConfig, tokenizer_spe
         bar = tqdm(total=total, desc=f"convert -> {base}", unit="tensor")
     try:
         for name, array in tensors:
-            array = np.ascontiguousarray(array, dtype=np_dtype)
-            chunk, shard = layout.chunking(array.shape, np_dtype.itemsize, chunk_rows)
-            spec = layout.zarr_spec(layout.tensor_path(tmp, name), array.shape, dtype, chunk, shard, create=True)
+            shape = tuple(np.shape(array))
+            stored_shape, zarr_dtype, tensor_dtype = layout.stored_form(shape, dtype)
+            if is_quantized(tensor_dtype):  # quantized from the importer's f32, row by row (quant.py)
+                array = quantize_rows(np.asarray(array, np.float32), tensor_dtype)
+            array = np.ascontiguousarray(array, dtype=np.dtype(zarr_dtype))
+            chunk, shard = layout.chunking(stored_shape, np.dtype(zarr_dtype).itemsize, chunk_rows)
+            spec = layout.zarr_spec(layout.tensor_path(tmp, name), stored_shape, zarr_dtype, chunk, shard, create=True)
             ts.open(spec).result().write(array).result()
-            entries[name] = {"shape": list(array.shape), "chunk_rows": chunk, "shard_rows": shard}
+            entries[name] = {"shape": list(shape), "chunk_rows": chunk, "shard_rows": shard}
+            if is_quantized(dtype):
+                entries[name].update(dtype=tensor_dtype, stored_shape=list(stored_shape))
             if bar is not None:
                 bar.update(1)
         manifest = {
             "format": layout.FORMAT_NAME,
-            "layout_version": layout.LAYOUT_VERSION,
+            "layout_version": layout.layout_version(dtype),
             "storage_dtype": dtype,
             "model": config.to_json(),
             "tokenizer": tokenizer_spec,
@@ -138,8 +143,7 @@ def convert(gguf_path: str | os.PathLike, store_path: str | os.PathLike, dtype: 
     """
     from activeflow_jax.formats.gguf_import import file_sha256, open_gguf
 
-    if dtype not in layout.STORAGE_DTYPES:
-        raise InvalidArgumentError(f"storage dtype '{dtype}' is not supported; choose one of {layout.STORAGE_DTYPES}")
+    dtype = canonical_dtype(dtype)
     model = open_gguf(gguf_path)  # validates before anything is written
     sha = file_sha256(gguf_path)
     store_path = os.path.abspath(os.fspath(store_path))

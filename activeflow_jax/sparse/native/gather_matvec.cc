@@ -6,6 +6,8 @@
 //   AfRowsDotQ8:    the same on E held as Q8_0 blocks, with the same logits bit for bit
 //   AfRmsNormOne:   one token's RMSNorm
 //   AfAttendOne:    one decoded token's RoPE, KV-cache write and attention (llama.attend, T = 1)
+//   AfQGatherMatvec, AfQTopkMatvec, AfQMatvec (dense), AfQRowsDot: the products above on quantized
+//                   rows (q8 / q4 blocks, activeflow_jax/quant.py), widened block by block in registers
 //
 // XLA:CPU can only do this as a gather (a copy of the k rows into a temporary, ~5 GB/s) followed
 // by a dot, which costs more than the dense product it replaces. Here each selected row is
@@ -513,7 +515,269 @@ ffi::Error RmsNormOneImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi:
   return ffi::Error::Success();
 }
 
+// ---------------------------------------------------------------------------------------------
+// Quantized rows (activeflow_jax/quant.py): a row [in, out] of a weight is blocks of 32 values,
+//   q8 (34 bytes): f16 scale d, 32 int8 codes                                value = d * q
+//   q4 (20 bytes): f16 scale d, f16 minimum m, 16 bytes of nibbles
+//                  (value l in the low nibble of byte l, value l + 16 in the high one)   value = d * q + m
+// The kernels read rows where they lie and widen one block at a time in registers / L1 to exactly
+// the f32 values quant.dequantize gives (d * q is exact in f32), then sum in the same order as their
+// f32 counterparts (AxpyRows, RowsDot). A row's last block may be padding past `cols`: never summed
+// into the output.
+
+constexpr int kQBlock = 32;
+
+inline float HalfToFloat(uint16_t h) {
+#ifdef __F16C__
+  return _cvtsh_ss(h);
+#else
+  const uint32_t sign = (h & 0x8000u) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff;
+  uint32_t bits;
+  if (exp == 0) {
+    if (man == 0) {
+      bits = sign;
+    } else {  // subnormal: normalize
+      int e = -1;
+      uint32_t m = man;
+      do {
+        ++e;
+        m <<= 1;
+      } while ((m & 0x400) == 0);
+      bits = sign | ((127 - 15 - e) << 23) | ((m & 0x3ff) << 13);
+    }
+  } else if (exp == 31) {
+    bits = sign | 0x7f800000u | (man << 13);
+  } else {
+    bits = sign | ((exp + 112) << 23) | (man << 13);
+  }
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+#endif
+}
+
+inline float LoadHalf(const uint8_t* p) {
+  uint16_t h;
+  std::memcpy(&h, p, 2);
+  return HalfToFloat(h);
+}
+
+template <int Kind>
+constexpr int64_t QBlockBytes() {
+  return Kind == 8 ? 2 + kQBlock : 4 + kQBlock / 2;
+}
+
+// The 32 f32 values of one block.
+template <int Kind>
+inline void WidenBlock(const uint8_t* __restrict__ b, float* __restrict__ w) {
+  const float d = LoadHalf(b);
+  if constexpr (Kind == 8) {
+    const int8_t* __restrict__ q = reinterpret_cast<const int8_t*>(b + 2);
+    for (int l = 0; l < kQBlock; ++l) w[l] = d * static_cast<float>(q[l]);
+  } else {
+    const float m = LoadHalf(b + 2);
+    const uint8_t* __restrict__ q = b + 4;
+    for (int l = 0; l < kQBlock / 2; ++l) {
+      w[l] = d * static_cast<float>(q[l] & 15) + m;
+      w[l + kQBlock / 2] = d * static_cast<float>(q[l] >> 4) + m;
+    }
+  }
+}
+
+// y[0 : nb * 32] = sum_j xk[j] * widen(W[rows[j]]): AxpyRows on quantized rows (the same eight-row
+// grouping and expression, so the same sums as AxpyRows on the widened weight). y is padded to
+// whole blocks.
+template <int Kind>
+void QAxpyRows(const float* __restrict__ xk, const int32_t* __restrict__ rows, int64_t k, const uint8_t* __restrict__ w,
+               int64_t rb, int64_t nb, float* __restrict__ y) {
+  constexpr int B = 8;
+  constexpr int64_t BB = QBlockBytes<Kind>();
+  std::fill(y, y + nb * kQBlock, 0.0f);
+  auto row = [&](int64_t j) { return w + static_cast<int64_t>(rows[j]) * rb; };
+  alignas(64) float wb[B][kQBlock];
+  int64_t j = 0;
+  for (; j + B <= k; j += B) {
+    for (int64_t p = j + B; p < std::min(k, j + 2 * B); ++p) {
+      const uint8_t* r = row(p);
+      for (int64_t o = 0; o < rb; o += 4096) __builtin_prefetch(r + o);
+    }
+    const float a0 = xk[j], a1 = xk[j + 1], a2 = xk[j + 2], a3 = xk[j + 3];
+    const float a4 = xk[j + 4], a5 = xk[j + 5], a6 = xk[j + 6], a7 = xk[j + 7];
+    const uint8_t* r[B];
+    for (int t = 0; t < B; ++t) r[t] = row(j + t);
+    for (int64_t blk = 0; blk < nb; ++blk) {
+      for (int t = 0; t < B; ++t) WidenBlock<Kind>(r[t] + blk * BB, wb[t]);
+      float* __restrict__ yb = y + blk * kQBlock;
+      for (int l = 0; l < kQBlock; ++l)
+        yb[l] += (a0 * wb[0][l] + a1 * wb[1][l]) + (a2 * wb[2][l] + a3 * wb[3][l]) +
+                 (a4 * wb[4][l] + a5 * wb[5][l]) + (a6 * wb[6][l] + a7 * wb[7][l]);
+    }
+  }
+  for (; j < k; ++j) {
+    const float a = xk[j];
+    const uint8_t* r = row(j);
+    for (int64_t blk = 0; blk < nb; ++blk) {
+      WidenBlock<Kind>(r + blk * BB, wb[0]);
+      float* __restrict__ yb = y + blk * kQBlock;
+      for (int l = 0; l < kQBlock; ++l) yb[l] += a * wb[0][l];
+    }
+  }
+}
+
+// SparseMatvec on quantized rows: the same split into parts (by the f32 row bytes, so the same
+// number of parts) and the same order of summing the partials.
+template <int Kind>
+void QSparseMatvecT(ffi::ThreadPool& pool, const float* xk, const int32_t* rows, int64_t n, const uint8_t* w,
+                    int64_t rb, int64_t nb, int64_t out, float* y) {
+  const int parts = Parts(pool, n * out * 4);
+  const int64_t padded = nb * kQBlock;
+  thread_local std::vector<float> partial;
+  partial.resize(static_cast<size_t>(parts) * padded);
+  float* buf = partial.data();
+  if (parts == 1) {
+    QAxpyRows<Kind>(xk, rows, n, w, rb, nb, buf);
+  } else {
+    ParallelFor(pool, parts, [&](int t) {
+      const int64_t r0 = n * t / parts, r1 = n * (t + 1) / parts;
+      QAxpyRows<Kind>(xk + r0, rows + r0, r1 - r0, w, rb, nb, buf + t * padded);
+    });
+  }
+  for (int64_t o = 0; o < out; ++o) {
+    float s = buf[o];
+    for (int t = 1; t < parts; ++t) s += buf[t * padded + o];
+    y[o] = s;
+  }
+}
+
+void QSparseMatvec(ffi::ThreadPool& pool, int64_t kind, const float* xk, const int32_t* rows, int64_t n,
+                   const uint8_t* w, int64_t rb, int64_t nb, int64_t out, float* y) {
+  if (kind == 8) QSparseMatvecT<8>(pool, xk, rows, n, w, rb, nb, out, y);
+  else QSparseMatvecT<4>(pool, xk, rows, n, w, rb, nb, out, y);
+}
+
+// Checks a quantized weight w [in, rb] of `cols` values per row and kind 8 / 4; sets in, nb, rb.
+bool CheckQ(const ffi::Buffer<ffi::U8>& w, int64_t kind, int64_t cols, int64_t* in, int64_t* nb, int64_t* rb,
+            ffi::Error* error) {
+  auto wd = w.dimensions();
+  if (kind != 8 && kind != 4) {
+    *error = ffi::Error::InvalidArgument("kind must be 8 (q8) or 4 (q4)");
+    return false;
+  }
+  if (wd.size() != 2 || cols < 1) {
+    *error = ffi::Error::InvalidArgument("w must be 2-D [rows, row_bytes] and cols >= 1");
+    return false;
+  }
+  *in = wd[0];
+  *rb = wd[1];
+  *nb = (cols + kQBlock - 1) / kQBlock;
+  if (*rb != *nb * (kind == 8 ? QBlockBytes<8>() : QBlockBytes<4>())) {
+    *error = ffi::Error::InvalidArgument("w's row length does not match cols and kind");
+    return false;
+  }
+  return true;
+}
+
+ffi::Error QGatherMatvecImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xk, ffi::Buffer<ffi::S32> rows,
+                             ffi::Buffer<ffi::U8> w, ffi::Buffer<ffi::S32> count, ffi::ResultBuffer<ffi::F32> y,
+                             int64_t kind, int64_t cols) {
+  int64_t in, nb, rb;
+  ffi::Error error = ffi::Error::Success();
+  if (!CheckQ(w, kind, cols, &in, &nb, &rb, &error)) return error;
+  if (y->element_count() != cols) return ffi::Error::InvalidArgument("y must have `cols` elements");
+  const int64_t k = rows.element_count();
+  if (xk.element_count() != k) return ffi::Error::InvalidArgument("xk and rows differ in length");
+  if (count.element_count() != 1) return ffi::Error::InvalidArgument("count must have one element");
+  const int64_t n = std::max<int64_t>(0, std::min<int64_t>(k, count.typed_data()[0]));
+  const int32_t* r = rows.typed_data();
+  for (int64_t j = 0; j < n; ++j) {
+    if (r[j] < 0 || r[j] >= in) return ffi::Error::InvalidArgument("row index out of range");
+  }
+  QSparseMatvec(pool, kind, xk.typed_data(), r, n, w.typed_data(), rb, nb, cols, y->typed_data());
+  return ffi::Error::Success();
+}
+
+// The dense decode product x [in] @ W [in, cols] on quantized rows: every row, in order.
+ffi::Error QMatvecImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> w,
+                       ffi::ResultBuffer<ffi::F32> y, int64_t kind, int64_t cols) {
+  int64_t in, nb, rb;
+  ffi::Error error = ffi::Error::Success();
+  if (!CheckQ(w, kind, cols, &in, &nb, &rb, &error)) return error;
+  if (y->element_count() != cols) return ffi::Error::InvalidArgument("y must have `cols` elements");
+  if (x.element_count() != in) return ffi::Error::InvalidArgument("x must have `in` elements");
+  thread_local std::vector<int32_t> all;
+  if (static_cast<int64_t>(all.size()) < in) {
+    const int64_t old = all.size();
+    all.resize(in);
+    for (int64_t i = old; i < in; ++i) all[i] = static_cast<int32_t>(i);
+  }
+  QSparseMatvec(pool, kind, x.typed_data(), all.data(), in, w.typed_data(), rb, nb, cols, y->typed_data());
+  return ffi::Error::Success();
+}
+
+// TopkMatvec on quantized rows: the same selection (SelectActive), then the quantized product.
+ffi::Error QTopkMatvecImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> threshold,
+                           ffi::Buffer<ffi::U8> w, ffi::ResultBuffer<ffi::F32> y, int64_t k, int64_t use_threshold,
+                           int64_t index, int64_t kind, int64_t cols) {
+  int64_t in, nb, rb;
+  ffi::Error error = ffi::Error::Success();
+  if (!CheckQ(w, kind, cols, &in, &nb, &rb, &error)) return error;
+  if (y->element_count() != cols) return ffi::Error::InvalidArgument("y must have `cols` elements");
+  if (x.element_count() != in) return ffi::Error::InvalidArgument("x must have `in` elements");
+  if (k < 1 || k > in) return ffi::Error::InvalidArgument("k must be in [1, in]");
+  if (index < 0 || index >= threshold.element_count()) return ffi::Error::InvalidArgument("threshold index out of range");
+  thread_local std::vector<int32_t> bits, rows;
+  thread_local std::vector<float> xk;
+  SelectActive(x.typed_data(), in, k, threshold.typed_data()[index], use_threshold, bits, &rows, &xk);
+  QSparseMatvec(pool, kind, xk.data(), rows.data(), static_cast<int64_t>(rows.size()), w.typed_data(), rb, nb, cols,
+                y->typed_data());
+  return ffi::Error::Success();
+}
+
+// RowsDot on quantized rows (the head on a quantized embedding [V, d]): each row is widened into
+// an L1 buffer and summed in RowsDot's sixteen lanes, so the logits equal RowsDot's on the
+// widened table.
+template <int Kind>
+void QRowsDot(const uint8_t* __restrict__ e, int64_t rb, int64_t nb, const float* __restrict__ x, int64_t d,
+              int64_t v0, int64_t v1, float* __restrict__ y) {
+  constexpr int L = 16;
+  constexpr int64_t BB = QBlockBytes<Kind>();
+  thread_local std::vector<float> buf;
+  buf.resize(nb * kQBlock);
+  float* __restrict__ r = buf.data();
+  for (int64_t v = v0; v < v1; ++v) {
+    const uint8_t* row = e + v * rb;
+    for (int64_t blk = 0; blk < nb; ++blk) WidenBlock<Kind>(row + blk * BB, r + blk * kQBlock);
+    float a[L] = {};
+    for (int64_t o = 0; o + L <= d; o += L)
+      for (int l = 0; l < L; ++l) a[l] += r[o + l] * x[o + l];
+    float s = 0.0f;
+    for (int l = 0; l < L; ++l) s += a[l];
+    for (int64_t o = d - d % L; o < d; ++o) s += r[o] * x[o];
+    y[v] = s;
+  }
+}
+
+ffi::Error QRowsDotImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> e,
+                        ffi::ResultBuffer<ffi::F32> y, int64_t kind, int64_t cols) {
+  int64_t v, nb, rb;
+  ffi::Error error = ffi::Error::Success();
+  if (!CheckQ(e, kind, cols, &v, &nb, &rb, &error)) return error;
+  if (x.element_count() != cols) return ffi::Error::InvalidArgument("x must have `cols` elements");
+  if (y->element_count() != v) return ffi::Error::InvalidArgument("y must have V elements");
+  const int parts = Parts(pool, v * cols);
+  const uint8_t* ep = e.typed_data();
+  const float* xp = x.typed_data();
+  float* yp = y->typed_data();
+  ParallelFor(pool, parts, [&](int t) {
+    const int64_t b0 = v * t / parts, b1 = v * (t + 1) / parts;
+    if (kind == 8) QRowsDot<8>(ep, rb, nb, xp, cols, b0, b1, yp);
+    else QRowsDot<4>(ep, rb, nb, xp, cols, b0, b1, yp);
+  });
+  return ffi::Error::Success();
+}
+
 }  // namespace
+
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(AfActiveMask, ActiveMaskImpl,
                               ffi::Ffi::Bind()
@@ -580,3 +844,45 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(AfRmsNormOne, RmsNormOneImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<float>("eps"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(AfQGatherMatvec, QGatherMatvecImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("kind")
+                                  .Attr<int64_t>("cols"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(AfQMatvec, QMatvecImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("kind")
+                                  .Attr<int64_t>("cols"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(AfQTopkMatvec, QTopkMatvecImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("k")
+                                  .Attr<int64_t>("use_threshold")
+                                  .Attr<int64_t>("index")
+                                  .Attr<int64_t>("kind")
+                                  .Attr<int64_t>("cols"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(AfQRowsDot, QRowsDotImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("kind")
+                                  .Attr<int64_t>("cols"));
