@@ -17,6 +17,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from activeflow_jax import quant
+from activeflow_jax.quant import QRows
+
 BLOCK = 32  # values per scale, as in GGML's Q8_0
 
 
@@ -68,8 +71,10 @@ def to_q8(table: np.ndarray) -> Q8Table | None:
 
 
 def as_f32(table) -> jax.Array:
-    """The f32 [V, d] values of an f32 or Q8 table (a Q8 table is widened: 4x its bytes); also
-    widens a table of gathered rows (`lookup`)."""
+    """The f32 [V, d] values of an f32, Q8 or quantized-store (quant.QRows) table (a quantized
+    table is widened: 4-6x its bytes); also widens a table of gathered rows (`lookup`)."""
+    if isinstance(table, QRows):
+        return quant.as_f32(table)
     if not isinstance(table, Q8Table):
         return table
     v, d = table.shape
@@ -77,7 +82,9 @@ def as_f32(table) -> jax.Array:
 
 
 def lookup(table, tokens: jax.Array) -> jax.Array:
-    """Rows of the table for tokens [T] -> [T, d] f32 (a Q8 table widens only those rows)."""
+    """Rows of the table for tokens [T] -> [T, d] f32 (a quantized table widens only those rows)."""
+    if isinstance(table, QRows):
+        return quant.dequantize(jnp.take(table.data, tokens, axis=0), table.kind, table.cols)
     if not isinstance(table, Q8Table):
         return jnp.take(table, tokens, axis=0)
     return as_f32(Q8Table(jnp.take(table.q, tokens, axis=0), jnp.take(table.scale, tokens, axis=0)))

@@ -181,7 +181,8 @@ def _q_attrs(w) -> dict:
 
 def q_matvec(x0: jax.Array, w) -> jax.Array:
     """x0 [in] @ w (QRows [in, cols]) -> [cols]: the dense decode product, every row read once in place."""
-    return jax.ffi.ffi_call(Q_TARGETS["AfQMatvec"], jax.ShapeDtypeStruct((w.cols,), jnp.float32))(
+    return jax.ffi.ffi_call(Q_TARGETS["AfQMatvec"], jax.ShapeDtypeStruct((w.cols,), jnp.float32),
+                            vmap_method="sequential")(
         x0.astype(jnp.float32), w.data, **_q_attrs(w))
 
 
@@ -207,5 +208,6 @@ def q_topk_matvec(x0: jax.Array, w, k: int, threshold: jax.Array | float, use_th
 
 def q_rows_dot(x0: jax.Array, e) -> jax.Array:
     """rows_dot on a QRows table e [V, d]: the tied head, logits [V] as rows_dot gives on the widened table."""
-    return jax.ffi.ffi_call(Q_TARGETS["AfQRowsDot"], jax.ShapeDtypeStruct((e.shape[0],), jnp.float32))(
+    return jax.ffi.ffi_call(Q_TARGETS["AfQRowsDot"], jax.ShapeDtypeStruct((e.shape[0],), jnp.float32),
+                            vmap_method="sequential")(
         x0.astype(jnp.float32), e.data, **_q_attrs(e))
