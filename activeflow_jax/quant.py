@@ -154,8 +154,8 @@ class QRows:
     params holding QRows pass through jit like plain arrays."""
 
     data: jax.Array  # uint8 [rows, blocks(cols) * BLOCK_BYTES[kind]]
-    kind: str = dataclasses.field(metadata=dict(static=True))
-    cols: int = dataclasses.field(metadata=dict(static=True))
+    kind: str = dataclasses.field(metadata={"static": True})
+    cols: int = dataclasses.field(metadata={"static": True})
 
     @property
     def shape(self) -> tuple[int, int]:

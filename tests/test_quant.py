@@ -81,8 +81,8 @@ def test_native_kernels_match_xla(dtype, cols):
     from activeflow_jax.sparse.kernels import gather_linear
 
     for policy, thr in (("topk", 0.0), ("threshold", 0.5)):
-        got = jax.jit(lambda x, w: gather_linear(x[None], w, 90, thr, policy, native=True))(x, w)
-        ref = jax.jit(lambda x, w: gather_linear(x[None], w, 90, thr, policy, native=False))(x, w)
+        got = jax.jit(lambda x, w, t=thr, p=policy: gather_linear(x[None], w, 90, t, p, native=True))(x, w)
+        ref = jax.jit(lambda x, w, t=thr, p=policy: gather_linear(x[None], w, 90, t, p, native=False))(x, w)
         close(got, ref)
     xc = jnp.asarray(rng.normal(size=(cols,)).astype(np.float32))
     close(jax.jit(native.q_rows_dot)(xc, w), wide @ xc)  # the head on a quantized table
@@ -114,7 +114,7 @@ def test_store_holds_quantized_rows(stores, dtype):
 def test_engine_holds_quantized_weights_and_matches_their_f32_values(stores, dtype):
     """The quantized engine (native or XLA kernels) equals an f32 engine holding the widened
     weights within 1e-5, dense and sparse; and stays near the unquantized model."""
-    tiny, paths = stores
+    _, paths = stores
     engine = af.Engine.load(paths[dtype])
     assert isinstance(engine.params["layers"][0]["mlp"]["w_down"], quant.QRows)
     assert isinstance(engine.params["embed"], quant.QRows)
@@ -149,7 +149,7 @@ def test_engine_holds_quantized_weights_and_matches_their_f32_values(stores, dty
 
 def _shard(store, tensor):
     files = sorted(glob.glob(os.path.join(store, "tensors", tensor, "c", "**", "*"), recursive=True))
-    return [f for f in files if os.path.isfile(f)][0]
+    return next(f for f in files if os.path.isfile(f))
 
 
 def test_truncated_quantized_chunk_is_caught(tmp_path):
@@ -176,9 +176,11 @@ def test_unknown_dtype_and_older_reader_are_refused(stores, tmp_path, monkeypatc
         StoreReader(store)
     monkeypatch.undo()
     manifest_path = os.path.join(store, layout.MANIFEST)
-    manifest = json.load(open(manifest_path))
+    with open(manifest_path) as f:
+        manifest = json.load(f)
     manifest["storage_dtype"] = "q3"
-    json.dump(manifest, open(manifest_path, "w"))
+    with open(manifest_path, "w") as f:
+        json.dump(manifest, f)
     with pytest.raises(af.StoreError, match="storage dtype 'q3'"):
         af.Engine.load(store)
 
@@ -190,3 +192,54 @@ def test_convert_rejects_unknown_dtype_and_accepts_aliases(stores, tmp_path):
     assert not os.path.exists(tmp_path / "x")
     path = convert(tiny.gguf_path, tmp_path / "f16", dtype="f16", progress=False)
     assert StoreReader(path).storage_dtype == "float16"
+
+
+SWAP_Q_CFG = tiny_config(num_layers=16, d_model=128, d_ff=320, num_heads=4, num_kv_heads=2, head_dim=32,
+                         vocab_size=300, name="tiny-swap-q")
+PROMPT = [5, 17, 33, 2, 90, 41, 7, 250, 12, 64]
+
+
+@pytest.fixture(scope="module")
+def swap_stores(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("swapq")
+    tiny = make_tiny_store(directory, SWAP_Q_CFG)
+    out = {"float32": tiny.store_path}
+    for dtype in ("q8", "q4"):
+        out[dtype] = convert(tiny.gguf_path, os.path.join(directory, f"swap-{dtype}"), dtype=dtype, progress=False)
+    return out
+
+
+def _decode_read_bytes(engine) -> float:
+    loader = engine.stats.loader
+    return (loader["preload_bytes"] + loader["ondemand_bytes"]) / max(1, loader["tokens"])
+
+
+@pytest.mark.parametrize("dtype", ["q8", "q4"])
+def test_budget_runtime_on_quantized_store_equals_all_in_dram(swap_stores, dtype):
+    """Pools hold the store's quantized rows; tokens and logits equal the all-in-DRAM sparse
+    engine on the same store; flash bytes per token fall with the dtype."""
+    from activeflow_jax.runtime.budget import model_weight_bytes
+
+    store = swap_stores[dtype]
+    ref = af.Engine.load(store, sparsity=0.5, policy="topk")
+    ref_logits, ref_tokens = ref.logits(PROMPT), list(ref.generate_ids(PROMPT, max_new_tokens=8))
+    opts = dict(sparsity=0.5, policy="topk", group_size=1, kv_tokens=32, plan=False, progress=False)
+    reads = {}
+    for budget in (1.0, 0.6):
+        engine = af.Engine.load(store, dram_budget=budget, **opts)
+        assert engine.swap.pools["qkv"].buffer.dtype == jnp.uint8
+        pools = engine.stats.memory["pools"]
+        rb = quant.row_bytes(dtype, SWAP_Q_CFG.q_dim + 2 * SWAP_Q_CFG.kv_dim)
+        assert pools["qkv"] == (engine.swap.pools["qkv"].slots + 1) * rb
+        got = engine.logits(PROMPT)
+        np.testing.assert_allclose(got, ref_logits, rtol=1e-5, atol=1e-5 * np.abs(ref_logits).max())
+        engine.swap.reset_stats()
+        assert list(engine.generate_ids(PROMPT, max_new_tokens=8)) == ref_tokens
+        reads[budget] = _decode_read_bytes(engine)
+        engine.close()
+    f32 = af.Engine.load(swap_stores["float32"], dram_budget=0.6, **opts)
+    list(f32.generate_ids(PROMPT, max_new_tokens=8))
+    f32.swap.reset_stats()
+    list(f32.generate_ids(PROMPT, max_new_tokens=8))
+    assert model_weight_bytes(SWAP_Q_CFG, dtype) < model_weight_bytes(SWAP_Q_CFG) / 3
+    assert 0 < reads[0.6] < _decode_read_bytes(f32) / 2.5  # 60% of a smaller model, its rows smaller

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 from activeflow_jax.config import ModelConfig
 from activeflow_jax.models.embedding import lookup
 from activeflow_jax.models.llama import attend, causal_bias, head_logits, rms_norm, swiglu
+from activeflow_jax.quant import QRows, dequantize
 from activeflow_jax.sparse.kernels import active_mask
 
 
@@ -57,13 +58,29 @@ def _select(h: jax.Array, sel: Select | None, threshold, n_valid, native: bool =
 def _linear(hm: jax.Array, src: dict, native: bool) -> jax.Array:
     if "w" in src:
         return hm @ src["w"]
+    if "w_widened" in src:
+        # an op of a quantized store assembled (widened) whole: one token sums its rows in the order
+        # of the all-in-DRAM engine's native dense product (quant.matmul -> q_matvec), bit for bit
+        w = src["w_widened"]
+        if native and hm.shape[0] == 1:
+            from activeflow_jax.sparse.native import gather_matvec
+
+            return gather_matvec(hm[0], jnp.arange(w.shape[0], dtype=jnp.int32), w)[None]
+        return hm @ w
     cols, slots, pool = src["cols"], src["slots"], src["pool"]
     if native:
-        from activeflow_jax.sparse.native import gather_matvec
+        from activeflow_jax.sparse.native import gather_matvec, q_gather_matvec
 
-        return gather_matvec(hm[0, cols], slots, pool, src["count"])[None]
-    rows = pool.at[slots].get(mode="promise_in_bounds")
-    return hm[:, cols] @ rows
+        matvec = q_gather_matvec if isinstance(pool, QRows) else gather_matvec
+        return matvec(hm[0, cols], slots, pool, src["count"])[None]
+    return hm[:, cols] @ pool_rows(pool, slots)
+
+
+def pool_rows(pool, slots) -> jax.Array:
+    """Rows `slots` of a pool as f32 [n, out] (a quantized pool widens just those rows)."""
+    if isinstance(pool, QRows):
+        return dequantize(pool.data.at[slots].get(mode="promise_in_bounds"), pool.kind, pool.cols)
+    return pool.at[slots].get(mode="promise_in_bounds")
 
 
 
@@ -122,8 +139,9 @@ def empty_weight(*, shape: tuple[int, int]):
 
 @functools.partial(jax.jit, donate_argnames=("w",))
 def assemble_rows(w, pool, cols, slots):
-    """w[cols] = pool[slots] in place; padding entries carry col = in (dropped)."""
-    return w.at[cols].set(pool.at[slots].get(mode="promise_in_bounds"), mode="drop")
+    """w[cols] = pool[slots] in place (widened from a quantized pool); padding entries carry
+    col = in (dropped)."""
+    return w.at[cols].set(pool_rows(pool, slots), mode="drop")
 
 
 @functools.partial(jax.jit, donate_argnames=("pool",))

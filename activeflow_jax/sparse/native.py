@@ -176,7 +176,7 @@ def active_mask(x: jax.Array, k: int, threshold: jax.Array | float, use_threshol
 def _q_attrs(w) -> dict:
     import numpy as np
 
-    return dict(kind=np.int64(8 if w.kind == "q8" else 4), cols=np.int64(w.cols))
+    return {"kind": np.int64(8 if w.kind == "q8" else 4), "cols": np.int64(w.cols)}
 
 
 def q_matvec(x0: jax.Array, w) -> jax.Array:
