@@ -218,12 +218,13 @@ def staging_bytes(cfg: ModelConfig, group_size: int, preload_channels: tuple[int
     -- and the compute buffer of one op's assembled weight (prefill chunks and dense layers) with
     the k-row slice gathered from the pool while it is assembled; for an untied model also the
     embedding rows of one prefill chunk. Rows in flight are the store's bytes; the assembled
-    weight and the slice widened into it are f32."""
+    weight and the slice gathered into it are held rows (held_dtype)."""
     rb = op_row_bytes(cfg, dtype)
     preload = group_size * (preload_channels[0] * rb[0] + preload_channels[1] * rb[2])
     ondemand = max(k * r for k, r in zip(ks, rb))
-    ondemand_f32 = max(k * r for k, r in zip(ks, op_row_bytes(cfg)))
-    return 2 * (preload + ondemand) + max(layer_op_bytes(cfg)) + ondemand_f32 + embedding_rows_bytes(cfg)
+    held = held_dtype(dtype)
+    ondemand_held = max(k * r for k, r in zip(ks, op_row_bytes(cfg, held)))
+    return 2 * (preload + ondemand) + max(layer_op_bytes(cfg, held)) + ondemand_held + embedding_rows_bytes(cfg)
 
 
 def min_pool_slots(cfg: ModelConfig, group_size: int, preload_channels: tuple[int, int],

@@ -31,6 +31,7 @@ from activeflow_jax.config import ModelConfig
 from activeflow_jax.models.embedding import lookup
 from activeflow_jax.models.llama import attend, causal_bias, head_logits, rms_norm, swiglu
 from activeflow_jax.quant import QRows, dequantize
+from activeflow_jax.quant import matmul as quant_matmul
 from activeflow_jax.sparse.kernels import active_mask
 
 
@@ -56,17 +57,8 @@ def _select(h: jax.Array, sel: Select | None, threshold, n_valid, native: bool =
 
 
 def _linear(hm: jax.Array, src: dict, native: bool) -> jax.Array:
-    if "w" in src:
-        return hm @ src["w"]
-    if "w_widened" in src:
-        # an op of a quantized store assembled (widened) whole: one token sums its rows in the order
-        # of the all-in-DRAM engine's native dense product (quant.matmul -> q_matvec), bit for bit
-        w = src["w_widened"]
-        if native and hm.shape[0] == 1:
-            from activeflow_jax.sparse.native import gather_matvec
-
-            return gather_matvec(hm[0], jnp.arange(w.shape[0], dtype=jnp.int32), w)[None]
-        return hm @ w
+    if "w" in src:  # f32, or an assembled QRows: the all-in-DRAM engine's own product (quant.matmul)
+        return quant_matmul(hm, src["w"], native)
     cols, slots, pool = src["cols"], src["slots"], src["pool"]
     if native:
         from activeflow_jax.sparse.native import gather_matvec, q_gather_matvec
@@ -132,15 +124,18 @@ def last_stage(x, hm, src, final_norm_w, embed, lm_head, n_valid, *, eps: float,
     return head_logits(rms_norm(x, final_norm_w, eps, native), embed, lm_head, native)
 
 
-@functools.partial(jax.jit, static_argnames=("shape",))
-def empty_weight(*, shape: tuple[int, int]):
-    return jnp.zeros(shape, jnp.float32)
+@functools.partial(jax.jit, static_argnames=("shape", "dtype"))
+def empty_weight(*, shape: tuple[int, int], dtype: str = "float32"):
+    """An all-zero [in, out] f32 weight, or [in, row_bytes] uint8 rows for a quantized pool."""
+    return jnp.zeros(shape, dtype)
 
 
 @functools.partial(jax.jit, donate_argnames=("w",))
 def assemble_rows(w, pool, cols, slots):
-    """w[cols] = pool[slots] in place (widened from a quantized pool); padding entries carry
-    col = in (dropped)."""
+    """w[cols] = pool[slots] in place (a quantized pool's rows as they are held); padding entries
+    carry col = in (dropped)."""
+    if isinstance(pool, QRows):
+        return w.at[cols].set(pool.data.at[slots].get(mode="promise_in_bounds"), mode="drop")
     return w.at[cols].set(pool_rows(pool, slots), mode="drop")
 
 

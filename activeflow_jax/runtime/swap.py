@@ -38,7 +38,7 @@ from activeflow_jax.config import OP_GROUPS, PREDICTED_GROUPS, ModelConfig, Spar
 from activeflow_jax.errors import StoreError
 from activeflow_jax.models import llama
 from activeflow_jax.runtime import heap, iostats, stages
-from activeflow_jax.quant import is_quantized
+from activeflow_jax.quant import QRows, is_quantized
 from activeflow_jax.runtime.budget import DEFAULT_PRELOAD_SUPERSET, MemoryPlan, held_dtype, op_output_dims
 from activeflow_jax.runtime.pool import SlotPool, padded_source
 from activeflow_jax.store.reader import StoreReader
@@ -344,12 +344,12 @@ class SwapRuntime:
         decode = t == 1
         if decode and self._sel(layer, op) is not None and self.native:
             return padded_source(pool, cols, self._ensure(pool, op, layer, cols, decode), k)
-        w = stages.empty_weight(shape=(pool.in_dim, pool.out_dim))
+        w = stages.empty_weight(shape=(pool.in_dim, pool.row_width), dtype=pool.buffer.dtype.name)
         for begin in range(0, len(cols), k):
             part = cols[begin:begin + k]
             src = padded_source(pool, part, self._ensure(pool, op, layer, part, decode), k, pad_col=pool.in_dim)
             w = stages.assemble_rows(w, pool.held(), src["cols"], src["slots"])
-        return {"w_widened": w} if pool.quantized else {"w": w}
+        return {"w": QRows(w, pool.dtype, pool.out_dim) if pool.quantized else w}
 
     def _ensure(self, pool: SlotPool, op: str, layer: int, cols: np.ndarray, decode: bool) -> np.ndarray:
         """Slots of (layer, cols), loading the rows the pool lacks from flash now (on demand).
