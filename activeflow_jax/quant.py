@@ -200,6 +200,12 @@ def as_f32(w) -> jax.Array:
     return dequantize(w.data, w.kind, w.cols) if isinstance(w, QRows) else w
 
 
+def widen_params(params):
+    """A params pytree with every QRows replaced by its f32 values (training, perturbation)."""
+    return jax.tree.map(lambda w: as_f32(w) if isinstance(w, QRows) else w, params,
+                        is_leaf=lambda w: isinstance(w, QRows))
+
+
 def take_rows(w, rows: jax.Array) -> jax.Array:
     """Rows `rows` ([k] int) of a weight as f32 [k, cols]: a QRows gathers k uint8 rows and
     widens only those (never the whole [in, out] weight)."""

@@ -243,3 +243,39 @@ def test_budget_runtime_on_quantized_store_equals_all_in_dram(swap_stores, dtype
     list(f32.generate_ids(PROMPT, max_new_tokens=8))
     assert model_weight_bytes(SWAP_Q_CFG, dtype) < model_weight_bytes(SWAP_Q_CFG) / 3
     assert 0 < reads[0.6] < _decode_read_bytes(f32) / 2.5  # 60% of a smaller model, its rows smaller
+
+
+def test_calibration_scoring_and_distillation_on_a_quantized_store(stores, tmp_path):
+    """Calibration, cached-prefix scoring (tasks) and sparse distillation run on a q8 store; the
+    student is trained in f32 and written as q8."""
+    import shutil
+
+    from activeflow_jax.distill import DistillConfig, distill
+    from activeflow_jax.testing import CALIBRATION_PROSE
+
+    _, paths = stores
+    store = str(tmp_path / "q8")
+    shutil.copytree(paths["q8"], store)
+    text = tmp_path / "text.txt"
+    text.write_text(CALIBRATION_PROSE)
+    calibration = af.calibrate(store, str(text), levels=(0.5,), progress=False)
+    assert 0.5 in calibration.levels
+    engine = af.Engine.load(store, sparsity=0.5)
+    ctx, conts = [5, 9, 40, 41], [[7, 8], [100]]
+    got = engine.score_continuations(ctx, conts)
+    for cont, lp in zip(conts, got):  # cached-prefix scoring == the full sequence's logits
+        full = engine.logits(ctx + cont)
+        logp = full - np.log(np.exp(full - full.max(-1, keepdims=True)).sum(-1, keepdims=True)) - full.max(-1,
+                                                                                                           keepdims=True)
+        want = [logp[len(ctx) - 1 + t, tok] for t, tok in enumerate(cont)]
+        np.testing.assert_allclose(lp, want, rtol=1e-4, atol=1e-4)
+    result = distill(store, tmp_path / "student", DistillConfig(sparsity=0.5, steps=2, batch_size=2, seq_len=32,
+                                                                lr=3e-3, warmup_steps=1, save_every=1),
+                     text_path=str(text), progress=False)
+    student, source = StoreReader(result.out_store), StoreReader(store)
+    assert student.storage_dtype == "q8" and student.tensor_dtype("layers.1.mlp.w_down") == "q8"
+    # frozen tensors survive the f32 round trip bit for bit (q8 re-quantizes its own values exactly)
+    np.testing.assert_array_equal(student.read_rows_stored("embed", np.arange(300)),
+                                  source.read_rows_stored("embed", np.arange(300)))
+    assert not np.array_equal(student.read("layers.1.mlp.w_down"), source.read("layers.1.mlp.w_down"))
+    assert isinstance(af.Engine.load(result.out_store).params["embed"], quant.QRows)
