@@ -279,3 +279,14 @@ def test_calibration_scoring_and_distillation_on_a_quantized_store(stores, tmp_p
                                   source.read_rows_stored("embed", np.arange(300)))
     assert not np.array_equal(student.read("layers.1.mlp.w_down"), source.read("layers.1.mlp.w_down"))
     assert isinstance(af.Engine.load(result.out_store).params["embed"], quant.QRows)
+
+
+def test_cli_convert_dtype(stores, tmp_path, capsys):
+    from activeflow_jax import cli
+
+    tiny, _ = stores
+    assert cli.main(["convert", tiny.gguf_path, str(tmp_path / "s4"), "--dtype", "q4"]) == 0
+    assert StoreReader(capsys.readouterr().out.strip()).storage_dtype == "q4"
+    with pytest.raises(SystemExit):  # argparse refuses an unknown dtype before anything is written
+        cli.main(["convert", tiny.gguf_path, str(tmp_path / "s3"), "--dtype", "q3"])
+    assert not os.path.exists(tmp_path / "s3")
