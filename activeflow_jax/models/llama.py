@@ -21,7 +21,7 @@ import numpy as np
 from flax import nnx
 
 from activeflow_jax.config import OP_GROUPS, ModelConfig, PredictionConfig, SparsityConfig
-from activeflow_jax.models.embedding import Q8Table, as_f32, lookup
+from activeflow_jax.models.embedding import as_f32, lookup
 from activeflow_jax.quant import QRows
 from activeflow_jax.quant import matmul as quant_matmul
 from activeflow_jax.sparse.kernels import sparse_linear
@@ -146,11 +146,9 @@ def head_logits(x_normed: jax.Array, embed, lm_head: jax.Array | None, native: b
     or an exact Q8 table: models/embedding.py). native: one token's tied head runs on the native
     kernel (XLA:CPU streams [V, d] slowly here)."""
     if lm_head is None and native and x_normed.shape[0] == 1:
-        from activeflow_jax.sparse.native import rows_dot, rows_dot_q8
+        from activeflow_jax.sparse.native import rows_dot
 
-        if isinstance(embed, Q8Table):
-            return rows_dot_q8(x_normed[0], embed.q, embed.scale)[None]
-        if isinstance(embed, QRows):
+        if isinstance(embed, QRows):  # a quantized store's table, or an f32 store's exact Q8_0 one
             from activeflow_jax.sparse.native import q_rows_dot
 
             return q_rows_dot(x_normed[0], embed)[None]

@@ -108,9 +108,7 @@ def embedding_bytes(cfg: ModelConfig, q8_embed: bool = False, dtype: str = "floa
     if is_quantized(dtype):
         return cfg.vocab_size * row_bytes(dtype, cfg.d_model)
     if q8_embed:
-        from activeflow_jax.models.embedding import BLOCK
-
-        return cfg.vocab_size * cfg.d_model + cfg.vocab_size * (cfg.d_model // BLOCK) * F32
+        return cfg.vocab_size * row_bytes("q8", cfg.d_model)
     return cfg.vocab_size * cfg.d_model * F32
 
 

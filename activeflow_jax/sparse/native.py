@@ -30,7 +30,6 @@ TARGET = "activeflow_gather_matvec"
 TOPK_TARGET = "activeflow_topk_matvec"
 MASK_TARGET = "activeflow_active_mask"
 ROWS_DOT_TARGET = "activeflow_rows_dot"
-ROWS_DOT_Q8_TARGET = "activeflow_rows_dot_q8"
 ATTEND_TARGET = "activeflow_attend_one"
 RMS_NORM_TARGET = "activeflow_rms_norm_one"
 Q_TARGETS = {"AfQGatherMatvec": "activeflow_q_gather_matvec", "AfQMatvec": "activeflow_q_matvec",
@@ -82,7 +81,6 @@ def available() -> bool:
         jax.ffi.register_ffi_target(TOPK_TARGET, jax.ffi.pycapsule(lib.AfTopkMatvec), platform="cpu")
         jax.ffi.register_ffi_target(MASK_TARGET, jax.ffi.pycapsule(lib.AfActiveMask), platform="cpu")
         jax.ffi.register_ffi_target(ROWS_DOT_TARGET, jax.ffi.pycapsule(lib.AfRowsDot), platform="cpu")
-        jax.ffi.register_ffi_target(ROWS_DOT_Q8_TARGET, jax.ffi.pycapsule(lib.AfRowsDotQ8), platform="cpu")
         jax.ffi.register_ffi_target(ATTEND_TARGET, jax.ffi.pycapsule(lib.AfAttendOne), platform="cpu")
         jax.ffi.register_ffi_target(RMS_NORM_TARGET, jax.ffi.pycapsule(lib.AfRmsNormOne), platform="cpu")
         for symbol, target in Q_TARGETS.items():  # the quantized-row family (quant.py)
@@ -111,13 +109,6 @@ def rows_dot(x0: jax.Array, e: jax.Array) -> jax.Array:
     """e @ x0 for x0 [d], e [V, d] -> [V] (the tied head of one token), streaming e once."""
     return jax.ffi.ffi_call(ROWS_DOT_TARGET, jax.ShapeDtypeStruct((e.shape[0],), jnp.float32))(
         x0.astype(jnp.float32), e)
-
-
-def rows_dot_q8(x0: jax.Array, q: jax.Array, scale: jax.Array) -> jax.Array:
-    """rows_dot on a Q8_0 table (q int8 [V, d], scale f32 [V, d / 32]): the same logits, bit for bit,
-    as rows_dot on its dequantized f32 copy, reading 3.6x fewer bytes."""
-    return jax.ffi.ffi_call(ROWS_DOT_Q8_TARGET, jax.ShapeDtypeStruct((q.shape[0],), jnp.float32))(
-        x0.astype(jnp.float32), q, scale)
 
 
 def rms_norm_one(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
@@ -207,7 +198,8 @@ def q_topk_matvec(x0: jax.Array, w, k: int, threshold: jax.Array | float, use_th
 
 
 def q_rows_dot(x0: jax.Array, e) -> jax.Array:
-    """rows_dot on a QRows table e [V, d]: the tied head, logits [V] as rows_dot gives on the widened table."""
+    """rows_dot on a QRows table e [V, d]: the tied head; the logits equal rows_dot's on the widened
+    table bit for bit (the exact Q8_0 embedding of an f32 store: models/embedding.py)."""
     return jax.ffi.ffi_call(Q_TARGETS["AfQRowsDot"], jax.ShapeDtypeStruct((e.shape[0],), jnp.float32),
                             vmap_method="sequential")(
         x0.astype(jnp.float32), e.data, **_q_attrs(e))
