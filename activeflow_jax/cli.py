@@ -225,9 +225,10 @@ def cmd_plan(args) -> int:
     levels = sorted(calibration.levels) if calibration is not None else []
     bw = get_bandwidths(store, remeasure=args.remeasure)
     q8 = isinstance(resident_embedding(reader, "auto", "auto"), Q8Table)  # as Engine.load will hold it
-    result = planner.plan(cfg, budget.parse_budget(args.dram_budget, cfg), bw, levels=levels,
+    dtype = reader.storage_dtype  # the plan counts the store's bytes
+    result = planner.plan(cfg, budget.parse_budget(args.dram_budget, cfg, dtype), bw, levels=levels,
                           kv_tokens=args.kv_tokens, sparsity=args.sparsity, group_size=args.group_size or None,
-                          max_sparsity=args.max_sparsity, q8_embed=q8, op_sparsity=args.op_sparsity)
+                          max_sparsity=args.max_sparsity, q8_embed=q8, op_sparsity=args.op_sparsity, dtype=dtype)
     if args.json:
         c = result.chosen
         print(json.dumps({"sparsity": result.sparsity, "group_size": result.group_size,
