@@ -83,7 +83,6 @@ class LinearOps:
                              policy=self.sparse.policy, kernel=self.sparse.kernel,
                              restrict=self.restrict.get(group), straight_through=self.sparse.straight_through)
 
-
     native: bool | None = None  # dense products of quantized weights: native kernel (None: where usable)
 
     def with_native(self, native: bool) -> "LinearOps":
