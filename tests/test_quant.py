@@ -290,3 +290,25 @@ def test_cli_convert_dtype(stores, tmp_path, capsys):
     with pytest.raises(SystemExit):  # argparse refuses an unknown dtype before anything is written
         cli.main(["convert", tiny.gguf_path, str(tmp_path / "s3"), "--dtype", "q3"])
     assert not os.path.exists(tmp_path / "s3")
+
+
+def test_real_model_q8_store_is_close_to_f32(real_gguf_path, real_engine, tmp_path):
+    """SmolLM2-135M as a q8 store: 3.2x fewer weight bytes in DRAM, its embedding (Q8_0 in the GGUF)
+    kept bit for bit, and its next-token distribution close to the f32 store's."""
+    store = convert(real_gguf_path, tmp_path / "q8", dtype="q8", progress=False)
+    engine = af.Engine.load(store)
+    assert engine.stats.weight_bytes < real_engine.stats.weight_bytes / 2.8
+    np.testing.assert_array_equal(StoreReader(store).read_rows("embed", [0, 1000, 49151]),
+                                  StoreReader(real_engine.store_path).read_rows("embed", [0, 1000, 49151]))
+    ids = engine.tokenizer.encode("The capital of France is Paris. The river that runs through the city is the")
+    ref, got = real_engine.logits(ids), engine.logits(ids)
+    p = np.exp(ref - ref.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    logq = got - got.max(-1, keepdims=True)
+    logq -= np.log(np.exp(logq).sum(-1, keepdims=True))
+    logp = np.log(np.maximum(p, 1e-30))
+    kl = float(np.mean(np.sum(p * (logp - logq), axis=-1)))
+    assert kl < 0.01 and np.mean(ref.argmax(-1) == got.argmax(-1)) >= 0.9
+    prompt = ids[:8]
+    assert list(engine.generate_ids(prompt, max_new_tokens=8))[:4] == list(real_engine.generate_ids(prompt,
+                                                                                                   max_new_tokens=8))[:4]
