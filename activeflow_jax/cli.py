@@ -9,6 +9,8 @@ import sys
 
 from activeflow_jax.errors import ActiveFlowError
 
+DTYPE_CHOICES = ["f32", "f16", "q8", "q4", "float32", "float16"]  # store dtypes (quant.canonical_dtype)
+
 
 def _store_or_default(args) -> str:
     if args.store:
@@ -259,9 +261,10 @@ def cmd_plan(args) -> int:
     levels = sorted(calibration.levels) if calibration is not None else []
     bw = get_bandwidths(store, remeasure=args.remeasure)
     q8 = isinstance(resident_embedding(reader, "auto", "auto"), Q8Table)  # as Engine.load will hold it
-    result = planner.plan(cfg, budget.parse_budget(args.dram_budget, cfg), bw, levels=levels,
+    dtype = reader.storage_dtype  # the plan counts the store's bytes
+    result = planner.plan(cfg, budget.parse_budget(args.dram_budget, cfg, dtype), bw, levels=levels,
                           kv_tokens=args.kv_tokens, sparsity=args.sparsity, group_size=args.group_size or None,
-                          max_sparsity=args.max_sparsity, q8_embed=q8, op_sparsity=args.op_sparsity)
+                          max_sparsity=args.max_sparsity, q8_embed=q8, op_sparsity=args.op_sparsity, dtype=dtype)
     if args.json:
         c = result.chosen
         print(json.dumps({"sparsity": result.sparsity, "group_size": result.group_size,
@@ -323,13 +326,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("fetch", help="download and convert the default model (SmolLM2-135M-Instruct)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "float16"], help="storage dtype of the store")
+    p.add_argument("--dtype", default="float32", choices=DTYPE_CHOICES, help="storage dtype of the store "
+                   "(q8/q4: int8/4-bit rows with f16 block scales, see activeflow_jax/quant.py)")
     p.set_defaults(func=cmd_fetch)
 
     p = sub.add_parser("convert", help="convert a GGUF file into a flash store")
     p.add_argument("gguf", help="path of the .gguf file")
     p.add_argument("out", help="directory of the store to create")
-    p.add_argument("--dtype", default="float32", choices=["float32", "float16"], help="storage dtype")
+    p.add_argument("--dtype", default="float32", choices=DTYPE_CHOICES, help="storage dtype: f32 (float32), "
+                   "f16 (float16), q8 or q4 (int8/4-bit rows with f16 block scales, see activeflow_jax/quant.py)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing store at OUT")
     p.set_defaults(func=cmd_convert)
 

@@ -77,7 +77,12 @@ def q8_embedding_wanted(cfg: ModelConfig, option: Any) -> bool:
 
 
 def resident_tensor(name: str, arr: np.ndarray, q8: bool, insist: bool, store_path: str):
-    """A store tensor on the device: the embedding as a Q8 table when asked and exact, else f32."""
+    """A store tensor on the device: the embedding as a Q8 table when asked and exact, else f32;
+    a quantized store's weights stay quantized (quant.QRows)."""
+    from activeflow_jax.quant import QRows
+
+    if isinstance(arr, QRows):
+        return jax.device_put(arr)
     if name == "embed" and q8:
         from activeflow_jax.models.embedding import to_q8
 
@@ -192,7 +197,7 @@ class Engine:
         q8 = q8_embedding_wanted(cfg, q8_embedding)
         # one tensor at a time onto the device, so the host never holds a second copy of the model
         params = llama.params_from_flat(cfg, {name: resident_tensor(name, arr, q8, q8_embedding is True, reader.path)
-                                              for name, arr in reader.iter_many(shapes)})
+                                              for name, arr in reader.iter_held(shapes)})
         tokenizer = Tokenizer.from_spec(reader.tokenizer_spec) if reader.tokenizer_spec else None
         engine = cls(cfg, params, tokenizer, store_path=reader.path)
         if sparsity or op_sparsity is not None:

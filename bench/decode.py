@@ -2,6 +2,7 @@
 
     python bench/decode.py                       # default model, fetched if needed
     python bench/decode.py --store PATH --prompt_len 256 --decode_tokens 128 --output results/decode.jsonl
+    python bench/decode.py --dtype f32,q8,q4 --sparsity 0.5 --kernels native   # one run, every store dtype
 
 Warm-up runs (which compile) are excluded from the timings; compile time is reported apart.
 The roofline is the measured DRAM read bandwidth divided by the bytes of weights (and KV cache)
@@ -35,6 +36,8 @@ flags.DEFINE_list("kernels", ["native", "gather"], "sparse decode kernels to mea
 flags.DEFINE_enum("policy", "topk", ["topk", "threshold"], "mask policy (threshold needs a calibrated store)")
 flags.DEFINE_enum("q8_embedding", "auto", ["auto", "false"],
                   "hold the tied embedding as exact Q8_0 blocks where it is one (auto), or as f32 (false)")
+flags.DEFINE_list("dtype", [], "store dtypes to compare in one run (f32, f16, q8, q4): the default model "
+                  "converted to each (once, cached); every setting of every dtype is timed round-robin")
 flags.DEFINE_string("output", None, "append the JSON record to this file as well (JSON lines)")
 
 
@@ -72,6 +75,10 @@ def main(argv):
     import activeflow_jax as af
     from common import emit, memory_bandwidth, summarize
 
+    if FLAGS.dtype:
+        if FLAGS.store:
+            raise app.UsageError("--dtype converts the default model; leave --store out")
+        return _main_dtypes(af, emit, summarize)
     store = FLAGS.store or af.fetch_default_model(quiet=True)
     t0 = time.perf_counter()
     engine = af.Engine.load(store, q8_embedding=FLAGS.q8_embedding == "auto")
@@ -150,6 +157,70 @@ def main(argv):
         print(f"{r['setting']:>22}: {r['decode_tokens_per_s']:6.1f} tok/s decode "
               f"({r['speedup_vs_dense']:.2f}x dense), prefill {r['prefill_tokens_per_s']['median']:.0f} tok/s",
               file=sys.stderr)
+
+
+def _main_dtypes(af, emit, summarize):
+    """One engine per store dtype in the same process; settings x dtypes timed round-robin."""
+    from activeflow_jax.quant import canonical_dtype
+
+    dtypes = [canonical_dtype(d) for d in FLAGS.dtype]
+    engines, stores, loads = {}, {}, {}
+    for dtype in dtypes:
+        stores[dtype] = af.fetch_default_model(dtype=dtype, quiet=True)
+        t0 = time.perf_counter()
+        engines[dtype] = af.Engine.load(stores[dtype], q8_embedding=FLAGS.q8_embedding == "auto")
+        loads[dtype] = time.perf_counter() - t0
+    cfg = engines[dtypes[0]].config
+    rng = np.random.default_rng(FLAGS.seed)
+    prompt = rng.integers(100, cfg.vocab_size, FLAGS.prompt_len).astype(np.int32)
+    settings = _settings()
+
+    def run_once(engine, sparsity, kernel):
+        engine.configure_sparsity(sparsity or None, policy=FLAGS.policy, kernel=kernel if kernel != "dense" else "gather")
+        gen = engine.generate_ids(prompt, max_new_tokens=FLAGS.decode_tokens + 1, stop_ids=frozenset())
+        t = time.perf_counter()
+        next(gen)
+        times = []
+        t = time.perf_counter()
+        for _ in gen:
+            now = time.perf_counter()
+            times.append(now - t)
+            t = now
+        return times
+
+    for dtype in dtypes:  # warm-up: every program compiled before any clock
+        for _, sparsity, kernel in settings:
+            run_once(engines[dtype], sparsity, kernel)
+    steps = {(d, label): [] for d in dtypes for label, _, _ in settings}
+    for _ in range(FLAGS.repeats):
+        for dtype in dtypes:
+            for label, sparsity, kernel in settings:
+                steps[(dtype, label)].extend(run_once(engines[dtype], sparsity, kernel))
+    context = FLAGS.prompt_len + FLAGS.decode_tokens
+    results = []
+    dense = {d: 1.0 / summarize(steps[(d, "dense")])["median"] for d in dtypes}
+    for dtype in dtypes:
+        touched = bytes_per_token(engines[dtype], context)
+        for label, sparsity, kernel in settings:
+            step = summarize(steps[(dtype, label)])
+            tps = 1.0 / step["median"]
+            results.append({"dtype": dtype, "setting": label, "sparsity": sparsity, "kernel": kernel,
+                            "decode_tokens_per_s": tps, "decode_tokens_per_s_p10_p90": [1.0 / step["p90"],
+                                                                                       1.0 / step["p10"]],
+                            "speedup_vs_dense_same_dtype": tps / dense[dtype],
+                            "speedup_vs_first_dtype_dense": tps / dense[dtypes[0]],
+                            "weight_bytes": engines[dtype].stats.weight_bytes,
+                            "bytes_per_token": touched, "load_seconds": loads[dtype],
+                            "embedding": type(engines[dtype].params["embed"]).__name__})
+    emit({"bench": "decode_dtypes",
+          "config": {"stores": stores, "model": cfg.name, "prompt_len": FLAGS.prompt_len,
+                     "decode_tokens": FLAGS.decode_tokens, "repeats": FLAGS.repeats, "policy": FLAGS.policy,
+                     "mode": "all weights in DRAM", "native": engines[dtypes[0]]._native},
+          "results": results, "peak_rss_bytes": af.engine.peak_rss_bytes()}, FLAGS.output)
+    for r in results:
+        print(f"{r['dtype']:>8} {r['setting']:>20}: {r['decode_tokens_per_s']:6.1f} tok/s "
+              f"({r['speedup_vs_dense_same_dtype']:.2f}x its dense, {r['speedup_vs_first_dtype_dense']:.2f}x "
+              f"{dtypes[0]} dense), weights {r['weight_bytes'] / 1e6:.0f} MB", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -72,7 +72,7 @@ def trace(engine, window, sparsity: float, policy: str):
                 thr = thresholds[layer, g] if thresholds is not None else 0.0
                 mask = np.asarray(active_mask(x, ks[g], thr, policy))
             columns.append(mask)
-            sizes.append(np.full(x.shape[1], op_row_bytes(cfg)[g], np.float64))
+            sizes.append(np.full(x.shape[1], op_row_bytes(cfg, engine.storage_dtype)[g], np.float64))
     return np.concatenate(columns, axis=1), np.concatenate(sizes)
 
 
@@ -110,15 +110,18 @@ def main(argv):
 
     store = FLAGS.store or fetch_default_model(quiet=False)
     engine = Engine.load(store)
+    from activeflow_jax.store.reader import StoreReader
+
+    dtype = engine.storage_dtype = StoreReader(store).storage_dtype  # every byte counted is the store's
     cfg = engine.config
     text = FLAGS.text or os.path.join(HERE, "..", "..", "shared", "data", "wiki.test.raw")
     tokens, bos = engine_tokens(engine, text, FLAGS.tokens)
     window = eval_windows(tokens, ctx=FLAGS.tokens, max_windows=1, bos_id=bos)[0]
     bw = get_bandwidths(store)
     best_chunk, best_bps = max(bw.flash_bps_by_chunk, key=lambda cr: cr[1])
-    weights = budget_mod.model_weight_bytes(cfg)
+    weights = budget_mod.model_weight_bytes(cfg, dtype)
     q8 = isinstance(engine.params["embed"], Q8Table)
-    resident = budget_mod.resident_bytes(cfg, q8) + budget_mod.kv_bytes(cfg, FLAGS.kv_tokens)
+    resident = budget_mod.resident_bytes(cfg, q8, dtype) + budget_mod.kv_bytes(cfg, FLAGS.kv_tokens)
     prompt = window[:64]
     dense_rate = decode_rate(engine, prompt, 0.0, FLAGS.policy, FLAGS.decode_tokens)
     rows = []
@@ -128,7 +131,7 @@ def main(argv):
         rate = dense_rate if s == 0 else decode_rate(engine, prompt, s, FLAGS.policy, FLAGS.decode_tokens)
         active_bytes = float((active[FLAGS.warmup:] * sizes).sum(axis=1).mean())
         for b in FLAGS.budgets:
-            budget = budget_mod.parse_budget(b, cfg)
+            budget = budget_mod.parse_budget(b, cfg, dtype)
             capacity = max(0.0, budget - resident)
             miss = float(min_flash_bytes(active, sizes, capacity)[FLAGS.warmup:].mean())
             lru = float(lru_flash_bytes(active, sizes, capacity)[FLAGS.warmup:].mean())
@@ -147,7 +150,7 @@ def main(argv):
                   f"({bound / dense_rate:.3f}x dense {dense_rate:.1f}); parity needs "
                   f"{miss * dense_rate / 1e9:.2f} GB/s", flush=True)
         print(f"  ({time.perf_counter() - t0:.0f} s)", flush=True)
-    record = {"bench": "swap_bound", "machine": machine_info(), "store": store, "policy": FLAGS.policy,
+    record = {"bench": "swap_bound", "machine": machine_info(), "store": store, "dtype": dtype, "policy": FLAGS.policy,
               "tokens": FLAGS.tokens, "warmup": FLAGS.warmup, "kv_tokens": FLAGS.kv_tokens,
               "weight_bytes": weights, "resident_bytes": resident, "q8_embedding": q8,
               "dense_all_in_dram_tok_s": dense_rate,

@@ -30,7 +30,7 @@ def test_q8_exact_recovers_ggml_q8_0_and_refuses_anything_else():
     np.testing.assert_array_equal(np.asarray(as_f32(t)), table)
     tokens = jnp.asarray([0, 7, 299, 7])
     np.testing.assert_array_equal(np.asarray(lookup(t, tokens)), table[[0, 7, 299, 7]])
-    assert t.nbytes == 300 * 96 + 300 * 3 * 4
+    assert t.nbytes == 300 * 3 * 34  # q8 rows: per block an f16 scale and 32 codes
 
     assert q8_exact(rng.standard_normal((40, 64)).astype(np.float32)) is None  # plain f32 values
     off = table.copy()
@@ -41,17 +41,16 @@ def test_q8_exact_recovers_ggml_q8_0_and_refuses_anything_else():
 
 
 def test_q8_head_kernel_is_bit_identical_to_the_f32_kernel():
-    from activeflow_jax.models.embedding import q8_exact
+    from activeflow_jax.models.embedding import to_q8
     from activeflow_jax.sparse import native
 
     assert native.available()
     rng = np.random.default_rng(1)
     for v, d in ((301, 64), (49152 // 8, 576)):  # an odd row count (scalar tail); a threaded size
         table = _q8_table(rng, v, d)
-        q, scale = q8_exact(table)
         x = jnp.asarray(rng.standard_normal(d).astype(np.float32))
         want = np.asarray(native.rows_dot(x, jnp.asarray(table)))
-        got = np.asarray(native.rows_dot_q8(x, jnp.asarray(q), jnp.asarray(scale)))
+        got = np.asarray(native.q_rows_dot(x, to_q8(table)))
         np.testing.assert_array_equal(got, want)
 
 

@@ -573,6 +573,11 @@ def distill(store_path: str, out_path: str, dcfg: DistillConfig | None = None, *
     if os.path.exists(out_path) and not overwrite:
         raise InvalidArgumentError(f"{out_path} exists; pass overwrite=True (--overwrite) or choose another path")
     engine = Engine.load(store_path, q8_embedding=False)  # training reads the f32 table whole
+    # a quantized store's teacher and student train in f32 (its weights widened); the student is
+    # written back in the store's dtype (write_store below quantizes it)
+    from activeflow_jax.quant import widen_params
+
+    engine.params = widen_params(engine.params)
     cfg = engine.config
     calibration = read_calibration(store_path, cfg)  # its levels are calibrated again for the output
     thresholds = (jnp.asarray(store_thresholds(store_path, cfg, student_sparsity(cfg, dcfg)))

@@ -258,6 +258,10 @@ def perturbation_spread(engine, text_path: str | os.PathLike, setting: QualitySe
     original = engine.params["embed"]
     if isinstance(original, Q8Table):
         raise InvalidArgumentError("the embedding is held as Q8_0 blocks; load the engine with q8_embedding=False")
+    from activeflow_jax.quant import QRows
+
+    if isinstance(original, QRows):
+        raise InvalidArgumentError("the embedding is held quantized (a q8/q4 store); perturb an f32 or f16 store")
     tokens, bos = engine_tokens(engine, text_path, ctx)
     ppls = []
     try:

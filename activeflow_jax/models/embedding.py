@@ -1,38 +1,30 @@
 """The embedding table as Q8_0 blocks, where that representation is exact.
 
 SmolLM2's GGUF ships token_embd as Q8_0: each block of 32 values of a row is an f16 scale times
-int8 codes, so the f32 store holds exactly `scale * q`. Kept that way in DRAM, the table takes
-3.6x fewer bytes (113 -> 32 MB), and the tied head, which reads the whole table every token
-(~21% of a decode step's bytes on SmolLM2), runs on a native kernel that widens each code back to
-the same f32 value and sums in the f32 kernel's order: the logits are bit-identical
-(`sparse/native.rows_dot_q8`). Nothing is approximated: a table that is not exactly Q8_0 (random
-test models, f16/f32 checkpoints) stays f32.
+int8 codes, so the f32 store holds exactly `scale * q`. Kept that way in DRAM -- as q8 rows, the
+row format of quantized stores (activeflow_jax/quant.py), whose bytes per block are GGML's own --
+the table takes 3.8x fewer bytes (113 -> 30 MB), and the tied head, which reads the whole table
+every token (~21% of a decode step's bytes on SmolLM2), runs on the quantized-row head kernel,
+which widens each code back to the same f32 value and sums in the f32 kernel's order: the logits
+are bit-identical (`sparse/native.q_rows_dot`). Nothing is approximated: a table that is not
+exactly Q8_0 (random test models, f16/f32 checkpoints) stays f32.
 """
 
 from __future__ import annotations
-
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from activeflow_jax import quant
+from activeflow_jax.quant import QRows
+
 BLOCK = 32  # values per scale, as in GGML's Q8_0
 
 
-class Q8Table(NamedTuple):
-    """An embedding [V, d]: row v, block b is scale[v, b] * q[v, 32 b : 32 b + 32]."""
-
-    q: jax.Array  # int8 [V, d]
-    scale: jax.Array  # f32 [V, d / 32]
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return tuple(self.q.shape)
-
-    @property
-    def nbytes(self) -> int:
-        return int(self.q.nbytes + self.scale.nbytes)
+# An exact Q8_0 table is held as q8 rows (activeflow_jax/quant.py): GGML's Q8_0 block bytes (f16
+# scale, 32 int8 codes), one row per token, read by the same kernels as a q8 store's weights.
+Q8Table = QRows
 
 
 def q8_exact(table: np.ndarray, rows_per_chunk: int = 4096) -> tuple[np.ndarray, np.ndarray] | None:
@@ -61,23 +53,35 @@ def q8_exact(table: np.ndarray, rows_per_chunk: int = 4096) -> tuple[np.ndarray,
     return q, scale
 
 
-def to_q8(table: np.ndarray) -> Q8Table | None:
-    """The table as a Q8Table on the default device, or None where it is not exactly Q8_0."""
-    pair = q8_exact(table)
-    return None if pair is None else Q8Table(jax.device_put(pair[0]), jax.device_put(pair[1]))
+def to_q8(table: np.ndarray, rows_per_chunk: int = 4096) -> QRows | None:
+    """The table as q8 rows (a QRows) on the default device, or None where it is not exactly Q8_0.
+    quant's q8 quantizer picks GGML's own scale and codes for such a table, so the rows widen back
+    to the table bit for bit (checked here, chunk by chunk)."""
+    if table.ndim != 2 or table.dtype != np.float32 or table.shape[1] % BLOCK:
+        return None
+    v, d = table.shape
+    data = np.empty((v, quant.row_bytes("q8", d)), np.uint8)
+    for r0 in range(0, v, rows_per_chunk):
+        part = table[r0:r0 + rows_per_chunk]
+        if not np.isfinite(part).all():
+            return None
+        rows = quant.quantize_rows(part, "q8")
+        if not np.array_equal(quant.dequantize_np(rows, "q8", d), part):
+            return None
+        data[r0:r0 + rows_per_chunk] = rows
+    return jax.device_put(QRows(data, "q8", d))
 
 
 def as_f32(table) -> jax.Array:
-    """The f32 [V, d] values of an f32 or Q8 table (a Q8 table is widened: 4x its bytes); also
-    widens a table of gathered rows (`lookup`)."""
-    if not isinstance(table, Q8Table):
-        return table
-    v, d = table.shape
-    return (table.q.reshape(v, d // BLOCK, BLOCK).astype(jnp.float32) * table.scale[..., None]).reshape(v, d)
+    """The f32 [V, d] values of an f32, Q8 or quantized-store (quant.QRows) table (a quantized
+    table is widened: 4-6x its bytes); also widens a table of gathered rows (`lookup`)."""
+    if isinstance(table, QRows):
+        return quant.as_f32(table)
+    return table
 
 
 def lookup(table, tokens: jax.Array) -> jax.Array:
-    """Rows of the table for tokens [T] -> [T, d] f32 (a Q8 table widens only those rows)."""
-    if not isinstance(table, Q8Table):
-        return jnp.take(table, tokens, axis=0)
-    return as_f32(Q8Table(jnp.take(table.q, tokens, axis=0), jnp.take(table.scale, tokens, axis=0)))
+    """Rows of the table for tokens [T] -> [T, d] f32 (a quantized table widens only those rows)."""
+    if isinstance(table, QRows):
+        return quant.dequantize(jnp.take(table.data, tokens, axis=0), table.kind, table.cols)
+    return jnp.take(table, tokens, axis=0)

@@ -11,6 +11,7 @@ select rows. q/k use the Hugging Face (rotate-half) RoPE layout; see formats/ggu
 
 from __future__ import annotations
 
+import copy
 import functools
 from typing import Any, NamedTuple
 
@@ -20,7 +21,9 @@ import numpy as np
 from flax import nnx
 
 from activeflow_jax.config import OP_GROUPS, ModelConfig, PredictionConfig, SparsityConfig
-from activeflow_jax.models.embedding import Q8Table, as_f32, lookup
+from activeflow_jax.models.embedding import as_f32, lookup
+from activeflow_jax.quant import QRows
+from activeflow_jax.quant import matmul as quant_matmul
 from activeflow_jax.sparse.kernels import sparse_linear
 from activeflow_jax.sparse.predictor import prediction_score, top_mask
 
@@ -72,13 +75,21 @@ class LinearOps:
         if self.taps is not None:
             self.taps[group] = x
         if self.sparse is None:
-            return x @ w
+            return quant_matmul(x, w, self.native)  # a QRows weight (quantized store) is widened in the kernel
         g = OP_GROUPS.index(group)
         index = self.layer * len(OP_GROUPS) + g
         return sparse_linear(x, w, k=self.ks[g], threshold=0.0 if self.thresholds is None else self.thresholds,
                              threshold_index=None if self.thresholds is None else index,
                              policy=self.sparse.policy, kernel=self.sparse.kernel,
                              restrict=self.restrict.get(group), straight_through=self.sparse.straight_through)
+
+    native: bool | None = None  # dense products of quantized weights: native kernel (None: where usable)
+
+    def with_native(self, native: bool) -> "LinearOps":
+        """This LinearOps with the forward's native choice for dense quantized products."""
+        ops = copy.copy(self)
+        ops.native = native
+        return ops
 
 
 DENSE = LinearOps()
@@ -134,14 +145,16 @@ def head_logits(x_normed: jax.Array, embed, lm_head: jax.Array | None, native: b
     or an exact Q8 table: models/embedding.py). native: one token's tied head runs on the native
     kernel (XLA:CPU streams [V, d] slowly here)."""
     if lm_head is None and native and x_normed.shape[0] == 1:
-        from activeflow_jax.sparse.native import rows_dot, rows_dot_q8
+        from activeflow_jax.sparse.native import rows_dot
 
-        if isinstance(embed, Q8Table):
-            return rows_dot_q8(x_normed[0], embed.q, embed.scale)[None]
+        if isinstance(embed, QRows):  # a quantized store's table, or an f32 store's exact Q8_0 one
+            from activeflow_jax.sparse.native import q_rows_dot
+
+            return q_rows_dot(x_normed[0], embed)[None]
         return rows_dot(x_normed[0], embed)[None]
     if lm_head is None:
         return jnp.einsum("td,vd->tv", x_normed, as_f32(embed))
-    return x_normed @ lm_head
+    return quant_matmul(x_normed, lm_head, native)
 
 
 class Attention(nnx.Module):
@@ -256,7 +269,7 @@ class LlamaModel(nnx.Module):
         residuals = []
         for i, layer in enumerate(self.layers):
             residuals.append(x)
-            ops = self._layer_ops(i, residuals, sparse, thresholds, predict, taps)
+            ops = self._layer_ops(i, residuals, sparse, thresholds, predict, taps).with_native(native)
             with jax.named_scope(f"layer{i}"):
                 x, ks[i], vs[i] = layer(x, ks[i], vs[i], start_pos, mask_bias, attn_len=attn_len, ops=ops,
                                         native=native)

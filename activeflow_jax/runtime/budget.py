@@ -16,6 +16,12 @@ This is the one place that turns a budget into sizes. Everything the engine hold
                a slot holds one row (one input channel of one layer). The slots beyond what the
                current token needs are the context-level hot-weight cache.
 
+Every byte is the store's (`dtype`, default float32): a q8 / q4 store's rows are read from flash
+and held in the pools as quantized rows (activeflow_jax/quant.py), so a row costs
+quant.row_bytes(dtype, out) both on flash and in a pool; a float16 store's rows are read as f16
+and held as f32 (`held_dtype`). Norms are f32 in every store; a quantized store's embedding/head
+is held quantized.
+
 Every pool must hold the k rows one op computes with (a prefill chunk's larger union is computed
 in slices of k rows), and the predicted ops also one group's preloaded rows; that, with the
 resident weights, the KV cache and the staging memory, is the minimum working set. What is left
@@ -87,37 +93,63 @@ def op_output_dims(cfg: ModelConfig) -> tuple[int, ...]:
     return (cfg.q_dim + 2 * cfg.kv_dim, cfg.d_model, 2 * cfg.d_ff, cfg.d_model)
 
 
-def op_row_bytes(cfg: ModelConfig) -> tuple[int, ...]:
-    return tuple(out * F32 for out in op_output_dims(cfg))
+def held_dtype(dtype: str) -> str:
+    """How a store's rows are held in DRAM by the runtime: quantized rows as they are, float rows as f32."""
+    from activeflow_jax.quant import is_quantized
+
+    return dtype if is_quantized(dtype) else "float32"
 
 
-def layer_op_bytes(cfg: ModelConfig) -> tuple[int, ...]:
+def op_row_bytes(cfg: ModelConfig, dtype: str = "float32") -> tuple[int, ...]:
+    """Bytes of one row (input channel) of each op group's weight in a store of `dtype`."""
+    from activeflow_jax.quant import row_bytes
+
+    return tuple(row_bytes(dtype, out) for out in op_output_dims(cfg))
+
+
+def layer_op_bytes(cfg: ModelConfig, dtype: str = "float32") -> tuple[int, ...]:
     """Bytes of one layer's weight per op group."""
-    return tuple(i * r for i, r in zip(op_input_dims(cfg), op_row_bytes(cfg)))
+    return tuple(i * r for i, r in zip(op_input_dims(cfg), op_row_bytes(cfg, dtype)))
 
 
-def model_weight_bytes(cfg: ModelConfig) -> int:
-    return cfg.num_params() * F32
+def model_weight_bytes(cfg: ModelConfig, dtype: str = "float32") -> int:
+    """The model's weight bytes in a store of `dtype` (what budget fractions are fractions of)."""
+    from activeflow_jax.quant import is_quantized, row_bytes
+
+    if not is_quantized(dtype):
+        return cfg.num_params() * np.dtype(dtype).itemsize
+    from activeflow_jax.models.llama import param_shapes
+
+    return sum(s[0] * row_bytes(dtype, s[1]) if len(s) == 2 else int(np.prod(s)) * F32
+               for s in param_shapes(cfg).values())
 
 
-def embedding_bytes(cfg: ModelConfig, q8_embed: bool = False) -> int:
-    """The embedding table in DRAM: f32, or exact Q8_0 blocks (models/embedding.py)."""
+def embedding_bytes(cfg: ModelConfig, q8_embed: bool = False, dtype: str = "float32") -> int:
+    """The embedding table in DRAM: f32, exact Q8_0 blocks (models/embedding.py), or a quantized
+    store's rows."""
+    from activeflow_jax.quant import is_quantized, row_bytes
+
+    if is_quantized(dtype):
+        return cfg.vocab_size * row_bytes(dtype, cfg.d_model)
     if q8_embed:
-        from activeflow_jax.models.embedding import BLOCK
-
-        return cfg.vocab_size * cfg.d_model + cfg.vocab_size * (cfg.d_model // BLOCK) * F32
+        return cfg.vocab_size * row_bytes("q8", cfg.d_model)
     return cfg.vocab_size * cfg.d_model * F32
 
 
-def head_bytes(cfg: ModelConfig, q8_embed: bool = False) -> int:
-    """What the lm head reads per token: the tied embedding, or its own f32 [d, V]."""
-    return embedding_bytes(cfg, q8_embed) if cfg.tie_embeddings else cfg.vocab_size * cfg.d_model * F32
+def head_bytes(cfg: ModelConfig, q8_embed: bool = False, dtype: str = "float32") -> int:
+    """What the lm head reads per token: the tied embedding, or its own [d, V] (f32, or quantized
+    rows in a quantized store)."""
+    from activeflow_jax.quant import is_quantized, row_bytes
+
+    if cfg.tie_embeddings:
+        return embedding_bytes(cfg, q8_embed, dtype)
+    return cfg.d_model * row_bytes(dtype, cfg.vocab_size) if is_quantized(dtype) else cfg.vocab_size * cfg.d_model * F32
 
 
-def resident_bytes(cfg: ModelConfig, q8_embed: bool = False) -> int:
+def resident_bytes(cfg: ModelConfig, q8_embed: bool = False, dtype: str = "float32") -> int:
     """The head and the norms (an untied input embedding is not resident: embedding_rows_bytes)."""
     norms = (2 * cfg.num_layers + 1) * cfg.d_model * F32
-    return head_bytes(cfg, q8_embed) + norms
+    return head_bytes(cfg, q8_embed, dtype) + norms
 
 
 def embedding_rows_bytes(cfg: ModelConfig) -> int:
@@ -132,30 +164,30 @@ def kv_bytes(cfg: ModelConfig, tokens: int) -> int:
     return 2 * cfg.num_layers * tokens * cfg.kv_dim * F32
 
 
-def parse_budget(value, cfg: ModelConfig) -> int:
-    """Bytes from 200_000_000, "200MB", "1.5GiB", or a fraction of the model's weight bytes
-    (0 < value <= 1, or "50%")."""
+def parse_budget(value, cfg: ModelConfig, dtype: str = "float32") -> int:
+    """Bytes from 200_000_000, "200MB", "1.5GiB", or a fraction of the model's weight bytes in
+    its store's dtype (0 < value <= 1, or "50%")."""
     if isinstance(value, bool):
         raise InvalidArgumentError(f"dram_budget must be bytes, a size such as '200MB' or a fraction; got {value!r}")
     if isinstance(value, (int, np.integer)) and value > 1:
         return int(value)
     if isinstance(value, (float, int)):
         if 0 < value <= 1:
-            return int(value * model_weight_bytes(cfg))
+            return int(value * model_weight_bytes(cfg, dtype))
         raise InvalidArgumentError(f"dram_budget as a number is a fraction in (0, 1] of the model or bytes > 1; "
                                    f"got {value!r}")
     if isinstance(value, str):
         text = value.strip().lower().replace(" ", "")
         if text.endswith("%"):
             try:
-                return parse_budget(float(text[:-1]) / 100, cfg)
+                return parse_budget(float(text[:-1]) / 100, cfg, dtype)
             except ValueError:
                 pass
         match = re.fullmatch(r"([0-9]*\.?[0-9]+)([a-z]*)", text)
         if match and match.group(2) in _UNITS:
             number = float(match.group(1))
             if match.group(2) == "" and number <= 1:
-                return parse_budget(number, cfg)
+                return parse_budget(number, cfg, dtype)
             return int(number * _UNITS[match.group(2)])
     raise InvalidArgumentError(f"cannot read dram_budget {value!r}: give bytes, a size such as '200MB' or "
                                "'1.5GiB', or a fraction of the model such as 0.5 or '50%'")
@@ -172,8 +204,13 @@ class MemoryPlan:
     kv_tokens: int
     staging: int
     pool_slots: tuple[int, ...]
-    row_bytes: tuple[int, ...]
+    row_bytes: tuple[int, ...]  # a pool row, as held
     min_pool_slots: tuple[int, ...]
+    flash_row_bytes: tuple[int, ...] | None = None  # a row as read from the store (None: = row_bytes)
+
+    @property
+    def read_row_bytes(self) -> tuple[int, ...]:
+        return self.row_bytes if self.flash_row_bytes is None else self.flash_row_bytes
 
     @property
     def pools(self) -> int:
@@ -195,17 +232,21 @@ class MemoryPlan:
         return out
 
 
-def staging_bytes(cfg: ModelConfig, group_size: int, preload_channels: tuple[int, int], ks: tuple[int, ...]) -> int:
+def staging_bytes(cfg: ModelConfig, group_size: int, preload_channels: tuple[int, int], ks: tuple[int, ...],
+                  dtype: str = "float32") -> int:
     """Host memory for rows in flight -- a group's preload of qkv and gate_up rows plus the largest
     single on-demand read (k rows of one op: prefill reads its union in slices of k rows), each
     twice: TensorStore holds the bytes it read until it has copied them into the array it returns
     -- and the compute buffer of one op's assembled weight (prefill chunks and dense layers) with
     the k-row slice gathered from the pool while it is assembled; for an untied model also the
-    embedding rows of one prefill chunk."""
-    rb = op_row_bytes(cfg)
+    embedding rows of one prefill chunk. Rows in flight are the store's bytes; the assembled
+    weight and the slice gathered into it are held rows (held_dtype)."""
+    rb = op_row_bytes(cfg, dtype)
     preload = group_size * (preload_channels[0] * rb[0] + preload_channels[1] * rb[2])
     ondemand = max(k * r for k, r in zip(ks, rb))
-    return 2 * (preload + ondemand) + max(layer_op_bytes(cfg)) + ondemand + embedding_rows_bytes(cfg)
+    held = held_dtype(dtype)
+    ondemand_held = max(k * r for k, r in zip(ks, op_row_bytes(cfg, held)))
+    return 2 * (preload + ondemand) + max(layer_op_bytes(cfg, held)) + ondemand_held + embedding_rows_bytes(cfg)
 
 
 def min_pool_slots(cfg: ModelConfig, group_size: int, preload_channels: tuple[int, int],
@@ -221,16 +262,16 @@ def min_pool_slots(cfg: ModelConfig, group_size: int, preload_channels: tuple[in
 
 def plan_memory(cfg: ModelConfig, budget: int, *, baseline: int, kv_tokens: int,
                 group_size: int, preload_channels: tuple[int, int], ks: tuple[int, ...],
-                q8_embed: bool = False) -> MemoryPlan:
+                q8_embed: bool = False, dtype: str = "float32") -> MemoryPlan:
     """Splits `budget` bytes; raises BudgetTooSmallError (stating the minimum) if it cannot hold
     the minimum working set. preload_channels: channels predicted per layer for (qkv, gate_up);
     ks: channels each op computes with per token (op_input_dims for a dense model); q8_embed: the
-    embedding is held as Q8_0 blocks."""
-    resident = resident_bytes(cfg, q8_embed)
-    row_bytes = op_row_bytes(cfg)
+    embedding is held as Q8_0 blocks; dtype: the store's (pools hold held_dtype(dtype) rows)."""
+    resident = resident_bytes(cfg, q8_embed, dtype)
+    row_bytes = op_row_bytes(cfg, held_dtype(dtype))
     total_rows = tuple(d * cfg.num_layers for d in op_input_dims(cfg))
     min_slots = min_pool_slots(cfg, group_size, preload_channels, ks)
-    staging = staging_bytes(cfg, group_size, preload_channels, ks)
+    staging = staging_bytes(cfg, group_size, preload_channels, ks, dtype)
     padding_rows = sum(row_bytes)  # each pool's extra all-zero row (padding target)
     fixed = baseline + resident + kv_bytes(cfg, kv_tokens) + staging + padding_rows
     minimum = fixed + sum(m * r for m, r in zip(min_slots, row_bytes))
@@ -264,4 +305,5 @@ def plan_memory(cfg: ModelConfig, budget: int, *, baseline: int, kv_tokens: int,
     slots = tuple(m + int(e * min(1.0, w * lo)) for m, e, w in zip(min_slots, extra_rows, weights))
     return MemoryPlan(budget=budget, baseline=baseline, resident=resident,
                       kv=kv_bytes(cfg, kv_tokens), kv_tokens=kv_tokens, staging=staging, pool_slots=slots,
-                      row_bytes=row_bytes, min_pool_slots=min_slots)
+                      row_bytes=row_bytes, min_pool_slots=min_slots,
+                      flash_row_bytes=op_row_bytes(cfg, dtype))

@@ -147,9 +147,9 @@ class Plan:
 
 def evaluate(cfg: ModelConfig, budget: int, bw: Bandwidths, sparsity: float, group_size: int, *, kv_tokens: int,
              superset: float, baseline: int, hit_rate_fn: Callable | None = None, q8_embed: bool = False,
-             op_sparsity: tuple[float, ...] | None = None) -> Candidate:
+             op_sparsity: tuple[float, ...] | None = None, dtype: str = "float32") -> Candidate:
     """The cost model for one (sparsity, group size); op_sparsity: a per-op allocation whose byte
-    mean is `sparsity`."""
+    mean is `sparsity`; dtype: the store's (bytes computed and read are the store's)."""
     from activeflow_jax.runtime.session import memory_for, op_ks, preload_channels
 
     config = SparsityConfig(sparsity, op_sparsity=op_sparsity) if sparsity else None
@@ -157,16 +157,16 @@ def evaluate(cfg: ModelConfig, budget: int, bw: Bandwidths, sparsity: float, gro
     pre = preload_channels(cfg, config, superset)
     try:
         memory = memory_for(cfg, budget, config, baseline=baseline, kv_tokens=kv_tokens, group_size=group_size,
-                            superset=superset, q8_embed=q8_embed)
+                            superset=superset, q8_embed=q8_embed, dtype=dtype)
     except budget_mod.BudgetTooSmallError as exc:
         return Candidate(sparsity, group_size, False, reason=str(exc))
-    layers, ins, rb = cfg.num_layers, op_input_dims(cfg), memory.row_bytes
+    layers, ins, rb = cfg.num_layers, op_input_dims(cfg), memory.read_row_bytes
     hits, shares = [], []
     for g, op in enumerate(OP_GROUPS):
         share = memory.pool_slots[g] / (ins[g] * layers)
         shares.append(share)
         hits.append(hit_rate_fn(op, share, ks[g] / ins[g]) if hit_rate_fn else modelled_hit_rate(share, ks[g] / ins[g]))
-    head = budget_mod.head_bytes(cfg, q8_embed)
+    head = budget_mod.head_bytes(cfg, q8_embed, dtype)
     active = sum(layers * k * r for k, r in zip(ks, rb))
     t_comp = (head + active) / bw.dram_bps + 4 * layers * OVERHEAD_PER_OP_S
     groups = -(-layers // group_size)
@@ -191,7 +191,8 @@ def plan(cfg: ModelConfig, budget: int, bw: Bandwidths, *, levels: Sequence[floa
          superset: float = budget_mod.DEFAULT_PRELOAD_SUPERSET, max_sparsity: float = 0.5,
          sparsity: float | None = None,
          group_size: int | None = None, baseline: int = 0, hit_rate_fn: Callable | None = None,
-         q8_embed: bool = False, op_sparsity: Sequence[float] | None = None, process: int = 0) -> Plan:
+         q8_embed: bool = False, op_sparsity: Sequence[float] | None = None, process: int = 0,
+         dtype: str = "float32") -> Plan:
     """The fastest feasible setting; op_sparsity: a per-op allocation, fixed (with `sparsity` its
     byte mean, see config.allocated_sparsity): only the group size and the cache are chosen."""
     if isinstance(budget, bool) or not isinstance(budget, (int, np.integer)) or budget <= 0:
@@ -209,7 +210,7 @@ def plan(cfg: ModelConfig, budget: int, bw: Bandwidths, *, levels: Sequence[floa
     sparsities = [sparsity] if sparsity is not None else [0.0] + levels
     sizes = [group_size] if group_size is not None else list(GROUP_SIZES)
     cands = tuple(evaluate(cfg, budget, bw, s, n, kv_tokens=kv_tokens, superset=superset, baseline=baseline,
-                           hit_rate_fn=hit_rate_fn, q8_embed=q8_embed, op_sparsity=op_sparsity)
+                           hit_rate_fn=hit_rate_fn, q8_embed=q8_embed, op_sparsity=op_sparsity, dtype=dtype)
                   for s in sparsities for n in sizes if n <= cfg.num_layers)
     feasible = [c for c in cands if c.feasible]
     if not feasible:
@@ -222,7 +223,7 @@ def plan(cfg: ModelConfig, budget: int, bw: Bandwidths, *, levels: Sequence[floa
     pool = capped_pool or feasible
     best = min(c.t_decode for c in pool)
     chosen = min((c for c in pool if c.t_decode <= 1.05 * best), key=lambda c: (c.sparsity, c.t_decode))
-    return Plan(chosen.sparsity, chosen.group_size, chosen, cands, int(budget), budget_mod.model_weight_bytes(cfg),
+    return Plan(chosen.sparsity, chosen.group_size, chosen, cands, int(budget), budget_mod.model_weight_bytes(cfg, dtype),
                 capped and sparsity is None, max_sparsity, process)
 
 

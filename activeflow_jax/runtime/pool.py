@@ -6,6 +6,10 @@ every new sequence, as the paper's hot-weight cache — and picks victims among 
 neither needed by the op being computed nor pinned for a layer group about to run. Rows enter by
 a jitted scatter into the donated buffer (in place, no copy of the pool); padding entries point
 at the pool's extra last row, which stays all-zero so padded gathers add nothing.
+
+A pool holds rows as the store holds them when the store is quantized (q8 / q4: uint8 rows of
+blocks, activeflow_jax/quant.py; an all-zero quantized row widens to zeros) and as f32 otherwise;
+`held()` is what a stage computes with (the buffer, or a quant.QRows view of it).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import jax.numpy as jnp
 from activeflow_jax.engine import _pow2_at_least
 from activeflow_jax.runtime import stages
 from activeflow_jax.store.layout import _pow2_floor
+from activeflow_jax.quant import QRows, is_quantized, row_bytes
 from activeflow_jax.store.reader import aligned_float32
 
 MIN_SCATTER = 8  # scatter batches are padded to powers of two from 8: a handful of programs
@@ -24,10 +29,14 @@ SCATTER_BYTES = 2 << 20  # ... up to this many bytes; larger installs go in batc
 
 
 class SlotPool:
-    def __init__(self, name: str, num_layers: int, in_dim: int, out_dim: int, slots: int):
+    def __init__(self, name: str, num_layers: int, in_dim: int, out_dim: int, slots: int, dtype: str = "float32"):
         self.name, self.in_dim, self.out_dim, self.slots = name, in_dim, out_dim, slots
+        self.dtype = dtype  # float32, or the store's quantized dtype (rows held as stored)
+        self.quantized = is_quantized(dtype)
+        self.row_width = row_bytes(dtype, out_dim) if self.quantized else out_dim  # elements of one held row
+        self._np_dtype = np.dtype(np.uint8 if self.quantized else np.float32)
         self.trash = slots  # index of the all-zero padding row
-        self.buffer = jnp.zeros((slots + 1, out_dim), jnp.float32)
+        self.buffer = jnp.zeros((slots + 1, self.row_width), self._np_dtype)
         self.slot_of = np.full((num_layers, in_dim), -1, np.int32)
         self.owner = np.full(slots, -1, np.int64)  # layer * in_dim + channel
         self.pin_until = np.full(slots, -1, np.int32)  # protected while the current layer <= this
@@ -35,11 +44,15 @@ class SlotPool:
         self._free = np.arange(slots, dtype=np.int32)  # free slots: self._free[:self._n_free]
         self._n_free = slots
         # rows per scatter batch: the padded host copy a scatter adopts stays within SCATTER_BYTES
-        self._scatter_batch = max(MIN_SCATTER, _pow2_floor(SCATTER_BYTES // (4 * out_dim)))
+        self._scatter_batch = max(MIN_SCATTER, _pow2_floor(SCATTER_BYTES // (self._np_dtype.itemsize * self.row_width)))
 
     @property
     def nbytes(self) -> int:
-        return (self.slots + 1) * self.out_dim * 4
+        return (self.slots + 1) * self.row_width * self._np_dtype.itemsize
+
+    def held(self):
+        """The buffer as the stages compute with it: f32 rows, or a QRows of quantized rows."""
+        return QRows(self.buffer, self.dtype, self.out_dim) if self.quantized else self.buffer
 
     @property
     def resident_rows(self) -> int:
@@ -93,7 +106,10 @@ class SlotPool:
             size = _pow2_at_least(m, MIN_SCATTER)
             padded_slots = np.full(size, self.trash, np.int32)
             padded_slots[:m] = slots[part]
-            padded_rows = aligned_float32((size, self.out_dim), zeros=size > m)  # adopted by the scatter, not copied
+            if self.quantized:
+                padded_rows = (np.zeros if size > m else np.empty)((size, self.row_width), np.uint8)
+            else:
+                padded_rows = aligned_float32((size, self.out_dim), zeros=size > m)  # adopted by the scatter, not copied
             padded_rows[:m] = rows[part] if take is None else rows[take[part]]
             # numpy straight into the jitted scatter: an eager jnp.asarray costs ~0.4 ms here
             self.buffer = stages.scatter_rows(self.buffer, padded_slots, padded_rows)
@@ -118,4 +134,4 @@ def padded_source(pool: SlotPool, cols: np.ndarray, slots: np.ndarray, size: int
     pc[:len(cols)] = cols
     ps[:len(slots)] = slots
     # numpy, not device_put: jit's C++ path takes host arrays ~10x faster than a device_put call
-    return {"pool": pool.buffer, "cols": pc, "slots": ps, "count": np.array([len(cols)], np.int32)}
+    return {"pool": pool.held(), "cols": pc, "slots": ps, "count": np.array([len(cols)], np.int32)}

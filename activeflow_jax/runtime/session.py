@@ -45,11 +45,13 @@ def preload_channels(cfg, sparsity: SparsityConfig | None, superset: float) -> t
 
 
 def memory_for(cfg, budget: int, sparsity: SparsityConfig | None, *, baseline: int, kv_tokens: int,
-               group_size: int, superset: float, q8_embed: bool = False) -> budget_mod.MemoryPlan:
-    """The memory plan of one setting (what load, a budget change and the planner all size by)."""
+               group_size: int, superset: float, q8_embed: bool = False,
+               dtype: str = "float32") -> budget_mod.MemoryPlan:
+    """The memory plan of one setting (what load, a budget change and the planner all size by);
+    dtype: the store's."""
     return budget_mod.plan_memory(cfg, budget, baseline=baseline, kv_tokens=kv_tokens, group_size=group_size,
                                   preload_channels=preload_channels(cfg, sparsity, superset), ks=op_ks(cfg, sparsity),
-                                  q8_embed=q8_embed)
+                                  q8_embed=q8_embed, dtype=dtype)
 
 
 def resident_embedding(reader: StoreReader, option: Any, kernel: str):
@@ -62,6 +64,12 @@ def resident_embedding(reader: StoreReader, option: Any, kernel: str):
     wanted = q8_embedding_wanted(reader.config, option) and kernel not in ("gather", "mask")
     if not reader.config.tie_embeddings:  # after the check above, which refuses q8_embedding=True here
         return None
+    from activeflow_jax.quant import is_quantized
+
+    if is_quantized(reader.tensor_dtype("embed")):  # a quantized store's table stays quantized
+        import jax
+
+        return jax.device_put(reader.read_held("embed"))
     if option is True and not wanted:
         raise InvalidArgumentError(f"q8_embedding=True needs the native kernels; kernel={kernel!r} does not use them")
     return resident_tensor("embed", reader.read_aligned("embed"), wanted, option is True, reader.path)
@@ -95,7 +103,8 @@ def load_swapping(engine_cls, store_path, dram_budget: Any, *, sparsity: float |
     start = time.perf_counter()
     reader = StoreReader(store_path)
     cfg = reader.config
-    budget = budget_mod.parse_budget(dram_budget, cfg)
+    dtype = reader.storage_dtype
+    budget = budget_mod.parse_budget(dram_budget, cfg, dtype)
     heap.limit_retention()
     if not isinstance(kv_tokens, int) or kv_tokens < 16:
         raise InvalidArgumentError(f"kv_tokens must be an int >= 16, got {kv_tokens!r}")
@@ -125,7 +134,7 @@ def load_swapping(engine_cls, store_path, dram_budget: Any, *, sparsity: float |
                 print(f"{reader.path} is read-only: using its streaming layout for groups of {group_size}",
                       file=sys.stderr)
     chosen = _choose(reader, cfg, budget, sparsity, group_size, kv_tokens, superset, baseline, plan, q8,
-                     allocation.op_sparsity if allocation is not None else None, process)
+                     allocation.op_sparsity if allocation is not None else None, process, dtype)
     sparsity, group_size, explanation = chosen
     if not explanation:  # not planned: still say what the budget covers
         scope = budget_mod.scope_in_words(budget_includes_process, process, _current_rss())
@@ -137,7 +146,7 @@ def load_swapping(engine_cls, store_path, dram_budget: Any, *, sparsity: float |
     elif sparsity:
         config = SparsityConfig(sparsity, **options).resolved()
     memory = memory_for(cfg, budget, config, baseline=baseline, kv_tokens=kv_tokens, group_size=group_size,
-                        superset=superset, q8_embed=q8)
+                        superset=superset, q8_embed=q8, dtype=dtype)
     thresholds = None
     if config is not None and config.policy == "threshold":
         thresholds = np.asarray(store_thresholds(reader.path, cfg, config))
@@ -171,7 +180,7 @@ def load_swapping(engine_cls, store_path, dram_budget: Any, *, sparsity: float |
     engine.swap = runtime
     engine.sparsity, engine.plan_explanation = config, explanation
     engine._swap_settings = dict(group_size=group_size, kv_tokens=kv_tokens, superset=superset, baseline=baseline,
-                                 q8_embed=q8)
+                                 q8_embed=q8, dtype=dtype)
     engine.stats.weight_bytes = runtime.resident_bytes
     engine.stats.memory = runtime.memory_breakdown()
     engine.stats.load_seconds = time.perf_counter() - start
@@ -179,7 +188,7 @@ def load_swapping(engine_cls, store_path, dram_budget: Any, *, sparsity: float |
 
 
 def _choose(reader, cfg, budget, sparsity, group_size, kv_tokens, superset, baseline, plan, q8_embed,
-            op_sparsity=None, process=0):
+            op_sparsity=None, process=0, dtype: str = "float32"):
     """(sparsity, group_size, explanation): the planner's choice where not given."""
     if not plan or (sparsity is not None and group_size is not None):
         return sparsity, group_size or DEFAULT_GROUP_SIZE, ""
@@ -191,7 +200,7 @@ def _choose(reader, cfg, budget, sparsity, group_size, kv_tokens, superset, base
     levels = sorted(calibration.levels) if calibration is not None else []
     chosen = planner.plan(cfg, budget, get_bandwidths(reader.path), levels=levels, kv_tokens=kv_tokens,
                           superset=superset, sparsity=sparsity, group_size=group_size, baseline=baseline,
-                          q8_embed=q8_embed, op_sparsity=op_sparsity, process=process)
+                          q8_embed=q8_embed, op_sparsity=op_sparsity, process=process, dtype=dtype)
     return chosen.sparsity or None, chosen.group_size, chosen.explain()
 
 
@@ -199,6 +208,8 @@ def replan(engine, dram_budget: Any) -> None:
     """New pool sizes for a new budget, same sparsity and layout."""
     s = engine._swap_settings
     cfg = engine.config
-    budget = budget_mod.parse_budget(dram_budget, cfg)
+    dtype = s.get("dtype", "float32")
+    budget = budget_mod.parse_budget(dram_budget, cfg, dtype)
     engine.swap.replan(memory_for(cfg, budget, engine.sparsity, baseline=s["baseline"], kv_tokens=s["kv_tokens"],
-                                  group_size=s["group_size"], superset=s["superset"], q8_embed=s["q8_embed"]))
+                                  group_size=s["group_size"], superset=s["superset"], q8_embed=s["q8_embed"],
+                                  dtype=dtype))

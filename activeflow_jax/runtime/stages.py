@@ -30,6 +30,8 @@ import jax.numpy as jnp
 from activeflow_jax.config import ModelConfig
 from activeflow_jax.models.embedding import lookup
 from activeflow_jax.models.llama import attend, causal_bias, head_logits, rms_norm, swiglu
+from activeflow_jax.quant import QRows, dequantize
+from activeflow_jax.quant import matmul as quant_matmul
 from activeflow_jax.sparse.kernels import active_mask
 
 
@@ -55,15 +57,22 @@ def _select(h: jax.Array, sel: Select | None, threshold, n_valid, native: bool =
 
 
 def _linear(hm: jax.Array, src: dict, native: bool) -> jax.Array:
-    if "w" in src:
-        return hm @ src["w"]
+    if "w" in src:  # f32, or an assembled QRows: the all-in-DRAM engine's own product (quant.matmul)
+        return quant_matmul(hm, src["w"], native)
     cols, slots, pool = src["cols"], src["slots"], src["pool"]
     if native:
-        from activeflow_jax.sparse.native import gather_matvec
+        from activeflow_jax.sparse.native import gather_matvec, q_gather_matvec
 
-        return gather_matvec(hm[0, cols], slots, pool, src["count"])[None]
-    rows = pool.at[slots].get(mode="promise_in_bounds")
-    return hm[:, cols] @ rows
+        matvec = q_gather_matvec if isinstance(pool, QRows) else gather_matvec
+        return matvec(hm[0, cols], slots, pool, src["count"])[None]
+    return hm[:, cols] @ pool_rows(pool, slots)
+
+
+def pool_rows(pool, slots) -> jax.Array:
+    """Rows `slots` of a pool as f32 [n, out] (a quantized pool widens just those rows)."""
+    if isinstance(pool, QRows):
+        return dequantize(pool.data.at[slots].get(mode="promise_in_bounds"), pool.kind, pool.cols)
+    return pool.at[slots].get(mode="promise_in_bounds")
 
 
 
@@ -115,15 +124,19 @@ def last_stage(x, hm, src, final_norm_w, embed, lm_head, n_valid, *, eps: float,
     return head_logits(rms_norm(x, final_norm_w, eps, native), embed, lm_head, native)
 
 
-@functools.partial(jax.jit, static_argnames=("shape",))
-def empty_weight(*, shape: tuple[int, int]):
-    return jnp.zeros(shape, jnp.float32)
+@functools.partial(jax.jit, static_argnames=("shape", "dtype"))
+def empty_weight(*, shape: tuple[int, int], dtype: str = "float32"):
+    """An all-zero [in, out] f32 weight, or [in, row_bytes] uint8 rows for a quantized pool."""
+    return jnp.zeros(shape, dtype)
 
 
 @functools.partial(jax.jit, donate_argnames=("w",))
 def assemble_rows(w, pool, cols, slots):
-    """w[cols] = pool[slots] in place; padding entries carry col = in (dropped)."""
-    return w.at[cols].set(pool.at[slots].get(mode="promise_in_bounds"), mode="drop")
+    """w[cols] = pool[slots] in place (a quantized pool's rows as they are held); padding entries
+    carry col = in (dropped)."""
+    if isinstance(pool, QRows):
+        return w.at[cols].set(pool.data.at[slots].get(mode="promise_in_bounds"), mode="drop")
+    return w.at[cols].set(pool_rows(pool, slots), mode="drop")
 
 
 @functools.partial(jax.jit, donate_argnames=("pool",))

@@ -38,7 +38,8 @@ from activeflow_jax.config import OP_GROUPS, PREDICTED_GROUPS, ModelConfig, Spar
 from activeflow_jax.errors import StoreError
 from activeflow_jax.models import llama
 from activeflow_jax.runtime import heap, iostats, stages
-from activeflow_jax.runtime.budget import DEFAULT_PRELOAD_SUPERSET, MemoryPlan, op_output_dims
+from activeflow_jax.quant import QRows, is_quantized
+from activeflow_jax.runtime.budget import DEFAULT_PRELOAD_SUPERSET, MemoryPlan, held_dtype, op_output_dims
 from activeflow_jax.runtime.pool import SlotPool, padded_source
 from activeflow_jax.store.reader import StoreReader
 
@@ -213,14 +214,17 @@ class SwapRuntime:
         names = ["final_norm.weight"] + ([] if cfg.tie_embeddings else ["lm_head"])
         names += [f"layers.{i}.{n}.weight" for i in range(cfg.num_layers) for n in ("attn_norm", "mlp_norm")]
         # one tensor at a time, into aligned buffers that device_put adopts without a copy
-        self.resident = {name: jax.device_put(reader.read_aligned(name)) for name in names}
+        # (a quantized store's untied head stays quantized, as the all-in-DRAM engine holds it)
+        self.resident = {name: jax.device_put(reader.read_held(name) if is_quantized(reader.tensor_dtype(name))
+                                              else reader.read_aligned(name)) for name in names}
         if embed is not None:
             self.resident["embed"] = embed
         self.resident_bytes = sum(a.nbytes for a in self.resident.values())
         self._embed_reader = None if embed is not None else StoreReader(store_path, direct_io=self.bundles.direct_io)
 
     def _make_pools(self, memory: MemoryPlan) -> dict[str, SlotPool]:
-        return {g: SlotPool(g, self.cfg.num_layers, i, o, s)
+        dtype = held_dtype(self.bundles.storage_dtype)  # quantized rows stay quantized in the pools
+        return {g: SlotPool(g, self.cfg.num_layers, i, o, s, dtype)
                 for g, i, o, s in zip(OP_GROUPS, op_input_dims(self.cfg), op_output_dims(self.cfg), memory.pool_slots)}
 
     def replan(self, memory: MemoryPlan) -> None:
@@ -361,11 +365,12 @@ class SwapRuntime:
         t0 = time.perf_counter()
         ids, where = np.unique(np.asarray(tokens, np.int64), return_inverse=True)
         rows = self._embed_reader.read_rows("embed", ids)
+        read = len(ids) * self._embed_reader.row_bytes("embed")  # the store's bytes (rows arrive widened)
         if decode:
-            self.stats.embed_bytes += rows.nbytes
+            self.stats.embed_bytes += read
             self.stats.embed_seconds += time.perf_counter() - t0
         else:
-            self.stats.prefill_bytes += rows.nbytes
+            self.stats.prefill_bytes += read
             self.stats.prefill_read_seconds += time.perf_counter() - t0
         return jnp.asarray(rows[where.reshape(-1)])
 
@@ -380,12 +385,12 @@ class SwapRuntime:
         decode = t == 1
         if decode and self._sel(layer, op) is not None and self.native:
             return padded_source(pool, cols, self._ensure(pool, op, layer, cols, decode), k)
-        w = stages.empty_weight(shape=(pool.in_dim, pool.out_dim))
+        w = stages.empty_weight(shape=(pool.in_dim, pool.row_width), dtype=pool.buffer.dtype.name)
         for begin in range(0, len(cols), k):
             part = cols[begin:begin + k]
             src = padded_source(pool, part, self._ensure(pool, op, layer, part, decode), k, pad_col=pool.in_dim)
-            w = stages.assemble_rows(w, pool.buffer, src["cols"], src["slots"])
-        return {"w": w}
+            w = stages.assemble_rows(w, pool.held(), src["cols"], src["slots"])
+        return {"w": QRows(w, pool.dtype, pool.out_dim) if pool.quantized else w}
 
     def _ensure(self, pool: SlotPool, op: str, layer: int, cols: np.ndarray, decode: bool) -> np.ndarray:
         """Slots of (layer, cols), loading the rows the pool lacks from flash now (on demand).

@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from activeflow_jax import quant
+
 
 def kth_largest(a: jax.Array, k: int) -> jax.Array:
     """The k-th largest value along the last axis of a non-negative float32 array ([...]).
@@ -55,8 +57,8 @@ def active_mask(x: jax.Array, k: int, threshold: jax.Array | float, policy: str)
     return candidates & (jnp.cumsum(candidates, axis=-1) <= k)
 
 
-def masked_linear(x: jax.Array, w: jax.Array, mask: jax.Array) -> jax.Array:
-    return jnp.where(mask, x, 0.0) @ w
+def masked_linear(x: jax.Array, w, mask: jax.Array, native: bool = False) -> jax.Array:
+    return quant.matmul(jnp.where(mask, x, 0.0), w, native)
 
 
 def select_rows(x0: jax.Array, k: int, threshold: jax.Array | float, policy: str) -> tuple[jax.Array, jax.Array]:
@@ -73,12 +75,13 @@ def gather_linear(x: jax.Array, w: jax.Array, k: int, threshold: jax.Array | flo
     """Decode kernel for one token: x [1, in], w [in, out] -> [1, out], reading at most k rows of w.
     native=True uses the FFI kernel (sparse/native.py), which reads the rows in place."""
     if native:
-        from activeflow_jax.sparse.native import topk_matvec
+        from activeflow_jax.sparse.native import q_topk_matvec, topk_matvec
 
-        return topk_matvec(x[0], w, k, threshold, policy == "threshold", index=threshold_index or 0)[None]
+        matvec = q_topk_matvec if isinstance(w, quant.QRows) else topk_matvec
+        return matvec(x[0], w, k, threshold, policy == "threshold", index=threshold_index or 0)[None]
     threshold = _pick(threshold, threshold_index)
     idx, xk = select_rows(x[0], k, threshold, policy)
-    rows = w.at[idx].get(mode="promise_in_bounds", indices_are_sorted=True)
+    rows = quant.take_rows(w, idx)  # [k, out] f32: a quantized weight widens only these k rows
     return (xk @ rows)[None]
 
 
@@ -99,7 +102,7 @@ def sparse_linear(x: jax.Array, w: jax.Array, *, k: int, threshold: jax.Array | 
     threshold = _pick(threshold, threshold_index)
     if straight_through:
         mask = active_mask(jax.lax.stop_gradient(x), k, threshold, policy)
-        return (x + jax.lax.stop_gradient(jnp.where(mask, x, 0.0) - x)) @ w
+        return (x + jax.lax.stop_gradient(jnp.where(mask, x, 0.0) - x)) @ quant.as_f32(w)
     if restrict is not None:
         x = jnp.where(restrict, x, 0.0)
     # the selection is a constant for autodiff (training without the straight-through estimator)
@@ -112,4 +115,4 @@ def sparse_linear(x: jax.Array, w: jax.Array, *, k: int, threshold: jax.Array | 
         mask = native_active_mask(selected_from, k, threshold, policy == "threshold")
     else:
         mask = active_mask(selected_from, k, threshold, policy)
-    return masked_linear(x, w, mask)
+    return masked_linear(x, w, mask, native=kernel == "native")

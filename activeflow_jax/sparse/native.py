@@ -30,9 +30,10 @@ TARGET = "activeflow_gather_matvec"
 TOPK_TARGET = "activeflow_topk_matvec"
 MASK_TARGET = "activeflow_active_mask"
 ROWS_DOT_TARGET = "activeflow_rows_dot"
-ROWS_DOT_Q8_TARGET = "activeflow_rows_dot_q8"
 ATTEND_TARGET = "activeflow_attend_one"
 RMS_NORM_TARGET = "activeflow_rms_norm_one"
+Q_TARGETS = {"AfQGatherMatvec": "activeflow_q_gather_matvec", "AfQMatvec": "activeflow_q_matvec",
+             "AfQTopkMatvec": "activeflow_q_topk_matvec", "AfQRowsDot": "activeflow_q_rows_dot"}
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "native", "gather_matvec.cc")
 log = logging.getLogger(__name__)
 
@@ -80,9 +81,10 @@ def available() -> bool:
         jax.ffi.register_ffi_target(TOPK_TARGET, jax.ffi.pycapsule(lib.AfTopkMatvec), platform="cpu")
         jax.ffi.register_ffi_target(MASK_TARGET, jax.ffi.pycapsule(lib.AfActiveMask), platform="cpu")
         jax.ffi.register_ffi_target(ROWS_DOT_TARGET, jax.ffi.pycapsule(lib.AfRowsDot), platform="cpu")
-        jax.ffi.register_ffi_target(ROWS_DOT_Q8_TARGET, jax.ffi.pycapsule(lib.AfRowsDotQ8), platform="cpu")
         jax.ffi.register_ffi_target(ATTEND_TARGET, jax.ffi.pycapsule(lib.AfAttendOne), platform="cpu")
         jax.ffi.register_ffi_target(RMS_NORM_TARGET, jax.ffi.pycapsule(lib.AfRmsNormOne), platform="cpu")
+        for symbol, target in Q_TARGETS.items():  # the quantized-row family (quant.py)
+            jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
         return True
     except Exception as exc:  # any failure means: use the XLA kernel instead
         log.warning("native sparse kernel unavailable, using the XLA gather kernel: %s", exc)
@@ -107,13 +109,6 @@ def rows_dot(x0: jax.Array, e: jax.Array) -> jax.Array:
     """e @ x0 for x0 [d], e [V, d] -> [V] (the tied head of one token), streaming e once."""
     return jax.ffi.ffi_call(ROWS_DOT_TARGET, jax.ShapeDtypeStruct((e.shape[0],), jnp.float32))(
         x0.astype(jnp.float32), e)
-
-
-def rows_dot_q8(x0: jax.Array, q: jax.Array, scale: jax.Array) -> jax.Array:
-    """rows_dot on a Q8_0 table (q int8 [V, d], scale f32 [V, d / 32]): the same logits, bit for bit,
-    as rows_dot on its dequantized f32 copy, reading 3.6x fewer bytes."""
-    return jax.ffi.ffi_call(ROWS_DOT_Q8_TARGET, jax.ShapeDtypeStruct((q.shape[0],), jnp.float32))(
-        x0.astype(jnp.float32), q, scale)
 
 
 def rms_norm_one(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
@@ -163,3 +158,48 @@ def active_mask(x: jax.Array, k: int, threshold: jax.Array | float, use_threshol
     mask = jax.ffi.ffi_call(MASK_TARGET, jax.ShapeDtypeStruct(x.shape, jnp.float32), vmap_method="sequential")(
         x.astype(jnp.float32), thr, k=np.int64(k), use_threshold=np.int64(bool(use_threshold)))
     return mask > 0.5
+
+
+# ---------------------------------------------------------------------------------------------
+# The same products on quantized rows (quant.QRows: q8 / q4 blocks), widened inside the kernel.
+
+
+def _q_attrs(w) -> dict:
+    import numpy as np
+
+    return {"kind": np.int64(8 if w.kind == "q8" else 4), "cols": np.int64(w.cols)}
+
+
+def q_matvec(x0: jax.Array, w) -> jax.Array:
+    """x0 [in] @ w (QRows [in, cols]) -> [cols]: the dense decode product, every row read once in place."""
+    return jax.ffi.ffi_call(Q_TARGETS["AfQMatvec"], jax.ShapeDtypeStruct((w.cols,), jnp.float32),
+                            vmap_method="sequential")(
+        x0.astype(jnp.float32), w.data, **_q_attrs(w))
+
+
+def q_gather_matvec(xk: jax.Array, rows: jax.Array, w, count: jax.Array | int | None = None) -> jax.Array:
+    """gather_matvec on a QRows: y = xk[:count] @ widen(w[rows[:count]]) -> [cols]."""
+    count = jnp.asarray(rows.shape[0] if count is None else count, jnp.int32).reshape(1)
+    return jax.ffi.ffi_call(Q_TARGETS["AfQGatherMatvec"], jax.ShapeDtypeStruct((w.cols,), jnp.float32))(
+        xk.astype(jnp.float32), rows.astype(jnp.int32), w.data, count, **_q_attrs(w))
+
+
+def q_topk_matvec(x0: jax.Array, w, k: int, threshold: jax.Array | float, use_threshold: bool,
+                  index: int = 0) -> jax.Array:
+    """topk_matvec on a QRows (same selection, same ties)."""
+    import numpy as np
+
+    thr = jnp.asarray(threshold, jnp.float32).reshape(-1)
+    if not 0 <= index < thr.shape[0]:
+        raise ValueError(f"threshold index {index} outside a table of {thr.shape[0]}")
+    return jax.ffi.ffi_call(Q_TARGETS["AfQTopkMatvec"], jax.ShapeDtypeStruct((w.cols,), jnp.float32))(
+        x0.astype(jnp.float32), thr, w.data, k=np.int64(k), use_threshold=np.int64(bool(use_threshold)),
+        index=np.int64(index), **_q_attrs(w))
+
+
+def q_rows_dot(x0: jax.Array, e) -> jax.Array:
+    """rows_dot on a QRows table e [V, d]: the tied head; the logits equal rows_dot's on the widened
+    table bit for bit (the exact Q8_0 embedding of an f32 store: models/embedding.py)."""
+    return jax.ffi.ffi_call(Q_TARGETS["AfQRowsDot"], jax.ShapeDtypeStruct((e.shape[0],), jnp.float32),
+                            vmap_method="sequential")(
+        x0.astype(jnp.float32), e.data, **_q_attrs(e))

@@ -35,6 +35,7 @@ import numpy as np
 
 from activeflow_jax.config import OP_GROUPS, PREDICTED_GROUPS
 from activeflow_jax.errors import ActiveFlowError, InvalidArgumentError, StoreCorruptError, StoreError
+from activeflow_jax.quant import is_quantized
 from activeflow_jax.store.reader import StoreReader, read_manifest
 from activeflow_jax.store.writer import new_temporary_dir, replace_dir, write_json_durably
 
@@ -168,7 +169,8 @@ def write_bundles(store_dir: str | os.PathLike, group_size: int, *, first_layer:
     except OSError as exc:
         raise write_error(final, exc) from None
     groups = layer_groups(cfg.num_layers, group_size, first_layer)
-    itemsize = np.dtype(reader.storage_dtype).itemsize
+    quantized = is_quantized(reader.storage_dtype)  # rows as stored: uint8 rows of blocks (quant.py)
+    zarr_dtype = "uint8" if quantized else reader.storage_dtype
     ts = _ts()
     arrays: dict[str, Any] = {}
     bar = None
@@ -180,25 +182,27 @@ def write_bundles(store_dir: str | os.PathLike, group_size: int, *, first_layer:
         for j, layers in enumerate(groups):
             for op in OP_GROUPS:
                 names = [f"layers.{i}.{TENSOR_OF_OP[op]}" for i in layers]
-                shape = (reader.shape(names[0])[0], len(layers), reader.shape(names[0])[1])  # [in, n, out]
+                # [in, n, out] ([in, n, row_bytes] uint8 for a quantized store)
+                shape = (reader.shape(names[0])[0], len(layers), reader.row_bytes(names[0]) // np.dtype(zarr_dtype).itemsize)
                 chunk_layers = shape[1] if op in PREDICTED_GROUPS else 1
-                row_bytes = chunk_layers * shape[2] * itemsize  # one channel's rows in a chunk
+                row_bytes = chunk_layers * reader.row_bytes(names[0])  # one channel's rows in a chunk
                 chunk = max(1, min(shape[0], TARGET_CHUNK_BYTES // row_bytes))
                 # o/down: a shard file holds one layer's channels, so a run of them is one byte range
                 shard = chunk * max(1, TARGET_SHARD_BYTES // (chunk * row_bytes))
                 shard = min(shard, -(-shape[0] // chunk) * chunk)
                 path = os.path.join(tmp, op, f"g{j}")
-                array = ts.open(_spec(path, shape, reader.storage_dtype, shard, create=True, chunk_rows=chunk,
+                array = ts.open(_spec(path, shape, zarr_dtype, shard, create=True, chunk_rows=chunk,
                                       chunk_layers=chunk_layers)).result()
                 # One shard's rows at a time (whole shards, so no shard is rewritten): memory stays at
                 # a few shards whatever N and the model size; the next block is read while one is written.
                 writing = None
                 for start in range(0, shape[0], shard):
                     rows = np.arange(start, min(shape[0], start + shard))
-                    block = np.stack([reader.read_rows(name, rows) for name in names], axis=1)
+                    read = reader.read_rows_stored if quantized else reader.read_rows
+                    block = np.stack([read(name, rows) for name in names], axis=1)
                     if writing is not None:
                         writing.result()
-                    writing = array[rows[0]:rows[-1] + 1].write(block.astype(reader.storage_dtype, copy=False))
+                    writing = array[rows[0]:rows[-1] + 1].write(block.astype(zarr_dtype, copy=False))
                 writing.result()
                 arrays[f"{op}/g{j}"] = {"shape": list(shape), "shard_rows": shard, "chunk_rows": chunk,
                                         "chunk_layers": chunk_layers}
@@ -230,7 +234,8 @@ def write_bundles(store_dir: str | os.PathLike, group_size: int, *, first_layer:
 
 class _Handle:
     """A read in flight; `result()` gives float32 [channels, n_layers, out] ([channels, out] for one
-    layer) or raises StoreError / StoreCorruptError."""
+    layer) -- for a quantized store the rows as stored, uint8 [..., row_bytes], which the runtime's
+    pools hold as they are -- or raises StoreError / StoreCorruptError."""
 
     def __init__(self, reader: "BundleReader", future, where: str, channels: np.ndarray):
         self._reader, self._future, self._where, self._channels = reader, future, where, channels
@@ -243,7 +248,7 @@ class _Handle:
             data = self._future.result()
         except Exception as exc:
             raise self._reader._wrap(exc, self._where, self._channels) from None
-        return np.asarray(data, dtype=np.float32)
+        return np.asarray(data, dtype=self._reader.row_dtype)
 
 
 class BundleReader:
@@ -267,6 +272,9 @@ class BundleReader:
         self.first_layer: int = info["first_layer"]
         self.layer_groups: list[tuple[int, ...]] = [tuple(g) for g in info["groups"]]
         self.storage_dtype = info["storage_dtype"]
+        self.quantized = is_quantized(self.storage_dtype)
+        self.row_dtype = np.dtype(np.uint8 if self.quantized else np.float32)  # what reads return
+        self._itemsize = 1 if self.quantized else np.dtype(self.storage_dtype).itemsize  # stored bytes per element
         self.num_layers = manifest["model"]["num_layers"]
         self._group_of = {layer: (j, p) for j, g in enumerate(self.layer_groups) for p, layer in enumerate(g)}
         self._context = _ts().Context({"cache_pool": {"total_bytes_limit": 0},
@@ -283,7 +291,7 @@ class BundleReader:
         if len(channels) == 0:
             return 0, 0
         entry = self.info["arrays"][f"{op}/g{group}"]
-        chunk_bytes = entry.get("chunk_layers", entry["shape"][1]) * entry["shape"][2] * 4
+        chunk_bytes = entry.get("chunk_layers", entry["shape"][1]) * entry["shape"][2] * self._itemsize
         runs = 1 + int(np.count_nonzero(np.diff(np.asarray(channels)) != 1))
         return runs, len(channels) * chunk_bytes
 
@@ -304,7 +312,8 @@ class BundleReader:
         if key not in self._arrays:
             entry = self.info["arrays"][key]
             spec = _spec(os.path.join(self.root, op, f"g{group}"), tuple(entry["shape"]),
-                         self.storage_dtype, entry["shard_rows"], create=False, direct_io=self.direct_io)
+                         "uint8" if self.quantized else self.storage_dtype, entry["shard_rows"], create=False,
+                         direct_io=self.direct_io)
             try:
                 self._arrays[key] = _ts().open(spec, context=self._context).result()
             except Exception as exc:
@@ -350,7 +359,7 @@ class BundleReader:
         except Exception as exc:
             raise self._wrap(exc, where, ch) from None
         self.reads += 1
-        self.bytes_requested += len(ch) * array.shape[1] * array.shape[2] * 4
+        self.bytes_requested += len(ch) * array.shape[1] * array.shape[2] * self._itemsize
         return _Handle(self, future, where, ch)
 
     def read_group(self, op: str, group: int, channels) -> np.ndarray:
@@ -372,5 +381,5 @@ class BundleReader:
         except Exception as exc:
             raise self._wrap(exc, f"{op} of layer {layer}", ch) from None
         self.reads += 1
-        self.bytes_requested += len(ch) * array.shape[2] * 4
+        self.bytes_requested += len(ch) * array.shape[2] * self._itemsize
         return _Handle(self, future, f"{op} of layer {layer}", ch)

@@ -11,6 +11,10 @@ Every 2-D weight is stored channel-major, [in, out], so one input channel is one
 (the embedding is [vocab, d]: one token per row). Arrays are sharded: a shard file holds
 `shard_rows` rows and is made of inner chunks of `chunk_rows` rows, each with a crc32c, plus a
 crc32c-protected index; a row block can be read without reading the rest of the tensor.
+
+Storage dtypes: float32, float16, and the quantized q8 / q4 (layout version 2): a quantized
+store keeps each 2-D weight as uint8 rows of blocks (activeflow_jax/quant.py), so a row is still
+one contiguous read; its manifest entry records the logical shape, the stored shape and the dtype.
 """
 
 from __future__ import annotations
@@ -19,12 +23,14 @@ import os
 from typing import Any
 
 FORMAT_NAME = "activeflow-store"
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 1  # float32 / float16 stores (unchanged since version 1)
+QUANT_LAYOUT_VERSION = 2  # q8 / q4 stores: readers before version 2 refuse them (they check the version)
+READABLE_LAYOUT_VERSIONS = (LAYOUT_VERSION, QUANT_LAYOUT_VERSION)
 MANIFEST = "manifest.json"
 TENSOR_DIR = "tensors"
 CALIBRATION = "calibration.json"
 CALIBRATION_VERSION = 1
-STORAGE_DTYPES = ("float32", "float16")
+STORAGE_DTYPES = ("float32", "float16", "q8", "q4")  # q8 / q4: quantized rows, see activeflow_jax/quant.py
 TARGET_CHUNK_BYTES = 8 << 10  # inner chunk: small, so sparse row reads fetch little extra
 TARGET_SHARD_BYTES = 2 << 20  # shard file: large, so dense reads are few big reads
 
@@ -42,6 +48,26 @@ def chunking(shape: tuple[int, ...], itemsize: int, chunk_rows: int | None = Non
     chunk = chunk_rows or min(rows, _pow2_floor(max(1, TARGET_CHUNK_BYTES // row_bytes)))
     shard = chunk * max(1, TARGET_SHARD_BYTES // (chunk * row_bytes))
     return chunk, min(shard, -(-rows // chunk) * chunk)
+
+
+def layout_version(dtype: str) -> int:
+    """The layout version a store of `dtype` is written with."""
+    from activeflow_jax.quant import is_quantized
+
+    return QUANT_LAYOUT_VERSION if is_quantized(dtype) else LAYOUT_VERSION
+
+
+def stored_form(shape: tuple[int, ...], dtype: str) -> tuple[tuple[int, ...], str, str]:
+    """(stored shape, zarr data type, tensor dtype) of a tensor of logical `shape` in a store of
+    `dtype`. A quantized store holds its 2-D weights as uint8 rows [rows, row_bytes] (quant.py)
+    and everything else (norms) as float32."""
+    from activeflow_jax.quant import is_quantized, quantizes, row_bytes
+
+    if not is_quantized(dtype):
+        return tuple(shape), dtype, dtype
+    if quantizes("", tuple(shape)):
+        return (shape[0], row_bytes(dtype, shape[1])), "uint8", dtype
+    return tuple(shape), "float32", "float32"
 
 
 def tensor_path(store_dir: str | os.PathLike, name: str) -> str:

@@ -18,6 +18,7 @@ import numpy as np
 
 from activeflow_jax.config import ModelConfig
 from activeflow_jax.errors import StoreCorruptError, StoreError
+from activeflow_jax.quant import QRows, dequantize_np, is_quantized
 from activeflow_jax.store import layout
 
 
@@ -39,14 +40,22 @@ def read_manifest(store_dir: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(manifest, dict) or manifest.get("format") != layout.FORMAT_NAME:
         raise StoreError(f"{path} is not an activeflow store manifest")
     version = manifest.get("layout_version")
-    if version != layout.LAYOUT_VERSION:
+    if version not in layout.READABLE_LAYOUT_VERSIONS:
         raise StoreError(
-            f"{store_dir} has store layout version {version}, this activeflow_jax reads version "
-            f"{layout.LAYOUT_VERSION}; re-convert it from its GGUF with `activeflow convert --overwrite`"
+            f"{store_dir} has store layout version {version}, this activeflow_jax reads versions "
+            f"{list(layout.READABLE_LAYOUT_VERSIONS)}; re-convert it from its GGUF with "
+            "`activeflow convert --overwrite` (or use the activeflow_jax that wrote it)"
         )
     for key in ("model", "tokenizer", "tensors", "storage_dtype"):
         if key not in manifest:
             raise StoreError(f"{path} lacks '{key}'; convert the store again")
+    dtype = manifest["storage_dtype"]
+    if dtype not in layout.STORAGE_DTYPES or layout.layout_version(dtype) != version:
+        raise StoreError(
+            f"{store_dir} has storage dtype {dtype!r} (layout version {version}), which this activeflow_jax "
+            f"cannot read (it reads {list(layout.STORAGE_DTYPES)}); re-convert the store with "
+            "`activeflow convert --overwrite --dtype q8|q4|f16|f32`"
+        )
     return manifest
 
 
@@ -174,7 +183,56 @@ class StoreReader:
         return tuple(self._entry(name)["shape"])
 
     def nbytes(self, name: str) -> int:
-        return int(np.prod(self.shape(name))) * np.dtype(self.storage_dtype).itemsize
+        """Bytes of the tensor as stored (and as held in DRAM, for quantized weights)."""
+        stored = self._stored(name)
+        return int(np.prod(stored[0])) * np.dtype(stored[1]).itemsize
+
+    def tensor_dtype(self, name: str) -> str:
+        """The tensor's own dtype: the store's, except for the f32 norms of a quantized store."""
+        return self._stored(name)[2]
+
+    def row_bytes(self, name: str) -> int:
+        """Bytes of one stored row (input channel) of a 2-D tensor: what a row read costs."""
+        stored = self._stored(name)
+        return int(np.prod(stored[0][1:])) * np.dtype(stored[1]).itemsize
+
+    def _stored(self, name: str) -> tuple[tuple[int, ...], str, str]:
+        return layout.stored_form(self.shape(name), self.storage_dtype)
+
+    def _as_f32(self, name: str, data) -> np.ndarray:
+        """Stored values -> float32 in the logical shape (quantized rows are widened, quant.py)."""
+        dtype = self.tensor_dtype(name)
+        if is_quantized(dtype):
+            return dequantize_np(np.asarray(data), dtype, self.shape(name)[1])
+        return np.asarray(data, dtype=np.float32)
+
+    def read_held(self, name: str):
+        """The tensor as the all-in-DRAM engine holds it: a QRows (numpy data) for a quantized
+        weight, float32 otherwise."""
+        dtype = self.tensor_dtype(name)
+        if not is_quantized(dtype):
+            return self.read(name)
+        try:
+            data = np.asarray(self._array(name).read().result(), np.uint8)
+        except Exception as exc:
+            raise self._wrap(exc, name, None) from None
+        return QRows(data, dtype, self.shape(name)[1])
+
+    def iter_held(self, names: Iterable[str]) -> Iterator[tuple[str, Any]]:
+        """(name, read_held(name)) for each name, one tensor at a time."""
+        if not is_quantized(self.storage_dtype):
+            yield from self.iter_many(names)
+            return
+        for name in names:
+            yield name, self.read_held(name)
+
+    def read_rows_stored(self, name: str, rows: Sequence[int] | np.ndarray) -> np.ndarray:
+        """Rows of a 2-D tensor as stored ([len(rows), row_bytes] uint8 for quantized weights)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        try:
+            return np.asarray(self._array(name).oindex[rows].read().result())
+        except Exception as exc:
+            raise self._wrap(exc, name, rows.tolist()) from None
 
     def _entry(self, name: str) -> dict[str, Any]:
         try:
@@ -186,7 +244,8 @@ class StoreReader:
         if name not in self._arrays:
             entry = self._entry(name)
             path = layout.tensor_path(self.path, name)
-            spec = layout.zarr_spec(path, tuple(entry["shape"]), self.storage_dtype, entry["chunk_rows"],
+            stored_shape, zarr_dtype, _ = self._stored(name)
+            spec = layout.zarr_spec(path, stored_shape, zarr_dtype, entry["chunk_rows"],
                                     entry["shard_rows"], create=False, direct_io=self.direct_io)
             try:
                 self._arrays[name] = _ts().open(spec, context=self._context).result()
@@ -230,7 +289,7 @@ class StoreReader:
 
     def _finish(self, name: str, future) -> tuple[str, np.ndarray]:
         try:
-            return name, np.asarray(future.result(), dtype=np.float32)
+            return name, self._as_f32(name, future.result())
         except Exception as exc:
             raise self._wrap(exc, name, None) from None
 
@@ -241,12 +300,14 @@ class StoreReader:
         array = self._array(name)
         shape = self.shape(name)
         out = aligned_float32(shape)
+        quantized = is_quantized(self.tensor_dtype(name))
         row_bytes = max(1, int(np.prod(shape[1:])) * 4)
         step = max(1, block_bytes // row_bytes)
         for start in range(0, shape[0], step):
             stop = min(shape[0], start + step)
             try:
-                out[start:stop] = array[start:stop].read().result()
+                block = array[start:stop].read().result()
+                out[start:stop] = self._as_f32(name, block) if quantized else block
             except Exception as exc:
                 raise self._wrap(exc, name, [start, stop - 1]) from None
         return out
@@ -258,4 +319,4 @@ class StoreReader:
             data = self._array(name).oindex[rows].read().result()
         except Exception as exc:
             raise self._wrap(exc, name, rows.tolist()) from None
-        return np.asarray(data, dtype=np.float32)
+        return self._as_f32(name, data)

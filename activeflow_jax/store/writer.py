@@ -14,6 +14,7 @@ import numpy as np
 
 from activeflow_jax.config import ModelConfig
 from activeflow_jax.errors import ActiveFlowError, GGUFError, InvalidArgumentError, NonFiniteWeightsError, StoreError
+from activeflow_jax.quant import canonical_dtype, is_quantized, quantize_rows
 from activeflow_jax.store import layout
 
 
@@ -33,8 +34,7 @@ def write_store(store_dir: str | os.PathLike, config: ModelConfig, tokenizer_spe
     last and the directory renamed into place, so an interrupted write never leaves a store
     that loads (a leftover `.<name>.tmp-*` directory is ignored and cleaned up next time).
     """
-    if dtype not in layout.STORAGE_DTYPES:
-        raise InvalidArgumentError(f"storage dtype '{dtype}' is not supported; choose one of {layout.STORAGE_DTYPES}")
+    dtype = canonical_dtype(dtype)
     store_dir = os.path.abspath(os.fspath(store_dir))
     if os.path.exists(store_dir) and not overwrite:
         raise StoreError(f"{store_dir} already exists; pass overwrite=True (--overwrite) to replace it")
@@ -45,7 +45,6 @@ def write_store(store_dir: str | os.PathLike, config: ModelConfig, tokenizer_spe
     except OSError as exc:
         raise write_error(store_dir, exc) from None
     ts = _ts()
-    np_dtype = np.dtype(dtype)
     entries: dict[str, Any] = {}
     bar = None
     if progress:
@@ -55,20 +54,30 @@ def write_store(store_dir: str | os.PathLike, config: ModelConfig, tokenizer_spe
     try:
         os.makedirs(os.path.join(tmp, layout.TENSOR_DIR))
         for name, array in tensors:
-            array = np.ascontiguousarray(array, dtype=np_dtype)
-            check_finite(name, array, dtype)
-            chunk, shard = layout.chunking(array.shape, np_dtype.itemsize, chunk_rows)
-            spec = layout.zarr_spec(layout.tensor_path(tmp, name), array.shape, dtype, chunk, shard, create=True)
+            shape = tuple(np.shape(array))
+            stored_shape, zarr_dtype, tensor_dtype = layout.stored_form(shape, dtype)
+            if is_quantized(tensor_dtype):  # quantized from the importer's f32, row by row (quant.py)
+                array = np.asarray(array, np.float32)
+                check_finite(name, array, tensor_dtype)
+                array = quantize_rows(array, tensor_dtype)
+            else:
+                array = np.ascontiguousarray(array, dtype=np.dtype(zarr_dtype))
+                check_finite(name, array, tensor_dtype)
+            array = np.ascontiguousarray(array, dtype=np.dtype(zarr_dtype))
+            chunk, shard = layout.chunking(stored_shape, np.dtype(zarr_dtype).itemsize, chunk_rows)
+            spec = layout.zarr_spec(layout.tensor_path(tmp, name), stored_shape, zarr_dtype, chunk, shard, create=True)
             try:
                 ts.open(spec).result().write(array).result()
             except Exception as exc:  # TensorStore reports a failed file write as ValueError
                 raise write_error(store_dir, exc) from None
-            entries[name] = {"shape": list(array.shape), "chunk_rows": chunk, "shard_rows": shard}
+            entries[name] = {"shape": list(shape), "chunk_rows": chunk, "shard_rows": shard}
+            if is_quantized(dtype):
+                entries[name].update(dtype=tensor_dtype, stored_shape=list(stored_shape))
             if bar is not None:
                 bar.update(1)
         manifest = {
             "format": layout.FORMAT_NAME,
-            "layout_version": layout.LAYOUT_VERSION,
+            "layout_version": layout.layout_version(dtype),
             "storage_dtype": dtype,
             "model": config.to_json(),
             "tokenizer": tokenizer_spec,
@@ -218,8 +227,7 @@ def convert(gguf_path: str | os.PathLike, store_path: str | os.PathLike, dtype: 
     """
     from activeflow_jax.formats.gguf_import import file_sha256, open_gguf
 
-    if dtype not in layout.STORAGE_DTYPES:
-        raise InvalidArgumentError(f"storage dtype '{dtype}' is not supported; choose one of {layout.STORAGE_DTYPES}")
+    dtype = canonical_dtype(dtype)
     try:
         model = open_gguf(gguf_path)  # validates before anything is written
     except ActiveFlowError:

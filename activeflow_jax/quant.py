@@ -1,0 +1,261 @@
+"""Quantized weight rows: the store format, the DRAM format and the pure-XLA widening, in one place.
+
+A weight is stored and held channel-major, [in, out], one row per input channel (the embedding
+[V, d]: one row per token). A quantized row is a self-contained uint8 row of blocks, each block
+covering 32 consecutive values along the row (along `out`), laid out as GGML's blocks are:
+
+    q8  (34 bytes per 32 values)  f16 scale d, then 32 int8 codes q:          value = d * q
+    q4  (20 bytes per 32 values)  f16 scale d, f16 minimum m, then 16 bytes
+                                  holding codes 0..15 (byte l: value l in the
+                                  low nibble, value l + 16 in the high one):  value = d * q + m
+
+So one row is one contiguous byte range: a sparse read of channel j (flash or DRAM) is one read
+of `row_bytes` bytes, and a pool of rows (runtime) is a uint8 array [slots, row_bytes] filled by
+row. A row whose length is not a multiple of 32 is padded to whole blocks: the padding repeats
+the row's last value (so it does not widen the last block's range) and is never read back (the
+kernels and `dequantize` drop it).
+
+Quantization (the writer, from the importer's f32; GGUF's own blocks run along the other axis of
+our layout, so they are re-quantized): q8 as GGML's Q8_0 (d = max|x| / 127, q = round(x / d)),
+q4 as GGML's Q4_1 (m = min x, d = (max x - m) / 15, q = round((x - m) / d)) refined by a few
+least-squares refits of d and m (_q4_fit), with d and m rounded to f16 first so that the codes are
+chosen against the scale that is stored.
+
+Widening is exact and the same everywhere: f16 -> f32, code -> f32, d * q (exact in f32: an
+11-bit by 8-bit product), + m for q4 (one rounding). The native kernels (sparse/native) and the
+XLA path here therefore see identical f32 weights; only the order of the sums differs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from activeflow_jax.errors import InvalidArgumentError
+
+BLOCK = 32  # values per block (scale), along the row
+QUANT_DTYPES = ("q8", "q4")
+BLOCK_BYTES = {"q8": 2 + BLOCK, "q4": 4 + BLOCK // 2}
+FLOAT_DTYPES = ("float32", "float16")
+ALIASES = {"f32": "float32", "f16": "float16", "fp32": "float32", "fp16": "float16"}
+ALL_DTYPES = FLOAT_DTYPES + QUANT_DTYPES
+Q4_FIT_ITERATIONS = 4  # least-squares refits of a q4 block's scale and minimum (see _q4_fit)
+
+
+def canonical_dtype(name: Any) -> str:
+    """The store dtype name for a user's spelling (f32/float32, f16/float16, q8, q4)."""
+    key = ALIASES.get(str(name).lower(), str(name).lower()) if isinstance(name, str) else None
+    if key not in ALL_DTYPES:
+        raise InvalidArgumentError(f"storage dtype {name!r} is not supported; choose one of "
+                                   "f32 (float32), f16 (float16), q8, q4")
+    return key
+
+
+def is_quantized(dtype: str) -> bool:
+    return dtype in QUANT_DTYPES
+
+
+def blocks(cols: int) -> int:
+    return -(-int(cols) // BLOCK)
+
+
+def row_bytes(dtype: str, cols: int) -> int:
+    """Bytes of one stored / held row of `cols` values."""
+    if dtype in QUANT_DTYPES:
+        return blocks(cols) * BLOCK_BYTES[dtype]
+    return int(cols) * np.dtype(dtype).itemsize
+
+
+def quantizes(name: str, shape: tuple[int, ...]) -> bool:
+    """Which tensors a quantized store quantizes: every 2-D weight (the linear ops, the embedding
+    and an untied head). Norms (1-D) stay f32: they are tiny and every token reads them whole."""
+    del name
+    return len(shape) == 2
+
+
+# ------------------------------------------------------------------------------------------
+# numpy: the writer's quantizer and the host-side widening (reads, installs, checks)
+
+
+def quantize_rows(w: np.ndarray, dtype: str, rows_per_chunk: int = 4096) -> np.ndarray:
+    """f32 [rows, cols] -> uint8 [rows, blocks(cols) * BLOCK_BYTES[dtype]] (see the module doc)."""
+    if dtype not in QUANT_DTYPES:
+        raise InvalidArgumentError(f"quantize_rows: {dtype!r} is not a quantized dtype ({QUANT_DTYPES})")
+    w = np.asarray(w, np.float32)
+    if w.ndim != 2:
+        raise InvalidArgumentError(f"quantize_rows needs a 2-D array, got shape {w.shape}")
+    if not np.isfinite(w).all():
+        raise InvalidArgumentError("cannot quantize a weight with non-finite values (inf/nan)")
+    rows, cols = w.shape
+    nb = blocks(cols)
+    out = np.empty((rows, nb, BLOCK_BYTES[dtype]), np.uint8)
+    for r0 in range(0, rows, rows_per_chunk):
+        x = w[r0:r0 + rows_per_chunk]
+        if cols % BLOCK:
+            x = np.pad(x, ((0, 0), (0, nb * BLOCK - cols)), mode="edge")
+        x = x.reshape(x.shape[0], nb, BLOCK)
+        dst = out[r0:r0 + rows_per_chunk]
+        if dtype == "q8":
+            d = (np.max(np.abs(x), axis=-1) / np.float32(127)).astype(np.float16)
+            _check_f16(d)
+            d32 = d.astype(np.float32)[..., None]
+            q = np.clip(np.rint(x / np.where(d32 > 0, d32, 1)), -127, 127).astype(np.int8)
+            dst[..., 0:2] = d[..., None].view(np.uint8)
+            dst[..., 2:] = q.view(np.uint8)
+        else:
+            d, m = _q4_fit(x)
+            m = m.astype(np.float16)
+            d = d.astype(np.float16)
+            _check_f16(d)
+            _check_f16(m)
+            d32, m32 = d.astype(np.float32)[..., None], m.astype(np.float32)[..., None]
+            q = np.clip(np.rint((x - m32) / np.where(d32 > 0, d32, 1)), 0, 15).astype(np.uint8)
+            dst[..., 0:2] = d[..., None].view(np.uint8)
+            dst[..., 2:4] = m[..., None].view(np.uint8)
+            dst[..., 4:] = q[..., :BLOCK // 2] | (q[..., BLOCK // 2:] << 4)
+    return out.reshape(rows, nb * BLOCK_BYTES[dtype])
+
+
+def _q4_fit(x: np.ndarray, iterations: int = Q4_FIT_ITERATIONS) -> tuple[np.ndarray, np.ndarray]:
+    """(scale, minimum) [rows, blocks] of q4 blocks x [rows, blocks, 32]: GGML Q4_1's min/max start,
+    then least-squares refits of (d, m) to the codes they give (a block's weights are the codes'
+    linear image, so d and m have a closed form). On SmolLM2's weights 4 refits lower the RMS error
+    by ~7% against min/max (its Q4_1 weights re-quantized along the other axis)."""
+    x64 = x.astype(np.float64)
+    lo, hi = x64.min(axis=-1, keepdims=True), x64.max(axis=-1, keepdims=True)
+    d, m = (hi - lo) / 15, lo
+    xm = x64.mean(axis=-1, keepdims=True)
+    for _ in range(iterations):
+        q = np.clip(np.rint((x64 - m) / np.where(d > 0, d, 1)), 0, 15)
+        qm = q.mean(axis=-1, keepdims=True)
+        var = ((q - qm) ** 2).mean(axis=-1, keepdims=True)
+        fit = ((q - qm) * (x64 - xm)).mean(axis=-1, keepdims=True) / np.where(var > 0, var, 1)
+        ok = (var > 0) & (fit > 0)
+        d = np.where(ok, fit, d)
+        m = np.where(ok, xm - fit * qm, m)
+    return d[..., 0], m[..., 0]
+
+
+def _check_f16(a: np.ndarray) -> None:
+    if not np.isfinite(a).all():
+        raise InvalidArgumentError("a block's scale does not fit an f16 (weights above ~8e6); store this model as "
+                                   "f32 or f16 instead")
+
+
+def dequantize_np(data: np.ndarray, dtype: str, cols: int) -> np.ndarray:
+    """uint8 [..., row_bytes] -> f32 [..., cols]: the exact values the kernels multiply by."""
+    data = np.ascontiguousarray(data, np.uint8)
+    lead = data.shape[:-1]
+    nb = blocks(cols)
+    b = data.reshape(*lead, nb, BLOCK_BYTES[dtype])
+    d = np.ascontiguousarray(b[..., 0:2]).view(np.float16)[..., 0].astype(np.float32)[..., None]
+    if dtype == "q8":
+        w = np.ascontiguousarray(b[..., 2:]).view(np.int8).astype(np.float32) * d
+    else:
+        m = np.ascontiguousarray(b[..., 2:4]).view(np.float16)[..., 0].astype(np.float32)[..., None]
+        qs = b[..., 4:]
+        q = np.concatenate([qs & 15, qs >> 4], axis=-1).astype(np.float32)
+        w = q * d + m
+    return w.reshape(*lead, nb * BLOCK)[..., :cols]
+
+
+# ------------------------------------------------------------------------------------------
+# jax: the held form and the pure-XLA widening (traced inside the model's jit)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class QRows:
+    """A quantized weight held in DRAM: logical [rows, cols] f32, held as uint8 rows (module doc).
+
+    `data` is the only array leaf; kind and cols are static (part of the compiled program), so
+    params holding QRows pass through jit like plain arrays."""
+
+    data: jax.Array  # uint8 [rows, blocks(cols) * BLOCK_BYTES[kind]]
+    kind: str = dataclasses.field(metadata={"static": True})
+    cols: int = dataclasses.field(metadata={"static": True})
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (int(self.data.shape[0]), self.cols)
+
+    @property
+    def ndim(self) -> int:
+        return 2
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.data.nbytes)
+
+    def __getitem__(self, index):
+        # nnx reads parameters as `param[...]`: that is the whole weight, as held
+        if index is Ellipsis:
+            return self
+        raise TypeError("QRows supports only [...]; use quant.take_rows / dequantize")
+
+    def delete(self) -> None:
+        self.data.delete()
+
+
+def dequantize(data: jax.Array, kind: str, cols: int) -> jax.Array:
+    """uint8 [..., row_bytes] -> f32 [..., cols], inside a trace (same values as dequantize_np)."""
+    lead = data.shape[:-1]
+    nb = blocks(cols)
+    b = data.reshape(*lead, nb, BLOCK_BYTES[kind])
+    d = jax.lax.bitcast_convert_type(b[..., 0:2], jnp.float16).astype(jnp.float32)[..., None]  # [..., nb, 1]
+    if kind == "q8":
+        w = jax.lax.bitcast_convert_type(b[..., 2:], jnp.int8).astype(jnp.float32) * d
+    else:
+        m = jax.lax.bitcast_convert_type(b[..., 2:4], jnp.float16).astype(jnp.float32)[..., None]
+        qs = b[..., 4:]
+        q = jnp.concatenate([qs & 15, qs >> 4], axis=-1).astype(jnp.float32)
+        w = q * d + m
+    return w.reshape(*lead, nb * BLOCK)[..., :cols]
+
+
+def as_f32(w) -> jax.Array:
+    """The f32 [rows, cols] values of a weight (QRows widened; arrays as they are)."""
+    return dequantize(w.data, w.kind, w.cols) if isinstance(w, QRows) else w
+
+
+def widen_params(params):
+    """A params pytree with every QRows replaced by its f32 values (training, perturbation)."""
+    return jax.tree.map(lambda w: as_f32(w) if isinstance(w, QRows) else w, params,
+                        is_leaf=lambda w: isinstance(w, QRows))
+
+
+def take_rows(w, rows: jax.Array) -> jax.Array:
+    """Rows `rows` ([k] int) of a weight as f32 [k, cols]: a QRows gathers k uint8 rows and
+    widens only those (never the whole [in, out] weight)."""
+    if isinstance(w, QRows):
+        data = w.data.at[rows].get(mode="promise_in_bounds", indices_are_sorted=True)
+        return dequantize(data, w.kind, w.cols)
+    return w.at[rows].get(mode="promise_in_bounds", indices_are_sorted=True)
+
+
+def matmul(x: jax.Array, w, native: bool | None = None) -> jax.Array:
+    """x [T, in] @ w [in, out] -> [T, out] for an f32 array or a QRows.
+
+    One token on the CPU with the native library: the quantized rows are read in place and
+    widened in registers (sparse/native.q_matvec). Otherwise (prefill, XLA-only machines, GPUs)
+    the weight is widened inside the program and multiplied in f32."""
+    if not isinstance(w, QRows):
+        return x @ w
+    if native is None:
+        from activeflow_jax.sparse import native as native_lib
+
+        native = native_lib.usable()
+    if native and x.shape[0] == 1:
+        from activeflow_jax.sparse.native import q_matvec
+
+        return q_matvec(x[0], w)[None]
+    return x @ as_f32(w)
+
+
+def quantize(w: np.ndarray, dtype: str) -> QRows:
+    """A host f32 weight as a QRows of numpy data (device_put it to hold it on a device)."""
+    return QRows(quantize_rows(w, dtype), dtype, int(np.shape(w)[1]))
