@@ -59,7 +59,8 @@ def tiny_vocab(vocab_size: int) -> tuple[list[str], list[int], list[str]]:
     return tokens[:vocab_size], types[:vocab_size], merges
 
 
-SPM_PIECES = ("\u2581", "e", "t", "a", "o", "n", "h", "s", "r", "\u2581t", "he", "in", "\u2581the", "er", "an",
+# every character of a piece is itself a token, as in any SentencePiece vocabulary
+SPM_PIECES = ("\u2581", "e", "t", "a", "o", "n", "h", "s", "r", "i", "d", "w", "b", "c", "f", "m", "p", "\u2581t", "he", "in", "\u2581the", "er", "an",
               "\u2581a", "re", "on", "\u2581s", "at", "en", "nd", "\u2581o", "es", "\u2581w", "or", "is",
               "\u2581th", "\u2581in", "ed", "it", "ar", "\u2581b", "\u2581c", "\u2581f", "\u2581m", "\u2581p")
 
@@ -177,7 +178,7 @@ def write_tiny_gguf(path: str | os.PathLike, cfg: ModelConfig | None = None, *, 
             return arr
         if qtype in K_QUANT_SCALE_OFFSETS:
             blocks = random_k_quant_blocks(rng, quant, arr.shape)
-            writer.add_tensor(name, blocks, raw_shape=arr.shape, raw_dtype=quant)
+            writer.add_tensor(name, blocks, raw_dtype=quant)
             return gguf.quants.dequantize(blocks, quant).reshape(arr.shape).astype(np.float32)
         data = gguf.quants.quantize(arr, quant)
         writer.add_tensor(name, data, raw_dtype=quant)
