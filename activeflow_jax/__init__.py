@@ -2,6 +2,7 @@
 
 Public API:
     af.fetch_default_model() -> store path       af.convert(gguf, store, dtype=...)
+    af.fetch_model("gemma3-270m") -> store path  other known models (fetch.MODELS)
     af.Engine.load(store)                         engine.generate / stream / logits / stats
     af.calibrate(store, levels=[0.5])             sparsity thresholds into the store
     af.Engine.load(store, sparsity=0.5)           contextual sparsity (TEAL thresholds, top-k kernels)
@@ -26,7 +27,7 @@ from activeflow_jax.errors import (
 from activeflow_jax.eval.perplexity import PerplexityResult, engine_perplexity
 from activeflow_jax.eval.quality import QualityReport, QualitySetting, evaluate_quality
 from activeflow_jax.eval.tasks import TaskReport, TaskResult, evaluate_tasks
-from activeflow_jax.fetch import fetch_default_model
+from activeflow_jax.fetch import fetch_default_model, fetch_model
 from activeflow_jax.sampling import SamplingParams
 from activeflow_jax.sparse.calibrate import Calibration, calibrate
 from activeflow_jax.store.writer import convert
@@ -39,4 +40,5 @@ __all__ = [
     "ActiveFlowError", "Engine", "EngineStats", "FetchError", "GGUFError", "InvalidArgumentError", "ModelConfig",
     "PerplexityResult", "PromptTooLongError", "SamplingParams", "StoreCorruptError", "StoreError", "TaskReport",
     "TaskResult", "UnsupportedModelError", "convert", "engine_perplexity", "evaluate_tasks", "fetch_default_model",
+    "fetch_model",
 ]

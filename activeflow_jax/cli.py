@@ -19,9 +19,9 @@ def _store_or_default(args) -> str:
 
 
 def cmd_fetch(args) -> int:
-    from activeflow_jax.fetch import fetch_default_model
+    from activeflow_jax.fetch import fetch_default_model, fetch_model
 
-    print(fetch_default_model(dtype=args.dtype))
+    print(fetch_model(args.model, dtype=args.dtype) if args.model else fetch_default_model(dtype=args.dtype))
     return 0
 
 
@@ -273,6 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("fetch", help="download and convert the default model (SmolLM2-135M-Instruct)")
+    p.add_argument("model", nargs="?", default=None,
+                   help="a known model: smollm2-135m-instruct (the default) or gemma3-270m")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16"], help="storage dtype of the store")
     p.set_defaults(func=cmd_fetch)
 
