@@ -248,3 +248,13 @@ def test_tiny_sentencepiece_tokenizer_equals_llama_cpp_port(gemma_store, text):
     assert tok.encode(text, add_bos=False) == ReferenceSPM(gguf_path).encode(text)
     assert tok.encode(text)[:1] == [2]  # Gemma's GGUF asks for BOS
     assert tok.decode(tok.encode(text)) == text.replace("<bos>", "").replace("<eos>", "")
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_param_count_and_tensor_map_agree_with_the_decoder(family):
+    from activeflow_jax.models.families import tensor_map
+
+    cfg = FAMILIES[family][0]
+    shapes = llama.param_shapes(cfg)
+    assert sum(int(np.prod(s)) for s in shapes.values()) == cfg.num_params()
+    assert sorted(name for name, _ in tensor_map(cfg)) == sorted(shapes)
