@@ -73,6 +73,10 @@ def load_reference_weights(gguf_path) -> dict:
         "rope_base": float(meta("rope.freq_base")),
         "eps": float(meta("attention.layer_norm_rms_epsilon")),
         "final_softcap": float(meta("final_logit_softcapping", 0.0) or 0.0),
+        "attn_softcap": float(meta("attn_logit_softcapping", 0.0) or 0.0),
+        # linear RoPE scaling (llama.cpp freq_scale = 1 / factor): the angle is pos / factor
+        "rope_pos_scale": 1.0 / float(meta("rope.scaling.factor", 1.0))
+        if meta("rope.scaling.type") == "linear" else 1.0,
         "rope_neox": arch != "llama",
     }
     w["rope_base_layer"] = [w["rope_base"]] * n_layer
@@ -106,7 +110,7 @@ def rms_norm(x, weight, eps):
     return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * weight
 
 
-def rope_adjacent_pairs(x, base, freq_divisors=None):
+def rope_adjacent_pairs(x, base, freq_divisors=None, pos_scale=1.0):
     """x: [T, n_heads, head_dim]. Rotate pairs (x[2i], x[2i+1]) by pos * base^(-2i/head_dim)
     (divided by freq_divisors[i] when given)."""
     T, _, head_dim = x.shape
@@ -114,7 +118,7 @@ def rope_adjacent_pairs(x, base, freq_divisors=None):
     theta = base ** (-2.0 * i / head_dim)                                  # [head_dim/2]
     if freq_divisors is not None:
         theta = theta / freq_divisors
-    angle = np.arange(T, dtype=np.float64)[:, None] * theta[None, :]       # [T, head_dim/2]
+    angle = pos_scale * np.arange(T, dtype=np.float64)[:, None] * theta[None, :]  # [T, head_dim/2]
     cos, sin = np.cos(angle)[:, None, :], np.sin(angle)[:, None, :]        # [T, 1, head_dim/2]
     x0, x1 = x[..., 0::2], x[..., 1::2]
     out = np.empty_like(x)
@@ -158,8 +162,8 @@ def attention(x, layer, w, il=0):
     if w["rope_neox"]:
         q, k = rope_neox(q, base), rope_neox(k, base)
     else:
-        q = rope_adjacent_pairs(q, base, w["rope_freqs"])
-        k = rope_adjacent_pairs(k, base, w["rope_freqs"])
+        q = rope_adjacent_pairs(q, base, w["rope_freqs"], w["rope_pos_scale"])
+        k = rope_adjacent_pairs(k, base, w["rope_freqs"], w["rope_pos_scale"])
     group = n_head // n_head_kv
     causal = np.tril(np.ones((T, T), dtype=bool))
     window = w["window_layer"][il]
@@ -170,6 +174,8 @@ def attention(x, layer, w, il=0):
     for h in range(n_head):
         kv = h // group
         scores = (q[:, h, :] @ k[:, kv, :].T) / np.sqrt(head_dim)          # [T, T]
+        if w["attn_softcap"]:
+            scores = w["attn_softcap"] * np.tanh(scores / w["attn_softcap"])
         scores = np.where(causal, scores, -np.inf)
         scores = scores - scores.max(axis=-1, keepdims=True)
         probs = np.exp(scores)

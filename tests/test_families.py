@@ -27,7 +27,10 @@ LLAMA3 = tiny_config(name="tiny-llama3", d_model=32, d_ff=64, num_heads=2, num_k
                      vocab_size=128256, rope_theta=500000.0,
                      rope_freq_factors=tuple(float(f) for f in np.geomspace(1.0, 8.0, 8).astype(np.float32)))
 FAMILIES = {"llama": (tiny_config(), "smollm"), "llama3": (LLAMA3, "llama-bpe"), "gemma3": (GEMMA3, "default"),
-            "qwen2": (QWEN2, "qwen2")}
+            "qwen2": (QWEN2, "qwen2"),
+            # the decoder's soft-capping (Gemma 2 style; Gemma 3 has none) and linear RoPE scaling
+            "gemma3_softcap": (dataclasses.replace(GEMMA3, attn_softcap=1.5, final_softcap=2.0), "default"),
+            "llama_linear_rope": (tiny_config(rope_scale=0.25), "smollm")}
 
 
 def _store(tmp_path, family: str, qtype: str = "F32", cfg: ModelConfig | None = None):
