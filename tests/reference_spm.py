@@ -118,6 +118,8 @@ class ReferenceSPM:
     def encode(self, text):
         """Ids of text without BOS (llama_tokenize with add_special=False, parse_special=True)."""
         output, prev_special = [], True
+        if not text:  # llama.cpp tokenizes nothing (no space prefix either) for an empty text
+            return output
         for kind, value in self._partition(text):
             if kind == "token":
                 output.append(value)
