@@ -321,3 +321,19 @@ def test_llama_sentencepiece_with_and_without_space_prefix(tmp_path, add_space_p
     for text in SPM_TEXTS:
         assert tok.encode(text, add_bos=False) == ref.encode(text), text
     assert tok.decode(tok.encode("the theta then")) == "the theta then"
+
+
+def test_unknown_tensor_type_id_is_a_clear_error(tmp_path):
+    import struct
+
+    path = tmp_path / "m.gguf"
+    write_tiny_gguf(path, tiny_config(num_layers=1))
+    data = bytearray(path.read_bytes())
+    name = b"blk.0.ffn_down.weight"
+    at = data.index(struct.pack("<Q", len(name)) + name) + 8 + len(name)  # tensor info: name, n_dims, dims, type
+    n_dims = struct.unpack_from("<I", data, at)[0]
+    data[at + 4 + 8 * n_dims:at + 8 + 8 * n_dims] = struct.pack("<I", 250)
+    path.write_bytes(bytes(data))
+    with pytest.raises(af.UnsupportedModelError, match="type this gguf package does not know.*supported types: F32"):
+        af.convert(path, tmp_path / "s", progress=False)
+    assert not (tmp_path / "s").exists()

@@ -153,6 +153,11 @@ def open_gguf(path: str | os.PathLike) -> GGUFModel:
     try:
         reader = gguf.GGUFReader(path)
     except Exception as exc:  # the gguf package raises ValueError/IndexError/OSError on damage
+        if "GGMLQuantizationType" in str(exc):  # a tensor type newer than this gguf package
+            raise UnsupportedModelError(
+                f"{path} holds a tensor of a type this gguf package does not know ({exc}); supported types: "
+                f"{', '.join(supported_tensor_types())}. Upgrade the gguf package, or re-quantize the model "
+                "(e.g. llama-quantize ... Q8_0)") from None
         raise GGUFError(
             f"{path} could not be parsed as GGUF ({type(exc).__name__}: {exc}); the file is probably "
             "truncated or damaged: download it again"
