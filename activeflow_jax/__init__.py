@@ -3,6 +3,7 @@
 Public API:
     af.fetch_default_model() -> store path       af.convert(gguf, store, dtype=...)
     af.verify_store(store) -> VerifyReport        every chunk's checksum and the manifest
+    af.fetch_model("gemma3-270m") -> store path  other known models (fetch.MODELS)
     af.Engine.load(store)                         engine.generate / stream / logits / stats
     af.calibrate(store, levels=[0.5])             sparsity thresholds into the store
     af.Engine.load(store, sparsity=0.5)           contextual sparsity (TEAL thresholds, top-k kernels)
@@ -27,7 +28,7 @@ from activeflow_jax.errors import (
 from activeflow_jax.eval.perplexity import PerplexityResult, engine_perplexity
 from activeflow_jax.eval.quality import QualityReport, QualitySetting, evaluate_quality
 from activeflow_jax.eval.tasks import TaskReport, TaskResult, evaluate_tasks
-from activeflow_jax.fetch import fetch_default_model
+from activeflow_jax.fetch import fetch_default_model, fetch_model
 from activeflow_jax.sampling import SamplingParams
 from activeflow_jax.sparse.calibrate import Calibration, calibrate
 from activeflow_jax.store.verify import VerifyReport, verify_store
@@ -41,5 +42,5 @@ __all__ = [
     "ActiveFlowError", "Engine", "EngineStats", "FetchError", "GGUFError", "InvalidArgumentError", "ModelConfig",
     "PerplexityResult", "PromptTooLongError", "SamplingParams", "StoreCorruptError", "StoreError", "TaskReport",
     "TaskResult", "UnsupportedModelError", "convert", "engine_perplexity", "evaluate_tasks", "fetch_default_model",
-    "VerifyReport", "verify_store",
+    "VerifyReport", "verify_store", "fetch_model",
 ]

@@ -21,9 +21,10 @@ def _store_or_default(args) -> str:
 
 
 def cmd_fetch(args) -> int:
-    from activeflow_jax.fetch import fetch_default_model
+    from activeflow_jax.fetch import DEFAULT_MODEL, fetch_model
 
-    print(fetch_default_model(dtype=args.dtype, verify=True))  # a damaged store is converted again
+    # verify: a damaged store is converted again
+    print(fetch_model(args.model or DEFAULT_MODEL.name, dtype=args.dtype, verify=True))
     return 0
 
 
@@ -326,6 +327,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("fetch", help="download and convert the default model (SmolLM2-135M-Instruct)")
+    p.add_argument("model", nargs="?", default=None,
+                   help="a known model: smollm2-135m-instruct (the default) or gemma3-270m")
     p.add_argument("--dtype", default="float32", choices=DTYPE_CHOICES, help="storage dtype of the store "
                    "(q8/q4: int8/4-bit rows with f16 block scales, see activeflow_jax/quant.py)")
     p.set_defaults(func=cmd_fetch)

@@ -14,9 +14,12 @@ from activeflow_jax.errors import StoreError
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """Shape and hyper-parameters of a Llama-family decoder."""
+    """Shape and hyper-parameters of a decoder of one of the families in models/families.py.
 
-    arch: str  # "llama"
+    The fields after `name` describe how a family departs from Llama; their defaults are Llama's,
+    so manifests written before they existed still load. A family's spec sets them at import."""
+
+    arch: str  # GGUF general.architecture: "llama", "gemma3", "qwen2" (models/families.py)
     num_layers: int
     d_model: int
     d_ff: int
@@ -29,12 +32,44 @@ class ModelConfig:
     max_context: int
     tie_embeddings: bool
     name: str = ""
+    mlp_activation: str = "silu"  # the gated MLP's activation: "silu" (SwiGLU) or "gelu_tanh" (GeGLU)
+    qk_norm: bool = False  # RMSNorm over each q and k head (head_dim weights) before RoPE
+    post_norms: bool = False  # RMSNorm on the attention and MLP outputs before the residual add
+    qkv_bias: bool = False  # q/k/v projections carry biases
+    embed_scale: float = 1.0  # the embedding row is multiplied by this (Gemma: sqrt(d_model))
+    query_scale: float = 0.0  # attention scores scale; 0 means head_dim ** -0.5
+    sliding_window: int = 0  # local layers attend to the last `sliding_window` positions; 0: none
+    sliding_window_pattern: int = 0  # layer i is local iff i % N < N - 1 (llama.cpp's swa pattern); 0: all local
+    rope_local_theta: float = 0.0  # RoPE base of local (sliding-window) layers; 0 means rope_theta
+    rope_scale: float = 1.0  # linear RoPE scaling of global layers: angle = position * rope_scale * freq
+    rope_freq_factors: tuple[float, ...] = ()  # per-frequency divisors (Llama 3.x rope_freqs), [head_dim / 2]
+    attn_softcap: float = 0.0  # scores -> cap * tanh(scores / cap) when > 0
+    final_softcap: float = 0.0  # logits -> cap * tanh(logits / cap) when > 0
 
     def __post_init__(self) -> None:
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads={self.num_heads} not a multiple of num_kv_heads={self.num_kv_heads}")
         if self.head_dim % 2:
             raise ValueError(f"head_dim={self.head_dim} must be even for RoPE")
+        if self.mlp_activation not in MLP_ACTIVATIONS:
+            raise ValueError(f"mlp_activation={self.mlp_activation!r}; supported: {MLP_ACTIVATIONS}")
+        if self.rope_freq_factors and len(self.rope_freq_factors) != self.head_dim // 2:
+            raise ValueError(f"rope_freq_factors has {len(self.rope_freq_factors)} entries, expected head_dim / 2")
+        object.__setattr__(self, "rope_freq_factors", tuple(float(f) for f in self.rope_freq_factors))
+
+    def is_local_layer(self, layer: int) -> bool:
+        """Whether `layer` attends through the sliding window (llama.cpp's set_swa_pattern rule)."""
+        if not self.sliding_window:
+            return False
+        n = self.sliding_window_pattern
+        return n == 0 or layer % n < n - 1
+
+    def layer_rope_theta(self, layer: int) -> float:
+        return self.rope_local_theta if self.is_local_layer(layer) and self.rope_local_theta else self.rope_theta
+
+    @property
+    def attention_scale(self) -> float:
+        return self.query_scale or self.head_dim ** -0.5
 
     @property
     def q_dim(self) -> int:
@@ -49,15 +84,20 @@ class ModelConfig:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "ModelConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        missing = names - set(data) - {"name"}
+        fields = dataclasses.fields(cls)
+        required = {f.name for f in fields if f.default is dataclasses.MISSING}
+        missing = required - set(data)
         if missing:
             raise StoreError(f"model config in manifest lacks {sorted(missing)}; re-convert the store")
-        return cls(**{k: v for k, v in data.items() if k in names})
+        names = {f.name for f in fields}
+        values = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items() if k in names}
+        return cls(**values)
 
     def num_params(self) -> int:
         per_layer = (
-            2 * self.d_model  # norms
+            (4 if self.post_norms else 2) * self.d_model  # norms
+            + (2 * self.head_dim if self.qk_norm else 0)
+            + ((self.q_dim + 2 * self.kv_dim) if self.qkv_bias else 0)
             + self.d_model * (self.q_dim + 2 * self.kv_dim)
             + self.q_dim * self.d_model
             + 3 * self.d_model * self.d_ff
@@ -76,6 +116,8 @@ def tiny_config(**overrides: Any) -> ModelConfig:
     base.update(overrides)
     return ModelConfig(**base)
 
+
+MLP_ACTIVATIONS = ("silu", "gelu_tanh")
 
 # Linear ops grouped by the input they read: q/k/v share the normed attention input, gate/up the
 # normed MLP input; o reads the attention output, down the SwiGLU product. One mask per group.

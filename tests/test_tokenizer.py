@@ -106,7 +106,7 @@ def test_unsupported_tokenizer_model_is_refused(tmp_path):
     from activeflow_jax.formats.gguf_import import open_gguf
     from activeflow_jax.testing import write_tiny_gguf
 
-    path = tmp_path / "spm.gguf"
+    path = tmp_path / "bert.gguf"
     write_tiny_gguf(path)
     # rewrite the file with a SentencePiece tokenizer model name
     reader = gguf.GGUFReader(path)
@@ -116,7 +116,7 @@ def test_unsupported_tokenizer_model_is_refused(tmp_path):
             continue
         value = field.contents()
         if field.name == "tokenizer.ggml.model":
-            value = "llama"
+            value = "bert"
         vtype = field.types[0]
         sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
         writer.add_key_value(field.name, value, vtype, sub_type=sub)
@@ -126,5 +126,5 @@ def test_unsupported_tokenizer_model_is_refused(tmp_path):
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    with pytest.raises(UnsupportedModelError, match="tokenizer model 'llama'"):
+    with pytest.raises(UnsupportedModelError, match="tokenizer model 'bert'.*supported: 'gpt2'.*'llama'"):
         open_gguf(tmp_path / "spm2.gguf")

@@ -1,9 +1,14 @@
-"""GGUF import: Llama-family metadata -> `ModelConfig`, tensors -> our [in, out] float32 layout.
+"""GGUF import: metadata -> `ModelConfig` (through the family spec of the file's architecture,
+models/families.py), tensors -> our [in, out] float32 layout.
 
-GGUF (as written by llama.cpp's converter) stores attn_q / attn_k with their rows permuted for
-llama.cpp's interleaved-pair RoPE. We undo that permutation here, once, so that the rest of the
-engine uses the Hugging Face layout with rotate-half RoPE. (Using one layout with the other RoPE
+For the "llama" architecture, llama.cpp's converter stores attn_q / attn_k with their rows
+permuted for llama.cpp's interleaved-pair RoPE (the other families use rotate-half, "NEOX", and
+are stored unpermuted). We undo that permutation here, once, so that the rest of the engine uses
+the Hugging Face layout with rotate-half RoPE everywhere. (Using one layout with the other RoPE
 gives fluent-looking text at ~10x the perplexity; tests/test_real_model.py guards against it.)
+
+Every tensor type that the `gguf` package dequantizes imports (F32, F16, BF16, Q4_0/Q4_1/Q5_0/
+Q5_1/Q8_0, the K-quants Q2_K..Q6_K, the IQ and TQ types): see `supported_tensor_types`.
 """
 
 from __future__ import annotations
@@ -19,8 +24,7 @@ import numpy as np
 
 from activeflow_jax.config import ModelConfig
 from activeflow_jax.errors import GGUFError, UnsupportedModelError
-
-SUPPORTED_ARCHS = ("llama",)
+from activeflow_jax.models.families import SUPPORTED_ARCHS, family, tensor_map
 
 
 def _gguf():
@@ -62,39 +66,26 @@ class GGUFModel:
         Ops that share an input are fused column-wise (q|k|v, gate|up) as the model expects."""
         by_name = {t.name: t for t in self.reader.tensors}
         cfg = self.config
+        permuted = family(cfg.arch).gguf_qk_permuted
         for ours, sources in _tensor_map(cfg):
             parts = []
             for theirs in sources:
                 if theirs not in by_name:
                     raise GGUFError(f"{self.path}: tensor '{theirs}' is missing; the file is incomplete")
                 arr = _dequantize(by_name[theirs], self.path)
-                if theirs.endswith(("attn_q.weight", "attn_k.weight")):
-                    heads = cfg.num_heads if theirs.endswith("attn_q.weight") else cfg.num_kv_heads
+                if permuted and theirs.endswith(("attn_q.weight", "attn_k.weight", "attn_q.bias", "attn_k.bias")):
+                    heads = cfg.num_heads if ".attn_q." in theirs else cfg.num_kv_heads
                     arr = _unpermute_rope_rows(arr, heads)
                 if arr.ndim == 2 and ours != "embed":
                     arr = arr.T  # GGUF linear weights are [out, in]; we store rows = input channels
                 parts.append(arr)
-            arr = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
+            arr = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=-1)
             yield ours, np.ascontiguousarray(arr, dtype=np.float32)
 
 
 def _tensor_map(cfg: ModelConfig) -> list[tuple[str, tuple[str, ...]]]:
-    """(our parameter name, the GGUF tensors it is made of); names as models.llama.param_shapes."""
-    pairs = [("embed", ("token_embd.weight",))]
-    for i in range(cfg.num_layers):
-        ours, b = f"layers.{i}.", f"blk.{i}."
-        pairs += [
-            (ours + "attn_norm.weight", (b + "attn_norm.weight",)),
-            (ours + "attn.wqkv", (b + "attn_q.weight", b + "attn_k.weight", b + "attn_v.weight")),
-            (ours + "attn.wo", (b + "attn_output.weight",)),
-            (ours + "mlp_norm.weight", (b + "ffn_norm.weight",)),
-            (ours + "mlp.w_gate_up", (b + "ffn_gate.weight", b + "ffn_up.weight")),
-            (ours + "mlp.w_down", (b + "ffn_down.weight",)),
-        ]
-    pairs.append(("final_norm.weight", ("output_norm.weight",)))
-    if not cfg.tie_embeddings:
-        pairs.append(("lm_head", ("output.weight",)))
-    return pairs
+    """(our parameter name, the GGUF tensors it is made of): the family's (models/families.py)."""
+    return tensor_map(cfg)
 
 
 def _unpermute_rope_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
@@ -114,7 +105,7 @@ def _dequantize(tensor: Any, path: str) -> np.ndarray:
             arr = np.asarray(tensor.data, dtype=np.float16).astype(np.float32)
         else:
             arr = gguf.quants.dequantize(tensor.data, qtype)
-    except NotImplementedError:
+    except (NotImplementedError, KeyError, ValueError):
         raise UnsupportedModelError(
             f"{path}: tensor '{tensor.name}' has type {qtype.name}, which cannot be dequantized; "
             f"supported types: {', '.join(supported_tensor_types())}. Re-quantize the model "
@@ -132,6 +123,11 @@ def _field(reader: Any, key: str, default: Any = None, *, required: bool = False
             raise GGUFError(f"GGUF metadata key '{key}' is missing")
         return default
     return field.contents()
+
+
+def _tensor_type_name(tensor: Any) -> str:
+    qtype = tensor.tensor_type
+    return getattr(qtype, "name", f"unknown type {int(qtype)}")
 
 
 def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
@@ -160,6 +156,11 @@ def open_gguf(path: str | os.PathLike) -> GGUFModel:
     try:
         reader = gguf.GGUFReader(path)
     except Exception as exc:  # the gguf package raises ValueError/IndexError/OSError on damage
+        if "GGMLQuantizationType" in str(exc):  # a tensor type newer than this gguf package
+            raise UnsupportedModelError(
+                f"{path} holds a tensor of a type this gguf package does not know ({exc}); supported types: "
+                f"{', '.join(supported_tensor_types())}. Upgrade the gguf package, or re-quantize the model "
+                "(e.g. llama-quantize ... Q8_0)") from None
         raise GGUFError(
             f"{path} could not be parsed as GGUF ({type(exc).__name__}: {exc}); the file is probably "
             "truncated or damaged: download it again"
@@ -169,40 +170,35 @@ def open_gguf(path: str | os.PathLike) -> GGUFModel:
         raise UnsupportedModelError(
             f"{path}: architecture '{arch}' is not supported; supported: {', '.join(SUPPORTED_ARCHS)}"
         )
-    p = arch + "."
-    d_model = int(_field(reader, p + "embedding_length", required=True))
-    num_heads = int(_field(reader, p + "attention.head_count", required=True))
-    tokens = _field(reader, "tokenizer.ggml.tokens")
+    spec = family(arch)
     names = {t.name for t in reader.tensors}
-    head_dim = int(_field(reader, p + "attention.key_length", d_model // num_heads))
-    config = ModelConfig(
-        arch=arch,
-        num_layers=int(_field(reader, p + "block_count", required=True)),
-        d_model=d_model,
-        d_ff=int(_field(reader, p + "feed_forward_length", required=True)),
-        num_heads=num_heads,
-        num_kv_heads=int(_field(reader, p + "attention.head_count_kv", num_heads)),
-        head_dim=head_dim,
-        vocab_size=int(_field(reader, p + "vocab_size", len(tokens) if tokens else 0)),
-        rope_theta=float(_field(reader, p + "rope.freq_base", 10000.0)),
-        norm_eps=float(_field(reader, p + "attention.layer_norm_rms_epsilon", 1e-5)),
-        max_context=int(_field(reader, p + "context_length", 2048)),
-        tie_embeddings="output.weight" not in names,
-        name=str(_field(reader, "general.name", os.path.basename(path))),
-    )
     supported = supported_tensor_types()
     for tensor in reader.tensors:
-        if tensor.tensor_type.name not in supported:
+        if _tensor_type_name(tensor) not in supported:
             raise UnsupportedModelError(
-                f"{path}: tensor '{tensor.name}' has type {tensor.tensor_type.name}, which cannot be dequantized; "
+                f"{path}: tensor '{tensor.name}' has type {_tensor_type_name(tensor)}, which cannot be dequantized; "
                 f"supported types: {', '.join(supported)}. Re-quantize the model (e.g. llama-quantize ... Q8_0) "
                 "or export it as F16."
             )
-    rope_dims = _field(reader, p + "rope.dimension_count", head_dim)
-    if int(rope_dims) != head_dim:
-        raise UnsupportedModelError(f"{path}: partial RoPE ({rope_dims} of {head_dim} dims) is not supported")
-    if _field(reader, p + "rope.scaling.type") not in (None, "none"):
-        raise UnsupportedModelError(f"{path}: RoPE scaling is not supported yet")
-    if _field(reader, p + "expert_count", 0):
-        raise UnsupportedModelError(f"{path}: mixture-of-experts Llama models are not supported yet")
-    return GGUFModel(path=path, config=config, tokenizer_spec=tokenizer_spec_from_gguf(reader), reader=reader)
+    rope_freqs: tuple[float, ...] = ()
+    if "rope_freqs.weight" in names:  # Llama 3.x: per-frequency divisors written by the converter
+        tensor = next(t for t in reader.tensors if t.name == "rope_freqs.weight")
+        rope_freqs = tuple(float(f) for f in _dequantize(tensor, path).reshape(-1))
+    try:
+        config = spec_config(spec, reader, names, name=str(_field(reader, "general.name", os.path.basename(path))),
+                             rope_freqs=rope_freqs)
+    except UnsupportedModelError as exc:
+        raise UnsupportedModelError(f"{path}: {exc}") from None
+    except ValueError as exc:  # the config's own consistency checks (head counts, sizes)
+        raise GGUFError(f"{path}: inconsistent {arch} metadata: {exc}") from None
+    return GGUFModel(path=path, config=config, tokenizer_spec=tokenizer_spec_from_gguf(reader, spec.tokenizers),
+                     reader=reader)
+
+
+def spec_config(spec, reader: Any, names: set[str], *, name: str, rope_freqs: tuple[float, ...] = ()) -> ModelConfig:
+    from activeflow_jax.models.families import config_from_gguf
+
+    def field(key: str, default: Any = None, *, required: bool = False) -> Any:
+        return _field(reader, key, default, required=required)
+
+    return config_from_gguf(spec, field, names, name=name, rope_freqs=rope_freqs)

@@ -1,7 +1,15 @@
 """Tokenizer from GGUF metadata, built on Hugging Face `tokenizers`.
 
-The GGUF keys `tokenizer.ggml.*` hold a byte-level BPE vocabulary (tokens, token types, merges)
-and the name of the pre-tokenizer (`tokenizer.ggml.pre`). We keep those raw fields in the store's
+Two kinds (`tokenizer.ggml.model`):
+- "gpt2": a byte-level BPE vocabulary (tokens, token types, merges) and the name of the
+  pre-tokenizer (`tokenizer.ggml.pre`): SmolLM, Llama 3, Qwen2, StarCoder.
+- "llama": a SentencePiece vocabulary (tokens, scores, token types with <0xXX> byte tokens), as
+  Gemma and Llama 2 ship it. llama.cpp tokenizes it by repeatedly merging the adjacent pair whose
+  concatenation is the highest-scoring token (leftmost first among equals), spaces written as
+  U+2581, unknown characters as their UTF-8 bytes. We build the same thing as a `tokenizers` BPE
+  whose merges are ranked by the merged token's score, with byte fallback; the space prefix
+  only where the GGUF asks for it (`tokenizer.ggml.add_space_prefix`; Gemma 3 does not).
+ We keep those raw fields in the store's
 manifest (the *spec*) and build the `tokenizers` object from them at load time, so the store
 never depends on the serialization format of one `tokenizers` release.
 
@@ -37,7 +45,15 @@ _LLAMA3_PATTERN = (
     r"|\s+(?!\S)|\s+"
 )
 _LLAMA3_NAMES = ("llama-bpe", "llama3")
-SUPPORTED_PRE_TOKENIZERS = _DIGITS_THEN_BYTELEVEL + _BYTELEVEL_ONLY + _LLAMA3_NAMES
+# Qwen2's pre-tokenizer: Llama 3's pattern with single digits (llama.cpp LLAMA_VOCAB_PRE_TYPE_QWEN2)
+_QWEN2_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+    r"|\s+(?!\S)|\s+"
+)
+_QWEN2_NAMES = ("qwen2",)
+SUPPORTED_PRE_TOKENIZERS = _DIGITS_THEN_BYTELEVEL + _BYTELEVEL_ONLY + _LLAMA3_NAMES + _QWEN2_NAMES
+SUPPORTED_TOKENIZER_MODELS = ("gpt2", "llama")
+SPM_SPACE = "\u2581"  # SentencePiece's visible space
 
 
 def _field(reader: Any, key: str, default: Any = None) -> Any:
@@ -45,18 +61,22 @@ def _field(reader: Any, key: str, default: Any = None) -> Any:
     return default if field is None else field.contents()
 
 
-def tokenizer_spec_from_gguf(reader: Any) -> dict[str, Any]:
-    """The tokenizer fields of a GGUF file as a JSON-serializable dict (stored in the manifest)."""
+def tokenizer_spec_from_gguf(reader: Any, models: tuple[str, ...] = SUPPORTED_TOKENIZER_MODELS) -> dict[str, Any]:
+    """The tokenizer fields of a GGUF file as a JSON-serializable dict (stored in the manifest).
+    models: the tokenizer kinds the model's family ships with."""
     model = _field(reader, "tokenizer.ggml.model")
     if model is None:
         raise UnsupportedModelError("the GGUF file has no tokenizer (tokenizer.ggml.model is missing)")
-    if model != "gpt2":
+    if model not in SUPPORTED_TOKENIZER_MODELS:
         raise UnsupportedModelError(
-            f"tokenizer model '{model}' is not supported yet; only byte-level BPE ('gpt2') tokenizers are "
-            "(SmolLM, Llama 3, Qwen, StarCoder families)"
+            f"tokenizer model '{model}' is not supported yet; supported: 'gpt2' (byte-level BPE: SmolLM, Llama 3, "
+            "Qwen, StarCoder) and 'llama' (SentencePiece vocabulary with scores: Gemma, Llama 2)"
         )
+    if model not in models:
+        raise UnsupportedModelError(f"tokenizer model '{model}' is not one this architecture ships with "
+                                    f"({', '.join(models)})")
     pre = _field(reader, "tokenizer.ggml.pre", "default")
-    if pre not in SUPPORTED_PRE_TOKENIZERS:
+    if model == "gpt2" and pre not in SUPPORTED_PRE_TOKENIZERS:
         raise UnsupportedModelError(
             f"pre-tokenizer '{pre}' is not supported yet; supported: {', '.join(SUPPORTED_PRE_TOKENIZERS)}"
         )
@@ -68,6 +88,15 @@ def tokenizer_spec_from_gguf(reader: Any) -> dict[str, Any]:
     bos = _field(reader, "tokenizer.ggml.bos_token_id")
     eos = _field(reader, "tokenizer.ggml.eos_token_id")
     eot = _field(reader, "tokenizer.ggml.eot_token_id")
+    extra: dict[str, Any] = {}
+    if model == "llama":
+        scores = [float(x) for x in _field(reader, "tokenizer.ggml.scores", [])]
+        if len(scores) != len(tokens):
+            raise UnsupportedModelError("the GGUF SentencePiece tokenizer has no scores for its tokens")
+        unk = _field(reader, "tokenizer.ggml.unknown_token_id")
+        # llama.cpp's default for SentencePiece vocabularies is to add the space prefix
+        extra = {"scores": scores, "add_space_prefix": bool(_field(reader, "tokenizer.ggml.add_space_prefix", True)),
+                 "unk_id": None if unk is None else int(unk)}
     return {
         "version": SPEC_VERSION,
         "model": model,
@@ -80,6 +109,7 @@ def tokenizer_spec_from_gguf(reader: Any) -> dict[str, Any]:
         "eot_id": None if eot is None else int(eot),
         "add_bos": bool(_field(reader, "tokenizer.ggml.add_bos_token", False)),
         "chat_template": _field(reader, "tokenizer.chat_template"),
+        **extra,
     }
 
 
@@ -97,9 +127,56 @@ def _byte_decoder() -> dict[str, int]:
     return table
 
 
+def spm_merges(tokens: Sequence[str], scores: Sequence[float]) -> list[tuple[str, str]]:
+    """BPE merges that make a `tokenizers` BPE tokenize like llama.cpp's SentencePiece session:
+    every split (left, right) of a token into two tokens, ranked by the merged token's score
+    (highest first), so the pair merged first is the one whose concatenation scores highest."""
+    vocab = {}
+    for i, tok in enumerate(tokens):
+        vocab.setdefault(tok, i)
+    ranked = []
+    for tok, i in vocab.items():
+        for cut in range(1, len(tok)):
+            left, right = tok[:cut], tok[cut:]
+            if left in vocab and right in vocab:
+                ranked.append((-scores[i], i, vocab[left], left, right))
+    ranked.sort()
+    return [(left, right) for *_, left, right in ranked]
+
+
+def _build_spm_tokenizer(spec: dict[str, Any]) -> Any:
+    from tokenizers import AddedToken, decoders, models, normalizers
+    from tokenizers import Tokenizer as HFTokenizer
+
+    tokens, types = spec["tokens"], spec["token_types"]
+    vocab = {}
+    for i, tok in enumerate(tokens):
+        vocab.setdefault(tok, i)
+    unk = spec.get("unk_id")
+    hf = HFTokenizer(models.BPE(vocab=vocab, merges=spm_merges(tokens, spec["scores"]), byte_fallback=True,
+                                unk_token=tokens[unk] if unk is not None else None, fuse_unk=False,
+                                ignore_merges=False))
+    steps = [normalizers.Prepend(SPM_SPACE)] if spec["add_space_prefix"] else []
+    hf.normalizer = normalizers.Sequence([*steps, normalizers.Replace(" ", SPM_SPACE)])
+    hf.decoder = decoders.Sequence([decoders.Replace(SPM_SPACE, " "), decoders.ByteFallback(), decoders.Fuse()])
+    # llama.cpp splits control, user-defined and unknown token texts out of the text first (with
+    # special parsing on, as our encode does); Gemma's "\n", "\n\n", ... are user-defined tokens
+    added = [
+        AddedToken(tokens[i], special=types[i] != TOKEN_USER_DEFINED, normalized=False)
+        for i in range(len(tokens))
+        if types[i] in (TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNKNOWN)
+    ]
+    if added:
+        hf.add_tokens(added)
+    return hf
+
+
 def _build_hf_tokenizer(spec: dict[str, Any]) -> Any:
     from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
     from tokenizers import Tokenizer as HFTokenizer
+
+    if spec["model"] == "llama":
+        return _build_spm_tokenizer(spec)
 
     tokens, types = spec["tokens"], spec["token_types"]
     vocab = {tok: i for i, tok in enumerate(tokens)}
@@ -120,9 +197,10 @@ def _build_hf_tokenizer(spec: dict[str, Any]) -> Any:
             pre_tokenizers.Digits(individual_digits=True),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
         ])
-    elif pre in _LLAMA3_NAMES:
+    elif pre in _LLAMA3_NAMES + _QWEN2_NAMES:
+        pattern = _LLAMA3_PATTERN if pre in _LLAMA3_NAMES else _QWEN2_PATTERN
         hf.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(_LLAMA3_PATTERN), behavior="isolated"),
+            pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
         ])
     else:
@@ -202,7 +280,10 @@ class Tokenizer:
     def decode(self, ids: Iterable[int], *, skip_special_tokens: bool = True) -> str:
         """Text of `ids`; invalid UTF-8 (a token sequence cut inside a character) becomes U+FFFD."""
         data = b"".join(self.token_bytes(i, skip_special_tokens=skip_special_tokens) for i in ids)
-        return data.decode("utf-8", errors="replace")
+        text = data.decode("utf-8", errors="replace")
+        if self.spec.get("add_space_prefix") and text.startswith(" "):
+            text = text[1:]  # the space the SentencePiece prefix added (as Hugging Face's decoder strips it)
+        return text
 
     def token_bytes(self, token_id: int, *, skip_special_tokens: bool = True) -> bytes:
         """The exact bytes one token stands for (b'' for a skipped special token)."""
@@ -211,10 +292,14 @@ class Tokenizer:
             raise InvalidArgumentError(f"token id {token_id} is outside the vocabulary [0, {len(self._tokens)})")
         kind = self._types[token_id]
         text = self._tokens[token_id]
-        if kind in (TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNUSED):
+        if kind in (TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNUSED, TOKEN_UNKNOWN):
             if kind != TOKEN_USER_DEFINED and skip_special_tokens:
                 return b""
             return text.encode("utf-8")
+        if self.spec["model"] == "llama":  # SentencePiece: <0xXX> byte tokens, U+2581 for spaces
+            if kind == TOKEN_BYTE:
+                return bytes([int(text[3:5], 16)])
+            return text.replace(SPM_SPACE, " ").encode("utf-8")
         table = _byte_decoder()
         try:
             return bytes(table[ch] for ch in text)

@@ -1,4 +1,9 @@
-"""Llama-family decoder as Flax NNX modules; the dense forward is the reference path.
+"""The decoder of every model family, as Flax NNX modules; the dense forward is the reference path.
+
+Llama is the base; the fields of `ModelConfig` that models/families.py sets per family switch on
+what others add (GeGLU, q/k norms, post-norms, q/k/v biases, sliding-window layers with their own
+RoPE base, RoPE scaling, embedding scale, soft-capping). The native one-token kernels run only
+where `families.native_attention_ok` says they compute the same thing.
 
 NNX defines the model (parameter names and shapes live here and nowhere else). The hot loop
 runs on plain pytrees: `split_params` turns a module into (graphdef, pure dict of arrays) and
@@ -118,10 +123,25 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float, native: bool = False) 
     return x * jax.lax.rsqrt(variance + eps) * weight
 
 
-def swiglu(gate_up: jax.Array) -> jax.Array:
-    """[T, 2*ff] (gate columns first) -> the down projection's input [T, ff]."""
+def swiglu(gate_up: jax.Array, activation: str = "silu") -> jax.Array:
+    """[T, 2*ff] (gate columns first) -> the down projection's input [T, ff]: act(gate) * up, with
+    act = silu (SwiGLU) or the tanh form of gelu (GeGLU: Gemma, llama.cpp's ggml_gelu)."""
     f = gate_up.shape[-1] // 2
-    return jax.nn.silu(gate_up[:, :f]) * gate_up[:, f:]
+    gate = gate_up[:, :f]
+    act = jax.nn.gelu(gate, approximate=True) if activation == "gelu_tanh" else jax.nn.silu(gate)
+    return act * gate_up[:, f:]
+
+
+def sliding_bias(start_pos, t: int, attn_len: int, window: int) -> jax.Array:
+    """causal_bias, also masking keys `window` or more positions back (llama.cpp's standard SWA:
+    key p0 is hidden from query p1 when p1 - p0 >= window)."""
+    positions = start_pos + jnp.arange(t)[:, None]
+    keys = jnp.arange(attn_len)[None, :]
+    return jnp.where((keys <= positions) & (positions - keys < window), 0.0, -1e30)
+
+
+def softcap(x: jax.Array, cap: float) -> jax.Array:
+    return x if not cap else cap * jnp.tanh(x / cap)
 
 
 def causal_bias(start_pos, t: int, attn_len: int) -> jax.Array:
@@ -130,17 +150,24 @@ def causal_bias(start_pos, t: int, attn_len: int) -> jax.Array:
     return jnp.where(jnp.arange(attn_len)[None, :] <= positions[:, None], 0.0, -1e30)
 
 
-def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
-    """Rotate-half RoPE. x: [T, heads, head_dim], positions: [T]."""
+def rope(x: jax.Array, positions: jax.Array, theta: float, scale: float = 1.0,
+         freq_factors: tuple[float, ...] = ()) -> jax.Array:
+    """Rotate-half RoPE. x: [T, heads, head_dim], positions: [T]. scale: linear position scaling;
+    freq_factors: per-frequency divisors (Llama 3.x rope_freqs), as llama.cpp's ggml_rope_ext."""
     half = x.shape[-1] // 2
     inv_freq = theta ** (-jnp.arange(0, half, dtype=jnp.float32) / half)  # [half]
+    if freq_factors:
+        inv_freq = inv_freq / jnp.asarray(freq_factors, jnp.float32)
+    if scale != 1.0:
+        inv_freq = inv_freq * scale
     angles = positions.astype(jnp.float32)[:, None, None] * inv_freq  # [T, 1, half]
     cos, sin = jnp.cos(angles), jnp.sin(angles)
     x1, x2 = x[..., :half], x[..., half:]
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
 
-def head_logits(x_normed: jax.Array, embed, lm_head: jax.Array | None, native: bool = False) -> jax.Array:
+def head_logits(x_normed: jax.Array, embed, lm_head: jax.Array | None, native: bool = False,
+                final_softcap: float = 0.0) -> jax.Array:
     """[T, d] final-normed -> logits [T, V]; a tied head multiplies by the embedding [V, d] (f32,
     or an exact Q8 table: models/embedding.py). native: one token's tied head runs on the native
     kernel (XLA:CPU streams [V, d] slowly here)."""
@@ -150,11 +177,11 @@ def head_logits(x_normed: jax.Array, embed, lm_head: jax.Array | None, native: b
         if isinstance(embed, QRows):  # a quantized store's table, or an f32 store's exact Q8_0 one
             from activeflow_jax.sparse.native import q_rows_dot
 
-            return q_rows_dot(x_normed[0], embed)[None]
-        return rows_dot(x_normed[0], embed)[None]
+            return softcap(q_rows_dot(x_normed[0], embed)[None], final_softcap)
+        return softcap(rows_dot(x_normed[0], embed)[None], final_softcap)
     if lm_head is None:
-        return jnp.einsum("td,vd->tv", x_normed, as_f32(embed))
-    return quant_matmul(x_normed, lm_head, native)
+        return softcap(jnp.einsum("td,vd->tv", x_normed, as_f32(embed)), final_softcap)
+    return softcap(quant_matmul(x_normed, lm_head, native), final_softcap)
 
 
 class Attention(nnx.Module):
@@ -165,36 +192,68 @@ class Attention(nnx.Module):
         d, s = cfg.d_model, cfg.d_model**-0.5
         self.wqkv = _param(rngs, (d, cfg.q_dim + 2 * cfg.kv_dim), s)  # [d, H*hd + 2*KV*hd]
         self.wo = _param(rngs, (cfg.q_dim, d), cfg.q_dim**-0.5)  # [H*hd, d]
+        if cfg.qkv_bias:
+            self.bqkv = _param(rngs, (cfg.q_dim + 2 * cfg.kv_dim,), 0.1)  # [H*hd + 2*KV*hd]
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
+            self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
         self.cfg = cfg
 
     def __call__(self, x, k_cache, v_cache, start_pos, mask_bias, *, attn_len: int, ops: LinearOps = DENSE,
-                 native: bool = False):
+                 native: bool = False, layer: int = 0):
         """x: [T, d] normed input. Writes K/V at [start_pos, start_pos+T) and attends over the
         first `attn_len` cache positions only (cost follows the filled length, not the buffer).
-        mask_bias: [T, attn_len] additive causal mask, shared by all layers."""
+        mask_bias: [T, attn_len] additive mask of this layer's kind (causal, or sliding window)."""
         qkv = ops("qkv", x, self.wqkv[...])
-        out, k_cache, v_cache = attend(self.cfg, qkv, k_cache, v_cache, start_pos, mask_bias, attn_len, native)
+        if self.cfg.qkv_bias:
+            qkv = qkv + self.bqkv[...]
+        qk_norms = (self.q_norm.weight[...], self.k_norm.weight[...]) if self.cfg.qk_norm else None
+        out, k_cache, v_cache = attend(self.cfg, qkv, k_cache, v_cache, start_pos, mask_bias, attn_len, native,
+                                       layer=layer, qk_norms=qk_norms)
         return ops("o", out, self.wo[...]), k_cache, v_cache
 
 
-def attend(cfg: ModelConfig, qkv, k_cache, v_cache, start_pos, mask_bias, attn_len: int, native: bool = False):
+def _prepare_qkv(cfg: ModelConfig, qkv, qk_norms):
+    """qkv [T, q+2kv] with the per-head q/k norms applied and q rescaled so that the standard
+    1/sqrt(head_dim) scale of the attention kernels yields the family's query scale."""
+    t = qkv.shape[0]
+    q, k, v = qkv[:, :cfg.q_dim], qkv[:, cfg.q_dim:cfg.q_dim + cfg.kv_dim], qkv[:, cfg.q_dim + cfg.kv_dim:]
+    if qk_norms is not None:
+        q = rms_norm(q.reshape(t * cfg.num_heads, cfg.head_dim), qk_norms[0], cfg.norm_eps).reshape(t, cfg.q_dim)
+        k = rms_norm(k.reshape(t * cfg.num_kv_heads, cfg.head_dim), qk_norms[1], cfg.norm_eps).reshape(t, cfg.kv_dim)
+    if cfg.query_scale and cfg.query_scale != cfg.head_dim**-0.5:
+        q = q * (cfg.query_scale * cfg.head_dim**0.5)
+    return jnp.concatenate([q, k, v], axis=-1)
+
+
+def attend(cfg: ModelConfig, qkv, k_cache, v_cache, start_pos, mask_bias, attn_len: int, native: bool = False,
+           *, layer: int = 0, qk_norms=None):
     """Everything of attention between the qkv and o projections: qkv [T, q+2kv] -> the o
     projection's input [T, q_dim], with K/V written into the caches at start_pos.
     native: one token's attention runs as one native call (sparse/native.py) instead of ~13 XLA
-    programs; every decode path of an engine must make the same choice (swapped == all-in-DRAM)."""
+    programs where that kernel computes this layer's attention (families.native_attention_ok);
+    every decode path of an engine must make the same choice (swapped == all-in-DRAM).
+    layer: picks the layer kind (sliding or global: RoPE base); qk_norms: (q, k) norm weights."""
+    from activeflow_jax.models.families import native_attention_ok
+
     t = qkv.shape[0]
-    if native and t == 1:
+    if qk_norms is not None or (cfg.query_scale and cfg.query_scale != cfg.head_dim**-0.5):
+        qkv = _prepare_qkv(cfg, qkv, qk_norms)
+    theta = cfg.layer_rope_theta(layer)
+    if native and t == 1 and native_attention_ok(cfg, layer):
         from activeflow_jax.sparse.native import attend_one
 
         out, k_cache, v_cache = attend_one(qkv[0], k_cache, v_cache, start_pos, heads=cfg.num_heads,
                                            kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim, attn_len=attn_len,
-                                           theta=cfg.rope_theta)
+                                           theta=theta)
         return out[None], k_cache, v_cache
     positions = start_pos + jnp.arange(t)
     q = qkv[:, :cfg.q_dim].reshape(t, cfg.num_heads, cfg.head_dim)
     k = qkv[:, cfg.q_dim:cfg.q_dim + cfg.kv_dim].reshape(t, cfg.num_kv_heads, cfg.head_dim)
     v = qkv[:, cfg.q_dim + cfg.kv_dim:].reshape(t, cfg.num_kv_heads, cfg.head_dim)
-    q, k = rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta)
+    local = cfg.is_local_layer(layer)
+    scale, factors = (1.0, ()) if local else (cfg.rope_scale, cfg.rope_freq_factors)
+    q, k = rope(q, positions, theta, scale, factors), rope(k, positions, theta, scale, factors)
     k_cache = jax.lax.dynamic_update_slice(k_cache, k.transpose(1, 0, 2), (0, start_pos, 0))
     v_cache = jax.lax.dynamic_update_slice(v_cache, v.transpose(1, 0, 2), (0, start_pos, 0))
     keys, values = k_cache[:, :attn_len], v_cache[:, :attn_len]  # [KV, S, hd]
@@ -204,7 +263,7 @@ def attend(cfg: ModelConfig, qkv, k_cache, v_cache, start_pos, mask_bias, attn_l
     # dot; this layout made a 512-token attention 2.8x faster forward and 2.8x with its backward
     # (training). jax.nn.softmax's own derivative rule halves the backward's elementwise passes.
     q = q.reshape(t, cfg.num_kv_heads, group, cfg.head_dim).transpose(1, 2, 0, 3) * cfg.head_dim**-0.5
-    scores = jnp.einsum("kgtd,ksd->kgts", q, keys) + mask_bias
+    scores = softcap(jnp.einsum("kgtd,ksd->kgts", q, keys), cfg.attn_softcap) + mask_bias
     probs = jax.nn.softmax(scores, axis=-1)
     out = jnp.einsum("kgts,ksd->kgtd", probs, values).transpose(2, 0, 1, 3).reshape(t, cfg.q_dim)
     return out, k_cache, v_cache
@@ -217,9 +276,10 @@ class MLP(nnx.Module):
         d, f = cfg.d_model, cfg.d_ff
         self.w_gate_up = _param(rngs, (d, 2 * f), d**-0.5)  # [d, 2*ff]
         self.w_down = _param(rngs, (f, d), f**-0.5)  # [ff, d]
+        self.activation = cfg.mlp_activation
 
     def __call__(self, x, ops: LinearOps = DENSE):
-        return ops("down", swiglu(ops("gate_up", x, self.w_gate_up[...])), self.w_down[...])
+        return ops("down", swiglu(ops("gate_up", x, self.w_gate_up[...]), self.activation), self.w_down[...])
 
 
 class DecoderLayer(nnx.Module):
@@ -228,15 +288,22 @@ class DecoderLayer(nnx.Module):
         self.attn = Attention(cfg, rngs)
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = MLP(cfg, rngs)
+        self.post_norms = cfg.post_norms
+        if cfg.post_norms:  # Gemma: norms on the block outputs before the residual add
+            self.post_attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+            self.post_mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
 
     def __call__(self, x, k_cache, v_cache, start_pos, mask_bias, *, attn_len: int, ops: LinearOps = DENSE,
-                 native: bool = False):
+                 native: bool = False, layer: int = 0):
         with jax.named_scope("attention"):
             h, k_cache, v_cache = self.attn(self.attn_norm(x, native), k_cache, v_cache, start_pos, mask_bias,
-                                            attn_len=attn_len, ops=ops, native=native)
+                                            attn_len=attn_len, ops=ops, native=native, layer=layer)
+        if self.post_norms:
+            h = self.post_attn_norm(h, native)
         x = x + h
         with jax.named_scope("mlp"):
-            x = x + self.mlp(self.mlp_norm(x, native), ops=ops)
+            h = self.mlp(self.mlp_norm(x, native), ops=ops)
+            x = x + (self.post_mlp_norm(h, native) if self.post_norms else h)
         return x, k_cache, v_cache
 
 
@@ -251,7 +318,7 @@ class LlamaModel(nnx.Module):
     def head(self, x: jax.Array, native: bool = False) -> jax.Array:
         """x: [T, d] -> logits [T, V]."""
         return head_logits(self.final_norm(x, native), self.embed.get_value(),
-                           None if self.lm_head is None else self.lm_head[...], native)
+                           None if self.lm_head is None else self.lm_head[...], native, self.cfg.final_softcap)
 
     def __call__(self, tokens, cache: KVCache, start_pos, n_valid, *, attn_len: int, all_logits: bool,
                  sparse: SparsityConfig | None = None, thresholds: jax.Array | None = None,
@@ -264,15 +331,21 @@ class LlamaModel(nnx.Module):
         the input of each op group and the residual entering the layer, then (last entry) the
         residual leaving the last layer."""
         x = lookup(self.embed.get_value(), tokens)  # [T, d]; the value may be a Q8Table
+        if self.cfg.embed_scale != 1.0:
+            x = x * jnp.float32(self.cfg.embed_scale)
         mask_bias = causal_bias(start_pos, tokens.shape[0], attn_len)  # [T, S]
+        local_bias = None
+        if self.cfg.sliding_window:
+            local_bias = sliding_bias(start_pos, tokens.shape[0], attn_len, self.cfg.sliding_window)
         ks, vs = list(cache.k), list(cache.v)
         residuals = []
         for i, layer in enumerate(self.layers):
             residuals.append(x)
             ops = self._layer_ops(i, residuals, sparse, thresholds, predict, taps).with_native(native)
             with jax.named_scope(f"layer{i}"):
-                x, ks[i], vs[i] = layer(x, ks[i], vs[i], start_pos, mask_bias, attn_len=attn_len, ops=ops,
-                                        native=native)
+                bias = local_bias if self.cfg.is_local_layer(i) else mask_bias
+                x, ks[i], vs[i] = layer(x, ks[i], vs[i], start_pos, bias, attn_len=attn_len, ops=ops,
+                                        native=native, layer=i)
         if taps is not None:
             taps.append({"residual": x})
         if not all_logits:

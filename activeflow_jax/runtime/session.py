@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from activeflow_jax.config import SparsityConfig
-from activeflow_jax.errors import InvalidArgumentError
+from activeflow_jax.errors import InvalidArgumentError, UnsupportedModelError
 from activeflow_jax.runtime import budget as budget_mod
 from activeflow_jax.runtime import heap
 from activeflow_jax.store.reader import StoreReader
@@ -103,6 +103,10 @@ def load_swapping(engine_cls, store_path, dram_budget: Any, *, sparsity: float |
     start = time.perf_counter()
     reader = StoreReader(store_path)
     cfg = reader.config
+    from activeflow_jax.models.families import budget_runtime_refusal
+
+    if (refusal := budget_runtime_refusal(cfg)) is not None:
+        raise UnsupportedModelError(refusal)
     dtype = reader.storage_dtype
     budget = budget_mod.parse_budget(dram_budget, cfg, dtype)
     heap.limit_retention()
