@@ -14,7 +14,7 @@ import mmap
 import os
 import struct
 
-from activeflow_jax.errors import GGUFError
+from activeflow_jax.errors import GGUFError, UnsupportedModelError
 
 # GGUF metadata value types: byte size of the scalar ones
 _SCALAR_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
@@ -93,7 +93,7 @@ def check_gguf_structure(path: str | os.PathLike) -> None:
                 walk.value(walk.u32())
             extents = []
             for _ in range(n_tensors):
-                walk.string()
+                name = walk.take(walk.u64())
                 n_dims = walk.u32()
                 if not 1 <= n_dims <= _MAX_DIMS:
                     raise walk.fail(f"a tensor with {n_dims} dimensions")
@@ -102,7 +102,13 @@ def check_gguf_structure(path: str | os.PathLike) -> None:
                 try:
                     block, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(ttype)]
                 except (ValueError, KeyError):
-                    raise walk.fail(f"unknown tensor type {ttype}") from None
+                    # a well-formed header with a type id newer than the gguf package: not damage
+                    from activeflow_jax.formats.gguf_import import supported_tensor_types
+
+                    raise UnsupportedModelError(
+                        f"{path}: tensor '{name.decode('utf-8', 'replace')}' is of type {ttype}, a type this gguf "
+                        f"package does not know; supported types: {', '.join(supported_tensor_types())}. Upgrade "
+                        "the gguf package, or re-quantize the model (e.g. llama-quantize ... Q8_0)") from None
                 elements = int(np.prod(dims, dtype=object))
                 if elements == 0 or elements % block:
                     raise walk.fail(f"a tensor of shape {dims} and type {ttype}")
