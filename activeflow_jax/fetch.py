@@ -135,7 +135,23 @@ def fetch_default_model(dtype: str = "float32", *, quiet: bool = False, verify: 
     """Downloads (once) and converts (once) the default model; returns the store path.
     verify: read every chunk of an existing store first and convert again if it is damaged
     (what `activeflow fetch` does; a plain load checks chunks only as it reads them)."""
-    return fetch_model(DEFAULT_MODEL.name, dtype, quiet=quiet, verify=verify)
+    return _fetch_store(DEFAULT_MODEL, dtype, quiet=quiet, verify=verify)
+
+
+def _fetch_store(source, dtype: str, *, quiet: bool, verify: bool) -> str:
+    """The store of a known model's GGUF as `dtype`: kept when up to date, else (re)converted."""
+    from activeflow_jax.quant import canonical_dtype
+    from activeflow_jax.store.writer import convert
+
+    dtype = canonical_dtype(dtype)
+    store = default_store_path(dtype, source)
+    if _store_up_to_date(store, source.gguf_sha256, dtype, verify):
+        return store
+    if isinstance(source, ModelSource):
+        gguf_path = fetch_default_gguf(source, quiet=quiet)
+    else:
+        gguf_path = fetch_parted_gguf(source, quiet=quiet)
+    return convert(gguf_path, store, dtype=dtype, overwrite=True, progress=not quiet)
 
 
 def _store_up_to_date(store: str, gguf_sha256: str, dtype: str, verify: bool) -> bool:
@@ -262,13 +278,7 @@ def fetch_gguf(name: str, *, quiet: bool = False) -> str:
 def fetch_model(name: str, dtype: str = "float32", *, quiet: bool = False, verify: bool = False) -> str:
     """Downloads (once) and converts (once) a known model (MODELS: "smollm2-135m-instruct", the
     default, or "gemma3-270m"); returns the store path. verify: see fetch_default_model."""
-    from activeflow_jax.quant import canonical_dtype
-    from activeflow_jax.store.writer import convert
-
     source = _source(name)
-    dtype = canonical_dtype(dtype)
-    store = default_store_path(dtype, source)
-    if _store_up_to_date(store, source.gguf_sha256, dtype, verify):
-        return store
-    gguf_path = fetch_gguf(name, quiet=quiet)
-    return convert(gguf_path, store, dtype=dtype, overwrite=True, progress=not quiet)
+    if source.name == DEFAULT_MODEL.name:
+        return fetch_default_model(dtype, quiet=quiet, verify=verify)
+    return _fetch_store(source, dtype, quiet=quiet, verify=verify)
