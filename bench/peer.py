@@ -40,7 +40,9 @@ flags.DEFINE_list("pairs", ["F32:default"], "TYPE:STORE pairs: llama.cpp on the 
                   "on a GGUF file given by path) : our store ('default' = the default model's store)")
 flags.DEFINE_list("caps", ["1.0", "0.6", "0.4", "0.25"], "caps: fractions of the GGUF's weight bytes (each "
                   "process's measured baseline is added), or absolute sizes such as 1GiB / 1500MB (the whole "
-                  "process, the same for both)")
+                  "process, the same for both), or 'dram' (no cap, warm page cache: decode speed with everything "
+                  "in DRAM)")
+flags.DEFINE_list("dram_sparsities", ["0", "0.5"], "our sparsities measured at the 'dram' cap (all in DRAM)")
 flags.DEFINE_float("sparsity", 0.5, "our engine's contextual sparsity under a cap")
 flags.DEFINE_integer("decode_tokens", 32, "greedy tokens decoded per run")
 flags.DEFINE_integer("threads", 2, "llama.cpp threads")
@@ -160,17 +162,17 @@ def _tensor_bytes(path: str) -> int:
     return int(sum(t.n_bytes for t in gguf.GGUFReader(path).tensors))
 
 
-def _run_llama(gguf_path: str, cap: int):
+def _run_llama(gguf_path: str, cap: int, cold: bool = True):
     from activeflow_jax.runtime import memcap
 
     if _use_python_llama():
         argv = [sys.executable, os.path.abspath(__file__), "--role=llama", f"--gguf={gguf_path}",
                 f"--threads={FLAGS.threads}", f"--decode_tokens={FLAGS.decode_tokens}", f"--prompt={FLAGS.prompt}"]
-        run = memcap.run_capped(argv, cap, timeout=FLAGS.timeout)
+        run = memcap.run_capped(argv, cap, timeout=FLAGS.timeout, cold=cold)
         return run, _child_result(run)
     argv = [_tool("llama-completion"), "-m", gguf_path, "-p", FLAGS.prompt, "-n", str(FLAGS.decode_tokens),
             "-t", str(FLAGS.threads), "--temp", "0", "-no-cnv", "--ignore-eos", "-c", "512"]
-    run = memcap.run_capped(argv, cap, timeout=FLAGS.timeout)
+    run = memcap.run_capped(argv, cap, timeout=FLAGS.timeout, cold=cold)
     match = None
     for match in _EVAL_RE.finditer(run.stderr):
         pass  # the last "eval time" line is the decode (the one before is the prompt)
@@ -192,22 +194,39 @@ def _child_result(run) -> dict:
     return result
 
 
-def _run_ours(store: str, cap: int, budget_bytes: int, whole_process: bool):
+def _run_ours(store: str, cap: int, budget_bytes: int, whole_process: bool, sparsity: float | None = None,
+              cold: bool = True):
     from activeflow_jax.runtime import memcap
 
     argv = [sys.executable, os.path.abspath(__file__), "--role=ours", f"--store={store}",
-            f"--budget_bytes={budget_bytes}", f"--whole_process={whole_process}", f"--sparsity={FLAGS.sparsity}",
+            f"--budget_bytes={budget_bytes}", f"--whole_process={whole_process}",
+            f"--sparsity={FLAGS.sparsity if sparsity is None else sparsity}",
             f"--decode_tokens={FLAGS.decode_tokens}", f"--prompt={FLAGS.prompt}"]
-    run = memcap.run_capped(argv, cap, timeout=FLAGS.timeout)
+    run = memcap.run_capped(argv, cap, timeout=FLAGS.timeout, cold=cold)
     return run, _child_result(run)
 
 
 def _record(kind: str, label: str, frac, cap: int, run, result: dict) -> dict:
     return {"engine": kind, "setting": label, "cap_fraction": frac, "cap_bytes": cap,
             "decode_tokens_per_s": result.get("decode_tokens_per_s", 0.0), "cgroup_peak_bytes": run.peak_bytes,
+            "max_rss_bytes": run.max_rss_bytes,
             "read_bytes": run.read_bytes, "oom_killed": run.oom_killed, "returncode": run.returncode,
             "seconds": round(run.seconds, 1), "text": result.get("text", ""), "error": result.get("error"),
             **{k: result[k] for k in ("plan", "compile_seconds", "prefill_tokens_per_s") if k in result}}
+
+
+def _run_all(runs, frac, pair, weight_bytes, llama_base, ours_base, records) -> None:
+    for kind, label, cap, go in runs:
+        run, result = go(cap)
+        rec = _record(kind, label, frac, cap, run, result)
+        rec.update(pair=pair, weight_bytes=weight_bytes, baseline_bytes=llama_base if kind == "llama.cpp"
+                   else ours_base)
+        records.append(rec)
+        where = "no cap" if frac == "dram" else f"cap {frac:.2f} ({cap / 1e6:.0f} MB)"
+        print(f"  {where} {kind:9s} {label}: "
+              f"{rec['decode_tokens_per_s']:.2f} tok/s, peak {(run.peak_bytes or 0) / 1e6:.0f} MB, "
+              f"RSS {run.max_rss_bytes / 1e6:.0f} MB, read {run.read_bytes / 1e6:.0f} MB"
+              f"{', OOM-killed' if run.oom_killed else ''}{'' if rec['error'] is None else ', error: ' + str(rec['error'])[:160]}", file=sys.stderr)
 
 
 def main(argv) -> None:
@@ -234,14 +253,25 @@ def main(argv) -> None:
         store = fetch_default_model(quiet=True) if store in ("", "default") else store
         gguf_path = qtype if qtype.endswith(".gguf") else _gguf_of_type(source, qtype)
         weight_bytes = _tensor_bytes(gguf_path)
-        # baselines: everything a process holds besides its weights, measured uncapped and cold
-        run, _ = _run_llama(gguf_path, big)
-        llama_base = max(0, (run.peak_bytes or 0) - os.path.getsize(gguf_path))
-        run, res = _run_ours(store, big, weight_bytes, whole_process=False)
-        ours_base = max(0, (run.peak_bytes or 0) - int(res.get("budget_accounted_bytes") or 0))
+        llama_base = ours_base = 0
+        if any(c != "dram" for c in FLAGS.caps):
+            # baselines: everything a process holds besides its weights, measured uncapped and cold
+            run, _ = _run_llama(gguf_path, big)
+            llama_base = max(0, (run.peak_bytes or 0) - os.path.getsize(gguf_path))
+            run, res = _run_ours(store, big, weight_bytes, whole_process=False)
+            ours_base = max(0, (run.peak_bytes or 0) - int(res.get("budget_accounted_bytes") or 0))
         print(f"{pair}: weights {weight_bytes / 1e6:.0f} MB, baseline llama.cpp {llama_base / 1e6:.0f} MB, "
               f"ours {ours_base / 1e6:.0f} MB", file=sys.stderr)
         for cap_text in FLAGS.caps:
+            if cap_text == "dram":  # uncapped and warm: both engines' in-DRAM decode, same weights
+                runs = [("llama.cpp", f"{os.path.basename(gguf_path)} in DRAM", big,
+                         lambda cap: _run_llama(gguf_path, cap, cold=False))]
+                for sp in (float(x) for x in FLAGS.dram_sparsities):
+                    runs.append(("ours", f"{os.path.basename(store)} sparsity {sp} all in DRAM", big,
+                                 lambda cap, sp=sp: _run_ours(store, cap, 0, whole_process=False, sparsity=sp,
+                                                              cold=False)))
+                _run_all(runs, "dram", pair, weight_bytes, llama_base, ours_base, records)
+                continue
             absolute = _absolute_cap(cap_text)
             frac = float(cap_text) if absolute is None else round(absolute / weight_bytes, 3)
             llama_cap = absolute or int(frac * weight_bytes) + llama_base
@@ -253,16 +283,7 @@ def main(argv) -> None:
             if frac >= 1.0 and FLAGS.ours_in_dram:
                 runs.append(("ours", f"{os.path.basename(store)} sparsity {FLAGS.sparsity} all in DRAM", ours_cap,
                              lambda cap: _run_ours(store, cap, 0, whole_process=False)))
-            for kind, label, cap, go in runs:
-                run, result = go(cap)
-                rec = _record(kind, label, frac, cap, run, result)
-                rec.update(pair=pair, weight_bytes=weight_bytes, baseline_bytes=llama_base if kind == "llama.cpp"
-                           else ours_base)
-                records.append(rec)
-                print(f"  cap {frac:.2f} ({cap / 1e6:.0f} MB) {kind:9s} {label}: "
-                      f"{rec['decode_tokens_per_s']:.2f} tok/s, peak {(run.peak_bytes or 0) / 1e6:.0f} MB, "
-                      f"read {run.read_bytes / 1e6:.0f} MB{', OOM-killed' if run.oom_killed else ''}"
-                      f"{'' if rec['error'] is None else ', error: ' + str(rec['error'])[:160]}", file=sys.stderr)
+            _run_all(runs, frac, pair, weight_bytes, llama_base, ours_base, records)
     emit({"benchmark": "peer", "prompt": FLAGS.prompt, "decode_tokens": FLAGS.decode_tokens,
           "threads": FLAGS.threads, "runs": records, "date": time.strftime("%Y-%m-%d")}, FLAGS.output)
 
