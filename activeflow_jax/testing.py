@@ -90,6 +90,53 @@ def permute_for_gguf(w_out_in: np.ndarray, n_heads: int) -> np.ndarray:
     return w_out_in.reshape(n_heads, 2, out // n_heads // 2, *w_out_in.shape[1:]).swapaxes(1, 2).reshape(w_out_in.shape)
 
 
+def add_hparams(writer, cfg: ModelConfig, arch: str) -> None:
+    """A model's hyper-parameters as GGUF metadata (what formats/gguf_import.py reads back)."""
+    import gguf
+
+    from activeflow_jax.models.families import family
+
+    spec = family(cfg.arch)
+    writer.add_block_count(cfg.num_layers)
+    writer.add_context_length(cfg.max_context)
+    writer.add_embedding_length(cfg.d_model)
+    writer.add_feed_forward_length(cfg.d_ff)
+    writer.add_head_count(cfg.num_heads)
+    writer.add_head_count_kv(cfg.num_kv_heads)
+    writer.add_rope_freq_base(cfg.rope_theta)
+    writer.add_layer_norm_rms_eps(cfg.norm_eps)
+    writer.add_rope_dimension_count(cfg.head_dim)
+    writer.add_key_length(cfg.head_dim)
+    writer.add_value_length(cfg.head_dim)
+    writer.add_vocab_size(cfg.vocab_size)
+    if cfg.sliding_window:
+        writer.add_sliding_window(cfg.sliding_window)
+        if cfg.sliding_window_pattern != spec.sliding_window_pattern:
+            writer.add_uint32(f"{arch}.attention.sliding_window_pattern", cfg.sliding_window_pattern)
+    if cfg.final_softcap:
+        writer.add_final_logit_softcapping(cfg.final_softcap)
+    if cfg.attn_softcap:
+        writer.add_attn_logit_softcapping(cfg.attn_softcap)
+    if cfg.rope_scale != 1.0:
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(1.0 / cfg.rope_scale)
+
+
+def add_byte_bpe_vocab(writer, vocab_size: int, pre_tokenizer: str = "smollm", chat: bool = True) -> None:
+    """A tiny byte-level BPE vocabulary (GGUF `gpt2`) of vocab_size tokens, ids 1/2 as BOS/EOS."""
+    tokens, types, merges = tiny_vocab(vocab_size)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(pre_tokenizer)
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(merges)
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_add_bos_token(False)
+    if chat:
+        writer.add_chat_template(CHATML_TEMPLATE)
+
+
 def write_tiny_gguf(path: str | os.PathLike, cfg: ModelConfig | None = None, *, qtype: str = "F32", seed: int = 0,
                     arch: str | None = None, truncate_to: int | None = None,
                     pre_tokenizer: str = "smollm", tokenizer: str | None = None,
@@ -121,29 +168,7 @@ def write_tiny_gguf(path: str | os.PathLike, cfg: ModelConfig | None = None, *, 
     quant = gguf.GGMLQuantizationType[qtype]
     writer = gguf.GGUFWriter(os.fspath(path), arch)
     writer.add_name(f"tiny-{arch}-{qtype}")
-    writer.add_block_count(cfg.num_layers)
-    writer.add_context_length(cfg.max_context)
-    writer.add_embedding_length(cfg.d_model)
-    writer.add_feed_forward_length(cfg.d_ff)
-    writer.add_head_count(cfg.num_heads)
-    writer.add_head_count_kv(cfg.num_kv_heads)
-    writer.add_rope_freq_base(cfg.rope_theta)
-    writer.add_layer_norm_rms_eps(cfg.norm_eps)
-    writer.add_rope_dimension_count(cfg.head_dim)
-    writer.add_key_length(cfg.head_dim)
-    writer.add_value_length(cfg.head_dim)
-    writer.add_vocab_size(cfg.vocab_size)
-    if cfg.sliding_window:
-        writer.add_sliding_window(cfg.sliding_window)
-        if cfg.sliding_window_pattern != spec.sliding_window_pattern:
-            writer.add_uint32(f"{arch}.attention.sliding_window_pattern", cfg.sliding_window_pattern)
-    if cfg.final_softcap:
-        writer.add_final_logit_softcapping(cfg.final_softcap)
-    if cfg.attn_softcap:
-        writer.add_attn_logit_softcapping(cfg.attn_softcap)
-    if cfg.rope_scale != 1.0:
-        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
-        writer.add_rope_scaling_factor(1.0 / cfg.rope_scale)
+    add_hparams(writer, cfg, arch)
     if spm:
         tokens, types, scores = tiny_spm_vocab(cfg.vocab_size)
         writer.add_tokenizer_model("llama")
@@ -157,16 +182,7 @@ def write_tiny_gguf(path: str | os.PathLike, cfg: ModelConfig | None = None, *, 
         writer.add_add_bos_token(True)
         writer.add_add_space_prefix(add_space_prefix)
     else:
-        tokens, types, merges = tiny_vocab(cfg.vocab_size)
-        writer.add_tokenizer_model("gpt2")
-        writer.add_tokenizer_pre(pre_tokenizer)
-        writer.add_token_list(tokens)
-        writer.add_token_types(types)
-        writer.add_token_merges(merges)
-        writer.add_bos_token_id(1)
-        writer.add_eos_token_id(2)
-        writer.add_add_bos_token(False)
-        writer.add_chat_template(CHATML_TEMPLATE)
+        add_byte_bpe_vocab(writer, cfg.vocab_size, pre_tokenizer)
     rng = np.random.default_rng(seed + 2)
 
     def add(name: str, arr: np.ndarray, quantize: bool) -> np.ndarray:

@@ -283,11 +283,9 @@ def main(argv):
     for r in results.values():
         counts[r["outcome"]] = counts.get(r["outcome"], 0) + 1
     record = {"code_root": FLAGS.code_root or ROOT, "faults": results, "outcome_counts": counts}
-    text = json.dumps(record, indent=1)
-    print(text)
-    if FLAGS.output:
-        with open(FLAGS.output, "w") as f:
-            f.write(text)
+    from common import emit  # bench/common.py: time and machine added, one JSON line, appended to --output
+
+    emit(record, FLAGS.output)
 
 
 if __name__ == "__main__":

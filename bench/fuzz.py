@@ -262,11 +262,9 @@ def main(argv):
     record = {"seconds": round(time.perf_counter() - start, 1), "seed": FLAGS.seed, "cases": n,
               "cases_by_kind": {k: sum(v.values()) for k, v in counts.items()}, "outcomes": counts,
               "findings": findings, "bad_cases": total_bad}
-    text = json.dumps(record, indent=1)
-    print(text)
-    if FLAGS.output:
-        with open(FLAGS.output, "w") as f:
-            f.write(text)
+    from common import emit  # bench/common.py: time and machine added, one JSON line, appended to --output
+
+    emit(record, FLAGS.output)
 
 
 if __name__ == "__main__":

@@ -133,11 +133,9 @@ def main(argv):
                             "memory_mb": {k: _mb(v) for k, v in engine.stats.memory.items() if isinstance(v, int)},
                             "scope": engine.stats.memory.get("scope"), "hit_rate": (engine.stats.loader or {}).get("hit_rate")}
         print(json.dumps({"budget": record["budget"]}), file=sys.stderr, flush=True)
-    text = json.dumps(record, indent=1)
-    print(text)
-    if FLAGS.output:
-        with open(FLAGS.output, "w") as f:
-            f.write(text)
+    from common import emit  # bench/common.py: time and machine added, one JSON line, appended to --output
+
+    emit(record, FLAGS.output)
 
 
 if __name__ == "__main__":

@@ -156,32 +156,15 @@ def write_synthetic_gguf(path: str | os.PathLike, preset: str = "tiny", seed: in
     Memory: one tensor plus its transposed copy."""
     import gguf
 
-    from activeflow_jax.testing import tiny_vocab
+    from activeflow_jax.testing import add_byte_bpe_vocab, add_hparams
 
     cfg = synthetic_config(preset, **shape_overrides)
     path = os.path.abspath(os.fspath(path))
     os.makedirs(os.path.dirname(path), exist_ok=True)
     writer = gguf.GGUFWriter(path + ".tmp", "llama")
     writer.add_name(cfg.name)
-    writer.add_block_count(cfg.num_layers)
-    writer.add_context_length(cfg.max_context)
-    writer.add_embedding_length(cfg.d_model)
-    writer.add_feed_forward_length(cfg.d_ff)
-    writer.add_head_count(cfg.num_heads)
-    writer.add_head_count_kv(cfg.num_kv_heads)
-    writer.add_rope_freq_base(cfg.rope_theta)
-    writer.add_layer_norm_rms_eps(cfg.norm_eps)
-    writer.add_rope_dimension_count(cfg.head_dim)
-    writer.add_vocab_size(cfg.vocab_size)
-    tokens, types, merges = tiny_vocab(cfg.vocab_size)
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("smollm")
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
-    writer.add_token_merges(merges)
-    writer.add_bos_token_id(1)
-    writer.add_eos_token_id(2)
-    writer.add_add_bos_token(False)
+    add_hparams(writer, cfg, "llama")
+    add_byte_bpe_vocab(writer, cfg.vocab_size, chat=False)
     # shapes first (the header lists every tensor before any data), from a pass that keeps none
     for name, shape in _gguf_shapes(cfg):
         writer.add_tensor_info(name, shape, np.dtype(np.float32), int(np.prod(shape)) * 4)
