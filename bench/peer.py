@@ -57,6 +57,8 @@ flags.DEFINE_enum("llama_runner", "auto", ["auto", "python", "binary"],
                   "how llama.cpp runs: through llama-cpp-python (the [peer] extra), its llama-completion binary, or "
                   "auto (the Python package where it imports, else the binary)")
 flags.DEFINE_string("gguf", None, "internal (child): GGUF for llama.cpp")
+flags.DEFINE_integer("group_size", None, "our layer-group size under a cap (default: the planner's choice; give one "
+                     "whose streaming layout the store already has, or the first capped run writes it)")
 flags.DEFINE_string("store", None, "internal (child): store")
 flags.DEFINE_integer("budget_bytes", 0, "internal (child): dram budget in bytes; 0 = all in DRAM")
 flags.DEFINE_bool("whole_process", True, "internal (child): the budget covers the whole process")
@@ -71,7 +73,7 @@ def _child_ours() -> None:
     options = {}
     if FLAGS.budget_bytes:
         options = dict(dram_budget=FLAGS.budget_bytes, budget_includes_process=FLAGS.whole_process, cold=True,
-                       direct_io=True)
+                       direct_io=True, group_size=FLAGS.group_size)
     engine = af.Engine.load(FLAGS.store, sparsity=FLAGS.sparsity or None, policy="topk", **options)
     ids = engine.tokenizer.encode(FLAGS.prompt)
     out = list(engine.generate_ids(ids, max_new_tokens=FLAGS.decode_tokens, stop_ids=frozenset()))
@@ -200,6 +202,7 @@ def _run_ours(store: str, cap: int, budget_bytes: int, whole_process: bool, spar
 
     argv = [sys.executable, os.path.abspath(__file__), "--role=ours", f"--store={store}",
             f"--budget_bytes={budget_bytes}", f"--whole_process={whole_process}",
+            *([f"--group_size={FLAGS.group_size}"] if FLAGS.group_size else []),
             f"--sparsity={FLAGS.sparsity if sparsity is None else sparsity}",
             f"--decode_tokens={FLAGS.decode_tokens}", f"--prompt={FLAGS.prompt}"]
     run = memcap.run_capped(argv, cap, timeout=FLAGS.timeout, cold=cold)
