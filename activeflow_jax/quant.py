@@ -228,13 +228,13 @@ def widen_params(params):
                         is_leaf=lambda w: isinstance(w, QRows))
 
 
-def take_rows(w, rows: jax.Array) -> jax.Array:
-    """Rows `rows` ([k] int) of a weight as f32 [k, cols]: a QRows gathers k uint8 rows and
-    widens only those (never the whole [in, out] weight)."""
+def take_rows(w, rows: jax.Array, *, rows_sorted: bool = True) -> jax.Array:
+    """Rows `rows` ([k] int, ascending unless rows_sorted=False, e.g. pool slots) of a weight as
+    f32 [k, cols]: a QRows gathers k uint8 rows and widens only those (never the whole weight)."""
     if isinstance(w, QRows):
-        data = w.data.at[rows].get(mode="promise_in_bounds", indices_are_sorted=True)
+        data = w.data.at[rows].get(mode="promise_in_bounds", indices_are_sorted=rows_sorted)
         return dequantize(data, w.kind, w.cols)
-    return w.at[rows].get(mode="promise_in_bounds", indices_are_sorted=True)
+    return w.at[rows].get(mode="promise_in_bounds", indices_are_sorted=rows_sorted)
 
 
 def matmul(x: jax.Array, w, native: bool | None = None) -> jax.Array:

@@ -434,10 +434,10 @@ def test_every_budget_report_says_what_it_covers(mid_store):
     proc = run_cli("generate", "hi", "--store", mid_store, "--dram-budget", "0.9", "--sparsity", "0.5", "--policy",
                    "topk", "--group-size", "1", "--kv-tokens", "64", "--max-new-tokens", "2", "--stats")
     assert proc.returncode == 0 and "NOT the process" in proc.stderr and "process RSS now" in proc.stderr, proc.stderr
-    from activeflow_jax.runtime.session import _current_rss
+    from activeflow_jax.runtime.budget import current_rss
 
     # the whole process: this pytest process may already hold GBs of earlier tests' models
-    whole = af.Engine.load(mid_store, dram_budget=_current_rss() + 900_000_000, sparsity=0.5, policy="topk",
+    whole = af.Engine.load(mid_store, dram_budget=current_rss() + 900_000_000, sparsity=0.5, policy="topk",
                            group_size=1, kv_tokens=64, progress=False, budget_includes_process=True)
     assert whole.stats.memory["budget_covers_process"] and "covers the whole process" in whole.plan_explanation
 

@@ -328,9 +328,9 @@ def test_budget_including_the_process_reserves_its_growth(swap_store):
     """With budget_includes_process the plan counts the process as measured at load plus the
     reserve for what compiling will add; a budget that cannot hold both is refused, naming them."""
     from activeflow_jax.runtime.budget import COMPILE_GROWTH_RESERVE
-    from activeflow_jax.runtime.session import _current_rss
+    from activeflow_jax.runtime.budget import current_rss
 
-    rss = _current_rss()  # the whole test session's process: grows with the tests run before
+    rss = current_rss()  # the whole test session's process: grows with the tests run before
     budget = int(rss + COMPILE_GROWTH_RESERVE + 300e6)
     engine = af.Engine.load(swap_store, sparsity=0.5, policy="topk", dram_budget=budget,
                             budget_includes_process=True, **OPTS)

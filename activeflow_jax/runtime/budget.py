@@ -84,6 +84,12 @@ def scope_in_words(covers_process: bool, process_bytes: int, rss: int) -> str:
             "everything")
 
 
+def scope_sentence(covers_process: bool, process_bytes: int, rss: int) -> str:
+    """scope_in_words as a sentence (capitalized, with its full stop), for the plan's explanation."""
+    scope = scope_in_words(covers_process, process_bytes, rss)
+    return scope[0].upper() + scope[1:] + "."
+
+
 class BudgetTooSmallError(InvalidArgumentError):
     """The DRAM budget is below the minimum working set."""
 

@@ -128,12 +128,9 @@ class Plan:
             f"(cache {m.cache / mb:.1f} MB beyond the working set); modelled hit rates "
             f"{', '.join(f'{h:.2f}' for h in c.hit_rates)}.",
         ]
-        from activeflow_jax.runtime.session import _current_rss
-
-        rss = _current_rss()
+        rss = budget_mod.current_rss()
         process = m.baseline or self.process or rss + budget_mod.COMPILE_GROWTH_RESERVE
-        scope = budget_mod.scope_in_words(m.baseline > 0, process, rss)
-        lines.append(scope[0].upper() + scope[1:] + ".")
+        lines.append(budget_mod.scope_sentence(m.baseline > 0, process, rss))
         if self.capped:
             lines.append("Nothing fits at or below the sparsity cap, so a higher sparsity was taken: expect a "
                          "large quality loss (see `activeflow eval`).")

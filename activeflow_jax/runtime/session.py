@@ -22,14 +22,6 @@ DEFAULT_GROUP_SIZE = 4
 DEFAULT_KV_TOKENS = 512
 
 
-def _current_rss() -> int:
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError):
-        return 0
-
-
 def op_ks(cfg, sparsity: SparsityConfig | None) -> tuple[int, ...]:
     from activeflow_jax.config import op_input_dims
 
@@ -115,7 +107,7 @@ def load_swapping(engine_cls, store_path, dram_budget: Any, *, sparsity: float |
     kv_tokens = 1 << (kv_tokens.bit_length() - 1)  # KV caches come in powers of two
     if group_size is not None and (not isinstance(group_size, int) or group_size < 1):
         raise InvalidArgumentError(f"group_size must be an int >= 1, got {group_size!r}")
-    process = _current_rss() + budget_mod.COMPILE_GROWTH_RESERVE  # the process outside the model
+    process = budget_mod.current_rss() + budget_mod.COMPILE_GROWTH_RESERVE  # the process outside the model
     baseline = process if budget_includes_process else 0
     from activeflow_jax.models.embedding import Q8Table
 
@@ -141,9 +133,9 @@ def load_swapping(engine_cls, store_path, dram_budget: Any, *, sparsity: float |
                      allocation.op_sparsity if allocation is not None else None, process, dtype)
     sparsity, group_size, explanation = chosen
     if not explanation:  # not planned: still say what the budget covers
-        scope = budget_mod.scope_in_words(budget_includes_process, process, _current_rss())
+        scope = budget_mod.scope_sentence(budget_includes_process, process, budget_mod.current_rss())
         explanation = (f"Budget {budget / 1e6:.0f} MB with the sparsity and layer groups ({group_size}) given, "
-                       f"not planned. {scope[0].upper() + scope[1:]}.")
+                       f"not planned. {scope}")
     config = None
     if allocation is not None:
         config = allocation.resolved()
@@ -176,8 +168,7 @@ def load_swapping(engine_cls, store_path, dram_budget: Any, *, sparsity: float |
 
         drop_page_cache(reader.path)
     runtime = SwapRuntime(reader.path, cfg, config, thresholds, memory, group_size=group_size, superset=superset,
-                          direct_io=direct_io, embed=embed)
-    runtime.process_outside_budget = 0 if budget_includes_process else process  # reported beside the budget
+                          direct_io=direct_io, embed=embed, process=process)
     del embed
     tokenizer = Tokenizer.from_spec(reader.tokenizer_spec) if reader.tokenizer_spec else None
     engine = engine_cls(cfg, {}, tokenizer, store_path=reader.path)

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 from activeflow_jax.config import ModelConfig
 from activeflow_jax.models.embedding import lookup
 from activeflow_jax.models.llama import attend, causal_bias, head_logits, rms_norm, swiglu
-from activeflow_jax.quant import QRows, dequantize
+from activeflow_jax.quant import QRows, take_rows
 from activeflow_jax.quant import matmul as quant_matmul
 from activeflow_jax.sparse.kernels import active_mask
 
@@ -65,14 +65,7 @@ def _linear(hm: jax.Array, src: dict, native: bool) -> jax.Array:
 
         matvec = q_gather_matvec if isinstance(pool, QRows) else gather_matvec
         return matvec(hm[0, cols], slots, pool, src["count"])[None]
-    return hm[:, cols] @ pool_rows(pool, slots)
-
-
-def pool_rows(pool, slots) -> jax.Array:
-    """Rows `slots` of a pool as f32 [n, out] (a quantized pool widens just those rows)."""
-    if isinstance(pool, QRows):
-        return dequantize(pool.data.at[slots].get(mode="promise_in_bounds"), pool.kind, pool.cols)
-    return pool.at[slots].get(mode="promise_in_bounds")
+    return hm[:, cols] @ take_rows(pool, slots, rows_sorted=False)  # a quantized pool widens just these rows
 
 
 
@@ -134,9 +127,8 @@ def empty_weight(*, shape: tuple[int, int], dtype: str = "float32"):
 def assemble_rows(w, pool, cols, slots):
     """w[cols] = pool[slots] in place (a quantized pool's rows as they are held); padding entries
     carry col = in (dropped)."""
-    if isinstance(pool, QRows):
-        return w.at[cols].set(pool.data.at[slots].get(mode="promise_in_bounds"), mode="drop")
-    return w.at[cols].set(pool_rows(pool, slots), mode="drop")
+    held = pool.data if isinstance(pool, QRows) else pool  # uint8 rows of blocks, or f32 rows
+    return w.at[cols].set(held.at[slots].get(mode="promise_in_bounds"), mode="drop")
 
 
 @functools.partial(jax.jit, donate_argnames=("pool",))

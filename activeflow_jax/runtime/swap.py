@@ -167,13 +167,16 @@ class SwapRuntime:
     def __init__(self, store_path: str, cfg: ModelConfig, sparsity: SparsityConfig | None,
                  thresholds: np.ndarray | None, memory: MemoryPlan, *, group_size: int,
                  superset: float = DEFAULT_PRELOAD_SUPERSET,
-                 direct_io: bool = False, embed):
+                 direct_io: bool = False, embed, process: int = 0):
         """embed: the resident embedding of a tied model, already loaded before planning (its size
         is part of the plan): session.resident_embedding, f32 or a Q8 table; None for an untied
-        model, whose embedding rows are read from flash with their tokens."""
+        model, whose embedding rows are read from flash with their tokens. process: the process
+        outside the model (RSS at load plus the compile reserve), reported beside a budget that
+        does not cover it."""
         from activeflow_jax.store.bundles import BundleReader
 
         self.cfg, self.sparsity, self.memory, self.superset = cfg, sparsity, memory, superset
+        self.process = process
         self.store_path = store_path
         from activeflow_jax.sparse import native
 
@@ -251,7 +254,7 @@ class SwapRuntime:
         from activeflow_jax.runtime.budget import current_rss, scope_in_words
 
         covers = self.memory.baseline > 0
-        process = self.memory.baseline if covers else getattr(self, "process_outside_budget", 0)
+        process = self.memory.baseline if covers else self.process
         rss = current_rss()
         return {"budget_covers_process": covers, "process_baseline": process, "process_rss": rss,
                 "scope": scope_in_words(covers, process, rss)}

@@ -198,8 +198,7 @@ def write_bundles(store_dir: str | os.PathLike, group_size: int, *, first_layer:
                 writing = None
                 for start in range(0, shape[0], shard):
                     rows = np.arange(start, min(shape[0], start + shard))
-                    read = reader.read_rows_stored if quantized else reader.read_rows
-                    block = np.stack([read(name, rows) for name in names], axis=1)
+                    block = np.stack([reader.read_rows_stored(name, rows) for name in names], axis=1)
                     if writing is not None:
                         writing.result()
                     writing = array[rows[0]:rows[-1] + 1].write(block.astype(zarr_dtype, copy=False))

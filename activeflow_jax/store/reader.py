@@ -102,10 +102,7 @@ def check_manifest_tensors(manifest: dict[str, Any], cfg: ModelConfig, store_dir
     needs has the shape it needs (records of a kind this check does not know are left alone)."""
     from activeflow_jax.models.llama import param_shapes
 
-    if manifest["storage_dtype"] not in layout.STORAGE_DTYPES:
-        raise StoreError(f"store {store_dir}: storage dtype {manifest['storage_dtype']!r} is not one of "
-                         f"{layout.STORAGE_DTYPES}; {_EDITED}")
-    tensors = manifest["tensors"]
+    tensors = manifest["tensors"]  # (the storage dtype was checked by read_manifest)
     if not isinstance(tensors, dict):
         raise StoreError(f"store {store_dir}: the tensor list is not a record; {_EDITED}")
     layers = {name.split(".")[1] for name in tensors if name.startswith("layers.")}

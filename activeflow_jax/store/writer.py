@@ -59,11 +59,10 @@ def write_store(store_dir: str | os.PathLike, config: ModelConfig, tokenizer_spe
             if is_quantized(tensor_dtype):  # quantized from the importer's f32, row by row (quant.py)
                 array = np.asarray(array, np.float32)
                 check_finite(name, array, tensor_dtype)
-                array = quantize_rows(array, tensor_dtype)
-            else:
+                array = quantize_rows(array, tensor_dtype)  # contiguous uint8 rows
+            else:  # checked as stored: a float16 overflow shows as Inf here
                 array = np.ascontiguousarray(array, dtype=np.dtype(zarr_dtype))
                 check_finite(name, array, tensor_dtype)
-            array = np.ascontiguousarray(array, dtype=np.dtype(zarr_dtype))
             chunk, shard = layout.chunking(stored_shape, np.dtype(zarr_dtype).itemsize, chunk_rows)
             spec = layout.zarr_spec(layout.tensor_path(tmp, name), stored_shape, zarr_dtype, chunk, shard, create=True)
             try:
