@@ -272,13 +272,12 @@ class Engine:
     def _decode_step(self, cache: llama.KVCache, token: np.ndarray, pos: int, attn_len: int, key, temperature,
                      top_p) -> tuple[int, jax.Array, llama.KVCache]:
         """Decodes one token and samples the next: (next token, next key, cache)."""
-        if self.swap is not None:  # the swapping runtime runs the layers as host-orchestrated stages
-            logits, cache = self._forward(cache, token, pos, 1, attn_len, False)
-            key, sub = jax.random.split(key)
-            next_token = int(sample_token(logits[0], sub, temperature, top_p))
-            # the sampling outside the runtime: logits slice, key split, sample (3 programs), 1 sync
-            self.swap.stats.dispatches += 3
-            self.swap.stats.host_syncs += 1
+        if self.swap is not None:  # the budget runtime's programs, the sampling inside the last one
+            seconds, programs = self.swap.compile_clock()
+            next_token, key, cache = self.swap.decode_and_sample(cache, token, pos, attn_len, key, temperature, top_p)
+            after_seconds, after_programs = self.swap.compile_clock()
+            self.stats.compile_seconds += after_seconds - seconds
+            self.stats.compiles += after_programs - programs
             self.stats.loader = self.swap.stats.as_dict()
             return next_token, key, cache
         args = (self.params, cache, jnp.asarray(token, jnp.int32), jnp.int32(pos), self._thresholds, key, temperature,

@@ -5,10 +5,10 @@ what others add (GeGLU, q/k norms, post-norms, q/k/v biases, sliding-window laye
 RoPE base, RoPE scaling, embedding scale, soft-capping). The native one-token kernels run only
 where `families.native_attention_ok` says they compute the same thing.
 
-NNX defines the model (parameter names and shapes live here and nowhere else). The hot loop
-runs on plain pytrees: `split_params` turns a module into (graphdef, pure dict of arrays) and
-`forward` (module level, `jax.jit`) merges them inside the trace, so a call costs a dict
-flatten rather than NNX's per-call graph traversal.
+NNX defines the model's parameters (names, shapes and initialization live here and nowhere else);
+the maths runs on their pure dict (`model_forward`, `layer_forward`), so a call costs a dict
+flatten rather than NNX's per-call graph traversal, and the DRAM-budget runtime runs the same
+layer function with its weights coming from slot pools instead of the dict.
 
 Weights are [in, out] (one row per input channel) so that the sparse path of later layers can
 select rows. q/k use the Hugging Face (rotate-half) RoPE layout; see formats/gguf_import.py.
@@ -109,9 +109,6 @@ class RMSNorm(nnx.Module):
         self.weight = nnx.Param(jnp.ones((dim,), jnp.float32))
         self.eps = eps
 
-    def __call__(self, x: jax.Array, native: bool = False) -> jax.Array:
-        return rms_norm(x, self.weight[...], self.eps, native)
-
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float, native: bool = False) -> jax.Array:
     """native: one token's norm is one native call (XLA:CPU makes it four programs)."""
@@ -185,8 +182,8 @@ def head_logits(x_normed: jax.Array, embed, lm_head: jax.Array | None, native: b
 
 
 class Attention(nnx.Module):
-    """GQA attention. q/k/v share one input, so their weights are one [d, q+2kv] matrix whose
-    row j holds everything input channel j touches (one row read per channel when streaming)."""
+    """GQA attention parameters. q/k/v share one input, so their weights are one [d, q+2kv] matrix
+    whose row j holds everything input channel j touches (one row read per channel when streaming)."""
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         d, s = cfg.d_model, cfg.d_model**-0.5
@@ -197,20 +194,6 @@ class Attention(nnx.Module):
         if cfg.qk_norm:
             self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
             self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
-        self.cfg = cfg
-
-    def __call__(self, x, k_cache, v_cache, start_pos, mask_bias, *, attn_len: int, ops: LinearOps = DENSE,
-                 native: bool = False, layer: int = 0):
-        """x: [T, d] normed input. Writes K/V at [start_pos, start_pos+T) and attends over the
-        first `attn_len` cache positions only (cost follows the filled length, not the buffer).
-        mask_bias: [T, attn_len] additive mask of this layer's kind (causal, or sliding window)."""
-        qkv = ops("qkv", x, self.wqkv[...])
-        if self.cfg.qkv_bias:
-            qkv = qkv + self.bqkv[...]
-        qk_norms = (self.q_norm.weight[...], self.k_norm.weight[...]) if self.cfg.qk_norm else None
-        out, k_cache, v_cache = attend(self.cfg, qkv, k_cache, v_cache, start_pos, mask_bias, attn_len, native,
-                                       layer=layer, qk_norms=qk_norms)
-        return ops("o", out, self.wo[...]), k_cache, v_cache
 
 
 def _prepare_qkv(cfg: ModelConfig, qkv, qk_norms):
@@ -270,16 +253,12 @@ def attend(cfg: ModelConfig, qkv, k_cache, v_cache, start_pos, mask_bias, attn_l
 
 
 class MLP(nnx.Module):
-    """SwiGLU. gate/up share one input: one [d, 2*ff] matrix, gate columns first."""
+    """SwiGLU / GeGLU parameters. gate/up share one input: one [d, 2*ff] matrix, gate columns first."""
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         d, f = cfg.d_model, cfg.d_ff
         self.w_gate_up = _param(rngs, (d, 2 * f), d**-0.5)  # [d, 2*ff]
         self.w_down = _param(rngs, (f, d), f**-0.5)  # [ff, d]
-        self.activation = cfg.mlp_activation
-
-    def __call__(self, x, ops: LinearOps = DENSE):
-        return ops("down", swiglu(ops("gate_up", x, self.w_gate_up[...]), self.activation), self.w_down[...])
 
 
 class DecoderLayer(nnx.Module):
@@ -288,26 +267,14 @@ class DecoderLayer(nnx.Module):
         self.attn = Attention(cfg, rngs)
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = MLP(cfg, rngs)
-        self.post_norms = cfg.post_norms
         if cfg.post_norms:  # Gemma: norms on the block outputs before the residual add
             self.post_attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
             self.post_mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
 
-    def __call__(self, x, k_cache, v_cache, start_pos, mask_bias, *, attn_len: int, ops: LinearOps = DENSE,
-                 native: bool = False, layer: int = 0):
-        with jax.named_scope("attention"):
-            h, k_cache, v_cache = self.attn(self.attn_norm(x, native), k_cache, v_cache, start_pos, mask_bias,
-                                            attn_len=attn_len, ops=ops, native=native, layer=layer)
-        if self.post_norms:
-            h = self.post_attn_norm(h, native)
-        x = x + h
-        with jax.named_scope("mlp"):
-            h = self.mlp(self.mlp_norm(x, native), ops=ops)
-            x = x + (self.post_mlp_norm(h, native) if self.post_norms else h)
-        return x, k_cache, v_cache
-
 
 class LlamaModel(nnx.Module):
+    """The parameters of a model (names, shapes, initialization); `model_forward` runs them."""
+
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         self.cfg = cfg
         self.embed = _param(rngs, (cfg.vocab_size, cfg.d_model), 0.25)  # [V, d]
@@ -315,62 +282,111 @@ class LlamaModel(nnx.Module):
         self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.lm_head = None if cfg.tie_embeddings else _param(rngs, (cfg.d_model, cfg.vocab_size), cfg.d_model**-0.5)
 
-    def head(self, x: jax.Array, native: bool = False) -> jax.Array:
-        """x: [T, d] -> logits [T, V]."""
-        return head_logits(self.final_norm(x, native), self.embed.get_value(),
-                           None if self.lm_head is None else self.lm_head[...], native, self.cfg.final_softcap)
 
-    def __call__(self, tokens, cache: KVCache, start_pos, n_valid, *, attn_len: int, all_logits: bool,
-                 sparse: SparsityConfig | None = None, thresholds: jax.Array | None = None,
-                 predict: PredictionConfig | None = None, taps: list | None = None, native: bool = False):
-        """tokens: [T] (first n_valid are real) at positions [start_pos, start_pos+T).
-        Returns (logits [T, V] if all_logits else [1, V] for the last real token, new cache).
+# ---------------------------------------------------------------------------------------------
+# The decoder, one definition for every path. A layer's parameters `p` are its pure dict; the big
+# weights (wqkv, wo, w_gate_up, w_down) reach the maths only through `ops(group, x, w)`: the
+# all-in-DRAM paths pass the arrays (LinearOps), the DRAM-budget runtime passes None and its ops
+# multiply from slot pools (runtime/pooled.py).
 
-        sparse/thresholds ([L, 4], OP_GROUPS order) switch on contextual sparsity; predict
-        restricts the residual-stream groups to predicted sets; taps (a list) receives, per layer,
-        the input of each op group and the residual entering the layer, then (last entry) the
-        residual leaving the last layer."""
-        x = lookup(self.embed.get_value(), tokens)  # [T, d]; the value may be a Q8Table
-        if self.cfg.embed_scale != 1.0:
-            x = x * jnp.float32(self.cfg.embed_scale)
-        mask_bias = causal_bias(start_pos, tokens.shape[0], attn_len)  # [T, S]
-        local_bias = None
-        if self.cfg.sliding_window:
-            local_bias = sliding_bias(start_pos, tokens.shape[0], attn_len, self.cfg.sliding_window)
-        ks, vs = list(cache.k), list(cache.v)
-        residuals = []
-        for i, layer in enumerate(self.layers):
-            residuals.append(x)
-            ops = self._layer_ops(i, residuals, sparse, thresholds, predict, taps).with_native(native)
-            with jax.named_scope(f"layer{i}"):
-                bias = local_bias if self.cfg.is_local_layer(i) else mask_bias
-                x, ks[i], vs[i] = layer(x, ks[i], vs[i], start_pos, bias, attn_len=attn_len, ops=ops,
-                                        native=native, layer=i)
-        if taps is not None:
-            taps.append({"residual": x})
-        if not all_logits:
-            x = jax.lax.dynamic_slice_in_dim(x, n_valid - 1, 1, axis=0)
-        return self.head(x, native), KVCache(tuple(ks), tuple(vs))
 
-    def _layer_ops(self, i: int, residuals: list, sparse, thresholds, predict, taps) -> LinearOps:
-        layer_taps = None
-        if taps is not None:
-            layer_taps = {"residual": residuals[i]}
-            taps.append(layer_taps)
-        if sparse is None or not sparse.is_sparse_layer(i):
-            return LinearOps(taps=layer_taps) if taps is not None else DENSE
-        ks = sparse.ks(self.cfg)
-        restrict = None
-        if predict is not None and i - predict.distance >= 0:
-            src = i - predict.distance
-            source, target = self.layers[src], self.layers[i]
-            restrict = {}
-            for group, norm_t, norm_s in (("qkv", target.attn_norm, source.attn_norm),
-                                          ("gate_up", target.mlp_norm, source.mlp_norm)):
-                n = min(self.cfg.d_model, round(predict.superset * ks[OP_GROUPS.index(group)]))
-                score = prediction_score(residuals[src], norm_t.weight[...], norm_s.weight[...], predict.score)
-                restrict[group] = top_mask(score, n)
-        return LinearOps(sparse, ks, thresholds, restrict, layer_taps, layer=i)
+def embed_tokens(cfg: ModelConfig, embed, tokens) -> jax.Array:
+    """tokens [T] -> residual [T, d] (embed: f32 [V, d] or a quantized table)."""
+    x = lookup(embed, tokens)
+    if cfg.embed_scale != 1.0:
+        x = x * jnp.float32(cfg.embed_scale)
+    return x
+
+
+def scale_embedding(cfg: ModelConfig, rows: jax.Array) -> jax.Array:
+    """Embedding rows read elsewhere (an untied embedding on flash), scaled as embed_tokens does."""
+    return rows * jnp.float32(cfg.embed_scale) if cfg.embed_scale != 1.0 else rows
+
+
+def attention_biases(cfg: ModelConfig, start_pos, t: int, attn_len: int) -> tuple[jax.Array, jax.Array | None]:
+    """(causal bias, sliding-window bias or None) for tokens at [start_pos, start_pos+T)."""
+    local = sliding_bias(start_pos, t, attn_len, cfg.sliding_window) if cfg.sliding_window else None
+    return causal_bias(start_pos, t, attn_len), local
+
+
+def layer_forward(cfg: ModelConfig, p: Params, x, k_cache, v_cache, start_pos, biases, *, attn_len: int, ops,
+                  native: bool = False, layer: int = 0):
+    """One decoder layer: x [T, d] -> (x, k_cache, v_cache). biases: attention_biases(...)."""
+    eps = cfg.norm_eps
+    attn, mlp = p.get("attn", {}), p.get("mlp", {})
+    with jax.named_scope("attention"):
+        qkv = ops("qkv", rms_norm(x, p["attn_norm"]["weight"], eps, native), attn.get("wqkv"))
+        if cfg.qkv_bias:
+            qkv = qkv + attn["bqkv"]
+        qk_norms = (attn["q_norm"]["weight"], attn["k_norm"]["weight"]) if cfg.qk_norm else None
+        bias = biases[1] if cfg.is_local_layer(layer) else biases[0]
+        out, k_cache, v_cache = attend(cfg, qkv, k_cache, v_cache, start_pos, bias, attn_len, native, layer=layer,
+                                       qk_norms=qk_norms)
+        h = ops("o", out, attn.get("wo"))
+    if cfg.post_norms:
+        h = rms_norm(h, p["post_attn_norm"]["weight"], eps, native)
+    x = x + h
+    with jax.named_scope("mlp"):
+        gate_up = ops("gate_up", rms_norm(x, p["mlp_norm"]["weight"], eps, native), mlp.get("w_gate_up"))
+        h = ops("down", swiglu(gate_up, cfg.mlp_activation), mlp.get("w_down"))
+    if cfg.post_norms:
+        h = rms_norm(h, p["post_mlp_norm"]["weight"], eps, native)
+    return x + h, k_cache, v_cache
+
+
+def final_logits(cfg: ModelConfig, params: Params, x, n_valid, *, all_logits: bool, native: bool) -> jax.Array:
+    """Residual leaving the last layer [T, d] -> logits [T, V], or [1, V] of the last real token."""
+    if not all_logits:
+        x = jax.lax.dynamic_slice_in_dim(x, n_valid - 1, 1, axis=0)
+    lm_head = params.get("lm_head")
+    return head_logits(rms_norm(x, params["final_norm"]["weight"], cfg.norm_eps, native), params.get("embed"), lm_head,
+                       native, cfg.final_softcap)
+
+
+def model_forward(cfg: ModelConfig, params: Params, tokens, cache: KVCache, start_pos, n_valid, *, attn_len: int,
+                  all_logits: bool, sparse: SparsityConfig | None = None, thresholds: jax.Array | None = None,
+                  predict: PredictionConfig | None = None, taps: list | None = None, native: bool = False):
+    """tokens: [T] (first n_valid are real) at positions [start_pos, start_pos+T).
+    Returns (logits [T, V] if all_logits else [1, V] for the last real token, new cache).
+
+    sparse/thresholds ([L, 4], OP_GROUPS order) switch on contextual sparsity; predict
+    restricts the residual-stream groups to predicted sets; taps (a list) receives, per layer,
+    the input of each op group and the residual entering the layer, then (last entry) the
+    residual leaving the last layer."""
+    x = embed_tokens(cfg, params["embed"], tokens)  # [T, d]
+    biases = attention_biases(cfg, start_pos, tokens.shape[0], attn_len)
+    ks, vs = list(cache.k), list(cache.v)
+    residuals = []
+    layers = params["layers"]
+    for i in range(cfg.num_layers):
+        residuals.append(x)
+        ops = _layer_ops(cfg, layers, i, residuals, sparse, thresholds, predict, taps).with_native(native)
+        with jax.named_scope(f"layer{i}"):
+            x, ks[i], vs[i] = layer_forward(cfg, layers[i], x, ks[i], vs[i], start_pos, biases, attn_len=attn_len,
+                                            ops=ops, native=native, layer=i)
+    if taps is not None:
+        taps.append({"residual": x})
+    return final_logits(cfg, params, x, n_valid, all_logits=all_logits, native=native), KVCache(tuple(ks), tuple(vs))
+
+
+def _layer_ops(cfg: ModelConfig, layers, i: int, residuals: list, sparse, thresholds, predict, taps) -> LinearOps:
+    layer_taps = None
+    if taps is not None:
+        layer_taps = {"residual": residuals[i]}
+        taps.append(layer_taps)
+    if sparse is None or not sparse.is_sparse_layer(i):
+        return LinearOps(taps=layer_taps) if taps is not None else DENSE
+    ks = sparse.ks(cfg)
+    restrict = None
+    if predict is not None and i - predict.distance >= 0:
+        src = i - predict.distance
+        restrict = {}
+        for group, norm in (("qkv", "attn_norm"), ("gate_up", "mlp_norm")):
+            n = min(cfg.d_model, round(predict.superset * ks[OP_GROUPS.index(group)]))
+            score = prediction_score(residuals[src], layers[i][norm]["weight"], layers[src][norm]["weight"],
+                                     predict.score)
+            restrict[group] = top_mask(score, n)
+    return LinearOps(sparse, ks, thresholds, restrict, layer_taps, layer=i)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -426,14 +442,6 @@ def flatten_params(params: Params, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def merge_params(cfg: ModelConfig, params: Params) -> LlamaModel:
-    """The NNX module holding `params` (call inside a trace: cheap there, costly outside)."""
-    graphdef, abstract_state = abstract_model(cfg)
-    state = jax.tree.map(lambda x: x, abstract_state)
-    nnx.replace_by_pure_dict(state, params)
-    return nnx.merge(graphdef, state)
-
-
 @functools.partial(jax.jit, static_argnames=("cfg", "attn_len", "all_logits", "sparse", "predict", "native"),
                    donate_argnames=("cache",))
 def forward(params: Params, cache: KVCache, tokens, start_pos, n_valid, thresholds=None, *, cfg: ModelConfig,
@@ -442,18 +450,16 @@ def forward(params: Params, cache: KVCache, tokens, start_pos, n_valid, threshol
     """One chunk of tokens through the model (prefill when T > 1, decode when T == 1).
     sparse=None is the dense reference path. native: one token's attention and tied head run on
     the native CPU kernels (not under vmap)."""
-    model = merge_params(cfg, params)
-    return model(tokens, cache, start_pos, n_valid, attn_len=attn_len, all_logits=all_logits, sparse=sparse,
-                 thresholds=thresholds, predict=predict, native=native)
+    return model_forward(cfg, params, tokens, cache, start_pos, n_valid, attn_len=attn_len, all_logits=all_logits,
+                         sparse=sparse, thresholds=thresholds, predict=predict, native=native)
 
 
 def sequence_logits(params: Params, tokens: jax.Array, thresholds=None, *, cfg: ModelConfig,
                     sparse: SparsityConfig | None = None) -> jax.Array:
     """Logits [T, V] of one sequence from an empty cache (traceable, differentiable: training)."""
-    model = merge_params(cfg, params)
     t = tokens.shape[0]
-    logits, _ = model(tokens, KVCache.zeros(cfg, t), 0, t, attn_len=t, all_logits=True, sparse=sparse,
-                      thresholds=thresholds)
+    logits, _ = model_forward(cfg, params, tokens, KVCache.zeros(cfg, t), 0, t, attn_len=t, all_logits=True,
+                              sparse=sparse, thresholds=thresholds)
     return logits
 
 
@@ -463,11 +469,9 @@ def forward_with_taps(params: Params, tokens, thresholds=None, *, cfg: ModelConf
     """Full-sequence forward from an empty cache that also returns, stacked over layers, each op
     group's input and the residual entering each layer: {name: [L, T, dim]}, and "residual_out"
     [T, d] (leaving the last layer), plus logits [T, V]."""
-    model = merge_params(cfg, params)
     t = tokens.shape[0]
-    cache = KVCache.zeros(cfg, t)
     taps: list = []
-    logits, _ = model(tokens, cache, 0, t, attn_len=t, all_logits=True, sparse=sparse, thresholds=thresholds,
-                      taps=taps)
+    logits, _ = model_forward(cfg, params, tokens, KVCache.zeros(cfg, t), 0, t, attn_len=t, all_logits=True,
+                              sparse=sparse, thresholds=thresholds, taps=taps)
     stacked = {name: jnp.stack([layer[name] for layer in taps[:-1]]) for name in taps[0]}
     return logits, {**stacked, "residual_out": taps[-1]["residual"]}

@@ -1,15 +1,19 @@
 """The DRAM-flash swapping runtime: a model runs in a fixed DRAM budget with its weights on flash.
 
-Per decoded token (host orchestration between jitted stages, see stages.py):
+The layers run as compiled programs (runtime/pooled.py: the model's own layer function with its
+weights multiplied from slot pools). Per decoded token, with layer groups g = 0..G-1:
 
-    embed -> for each layer group g:
-        at its first layer: wait for the rows preloaded for g (started one group earlier) and
-        scatter them into the pools; predict the active channels of group g+1 from the
-        residual entering g and start reading their missing rows (TensorStore's own threads,
-        not inside jitted code) -- that read overlaps the compute of group g
-        -> per op: the stage before it selected the exact active channels; rows the pools lack
-        are loaded on demand, then the op runs on the pool (fixed-size slot buffer)
-    -> head
+    P_embed: embedding, and the predicted channels of group 1 (from the residual entering group 0)
+    for each group g:
+        host: read the prediction the previous program made for group g+1 (one sync), reserve
+              slots for its missing rows and start reading them (TensorStore's own threads) into
+              a staging buffer -- that read overlaps the compute of group g
+        host: wait for group g's staged rows (read while group g-1 computed)
+        P_g:  scatter group g's staged rows into the pools (donated), run its layers (a missing
+              row is read by a callback from inside the program), predict group g+2's channels;
+              the last group ends with the head and the sampling of the next token
+When the pools hold every row of the model (a budget that covers the weights) there is nothing
+to preload: one program per token (embedding, every layer, head, sampling).
 
 A tied embedding stays resident (it is the head: every token reads all of it); an untied one
 stays on flash and each pass reads the rows of its own tokens (one row per decoded token).
@@ -37,10 +41,12 @@ import numpy as np
 from activeflow_jax.config import OP_GROUPS, PREDICTED_GROUPS, ModelConfig, SparsityConfig, op_input_dims
 from activeflow_jax.errors import StoreError
 from activeflow_jax.models import llama
-from activeflow_jax.runtime import heap, iostats, stages
-from activeflow_jax.quant import QRows, is_quantized
-from activeflow_jax.runtime.budget import DEFAULT_PRELOAD_SUPERSET, MemoryPlan, held_dtype, op_output_dims
-from activeflow_jax.runtime.pool import SlotPool, padded_source
+from activeflow_jax.quant import is_quantized
+from activeflow_jax.runtime import heap, iostats, pooled
+from activeflow_jax.runtime.budget import (DEFAULT_PRELOAD_SUPERSET, MemoryPlan, current_rss, held_dtype,
+                                           op_output_dims, scope_in_words)
+from activeflow_jax.runtime.pool import SlotPool
+from activeflow_jax.store.bundles import BundleReader
 from activeflow_jax.store.reader import StoreReader
 
 _COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration",
@@ -99,6 +105,7 @@ class SwapStats:
     dispatches: int = 0
     host_syncs: int = 0
     host_cpu_seconds: float = 0.0
+    fills: int = 0  # callbacks from inside the programs for rows the pools lacked (decode)
 
     @property
     def dispatches_per_token(self) -> float:
@@ -147,14 +154,17 @@ class SwapStats:
         return out
 
 
-class _Preload:
-    """Rows of one layer group being read from flash for one op group."""
 
-    def __init__(self, group: int, op: str, predicted: np.ndarray, read: np.ndarray, handle):
-        self.group, self.op, self.predicted, self.read, self.handle = group, op, predicted, read, handle
+class _Staged:
+    """Rows of one layer group being read from flash for one predicted op, and where they go."""
+
+    def __init__(self, op: str, layers: tuple[int, ...], read: np.ndarray, need: np.ndarray, slots: np.ndarray,
+                 evicted: np.ndarray, handle):
+        self.op, self.layers, self.read, self.need, self.slots, self.evicted = op, layers, read, need, slots, evicted
+        self.handle = handle
         self.issued = time.perf_counter()
         self.done_at: float | None = None
-        if handle is not None and hasattr(handle, "add_done_callback"):
+        if handle is not None:
             handle.add_done_callback(self._mark_done)
 
     def _mark_done(self, _future) -> None:
@@ -167,22 +177,21 @@ class SwapRuntime:
     def __init__(self, store_path: str, cfg: ModelConfig, sparsity: SparsityConfig | None,
                  thresholds: np.ndarray | None, memory: MemoryPlan, *, group_size: int,
                  superset: float = DEFAULT_PRELOAD_SUPERSET,
-                 direct_io: bool = False, embed, process: int = 0):
+                 direct_io: bool = False, embed, process: int = 0, native: bool | None = None):
         """embed: the resident embedding of a tied model, already loaded before planning (its size
-        is part of the plan): session.resident_embedding, f32 or a Q8 table; None for an untied
-        model, whose embedding rows are read from flash with their tokens. process: the process
-        outside the model (RSS at load plus the compile reserve), reported beside a budget that
-        does not cover it."""
-        from activeflow_jax.store.bundles import BundleReader
+        is part of the plan): session.resident_embedding, f32 or a quantized table; None for an
+        untied model, whose embedding rows are read from flash with their tokens. process: the
+        process outside the model (RSS at load plus the compile reserve), reported beside a budget
+        that does not cover it. native: the engine's choice of native attention, norms and head
+        (None: where usable), which every decode path of an engine must share."""
+        from activeflow_jax.sparse import native as native_lib
 
         self.cfg, self.sparsity, self.memory, self.superset = cfg, sparsity, memory, superset
         self.process = process
         self.store_path = store_path
-        from activeflow_jax.sparse import native
-
-        self.native = sparsity.kernel == "native" if sparsity is not None else native.usable()
-        # rows an op computes with at once; dense layers (and prefill unions) run in slices of it
-        self.slice = dict(zip(OP_GROUPS, sparsity.ks(cfg) if sparsity is not None else op_input_dims(cfg)))
+        self.native = native_lib.usable() if native is None else native
+        # the pooled ops select and multiply natively where the all-in-DRAM sparse path does
+        self.native_select = (sparsity.kernel == "native") if sparsity is not None else self.native
         self.bundles = BundleReader(store_path, group_size, direct_io=direct_io)
         # TensorStore's direct mode still serves a read of a whole shard file (a dense layer, a
         # prefill union, dense streaming) from the page cache when it is read again (measured: 0
@@ -198,48 +207,110 @@ class SwapRuntime:
                 "(which lays out every layer)")
         self._load_resident(store_path, embed)
         thr = np.zeros((cfg.num_layers, len(OP_GROUPS)), np.float32) if thresholds is None else thresholds
-        self._thr = [[jnp.float32(thr[i, g]) for g in range(len(OP_GROUPS))] for i in range(cfg.num_layers)]
-        self.pools = self._make_pools(memory)
-        self._sels = [{op: self._make_sel(i, op) for op in OP_GROUPS} for i in range(cfg.num_layers)]
-        self._host_norms = {name: np.abs(np.asarray(a)) for name, a in self.resident.items() if "norm" in name}
+        self._thresholds = jnp.asarray(np.asarray(thr, np.float32).reshape(-1))
+        ks = sparsity.ks(cfg) if sparsity is not None else op_input_dims(cfg)
+        self._ks = tuple(tuple(ks) if sparsity is not None and sparsity.is_sparse_layer(i) else op_input_dims(cfg)
+                         for i in range(cfg.num_layers))
+        self._predict_n = tuple(min(cfg.d_model, int(round(superset * self._ks[-1][OP_GROUPS.index(op)])))
+                                for op in PREDICTED_GROUPS)
         self.stats = SwapStats()
-        self._pending: dict[str, _Preload] = {}
-        self._preloaded: dict[tuple[str, int], np.ndarray] = {}  # (op, layer) -> predicted channel mask
-        self._lock = threading.Lock()
-        self._syncs = 0  # blocking device-to-host reads (see _to_host)
+        self._lock = threading.Lock()  # one pass at a time
+        self._host_lock = threading.Lock()  # the host maps: the main thread's reservations vs fill callbacks
+        self._host = pooled.register_host(self)
+        self._make_pools(memory)
         _CompileClock.ensure_registered()
 
     # -- setup ---------------------------------------------------------------------------------
 
     def _load_resident(self, store_path: str, embed) -> None:
+        """Every tensor but the four op weights of each layer (and an untied embedding), as the
+        nested parameter dict llama.layer_forward / final_logits read."""
         cfg = self.cfg
         reader = StoreReader(store_path)
-        names = ["final_norm.weight"] + ([] if cfg.tie_embeddings else ["lm_head"])
-        names += [f"layers.{i}.{n}.weight" for i in range(cfg.num_layers) for n in ("attn_norm", "mlp_norm")]
-        # one tensor at a time, into aligned buffers that device_put adopts without a copy
-        # (a quantized store's untied head stays quantized, as the all-in-DRAM engine holds it)
-        self.resident = {name: jax.device_put(reader.read_held(name) if is_quantized(reader.tensor_dtype(name))
-                                              else reader.read_aligned(name)) for name in names}
+        streamed = {"attn.wqkv", "attn.wo", "mlp.w_gate_up", "mlp.w_down"}
+        names = [n for n in llama.param_shapes(cfg)
+                 if n != "embed" and not (n.startswith("layers.") and n.split(".", 2)[2] in streamed)]
+        resident: dict[str, Any] = {"layers": {i: {} for i in range(cfg.num_layers)}}
+        self.resident_bytes = 0
+        for name in names:
+            # one tensor at a time, into aligned buffers that device_put adopts without a copy
+            # (a quantized store's untied head stays quantized, as the all-in-DRAM engine holds it)
+            value = jax.device_put(reader.read_held(name) if is_quantized(reader.tensor_dtype(name))
+                                   else reader.read_aligned(name))
+            self.resident_bytes += value.nbytes if hasattr(value, "nbytes") else value.data.nbytes
+            node = resident
+            *parents, leaf = [int(p) if p.isdigit() else p for p in name.split(".")]
+            for p in parents:
+                node = node.setdefault(p, {})
+            node[leaf] = value
         if embed is not None:
-            self.resident["embed"] = embed
-        self.resident_bytes = sum(a.nbytes for a in self.resident.values())
+            resident["embed"] = embed
+            self.resident_bytes += embed.nbytes if hasattr(embed, "nbytes") else embed.data.nbytes
+        self.resident = resident
         self._embed_reader = None if embed is not None else StoreReader(store_path, direct_io=self.bundles.direct_io)
 
-    def _make_pools(self, memory: MemoryPlan) -> dict[str, SlotPool]:
+    def _make_pools(self, memory: MemoryPlan) -> None:
+        cfg = self.cfg
         dtype = held_dtype(self.bundles.storage_dtype)  # quantized rows stay quantized in the pools
-        return {g: SlotPool(g, self.cfg.num_layers, i, o, s, dtype)
-                for g, i, o, s in zip(OP_GROUPS, op_input_dims(self.cfg), op_output_dims(self.cfg), memory.pool_slots)}
+        self.pools = {g: SlotPool(g, cfg.num_layers, i, o, s, dtype)
+                      for g, i, o, s in zip(OP_GROUPS, op_input_dims(cfg), op_output_dims(cfg), memory.pool_slots)}
+        self._pool_info = tuple(pooled.PoolInfo(p.in_dim, p.out_dim, p.trash, p.dtype, p.row_width)
+                                for p in self.pools.values())
+        self._dev_pools = tuple(jnp.zeros((p.slots + 1, p.row_width), p.np_dtype) for p in self.pools.values())
+        self._dev_maps = tuple(jnp.full((cfg.num_layers, p.in_dim), -1, jnp.int32) for p in self.pools.values())
+        self._zero_freqs()
+        self._counters = jnp.zeros(len(pooled.COUNTERS), jnp.int32)
+        self._counted = np.zeros(len(pooled.COUNTERS), np.int64)
+        # Preloading pays only when the pools cannot hold every row: then a pass is one program
+        # per layer group (plus the embedding's), else one program per token.
+        groups = self.bundles.layer_groups
+        self.resident_mode = all(p.holds_every_row for p in self.pools.values())
+        self.groups = [tuple(range(cfg.num_layers))] if self.resident_mode or len(groups) == 1 else groups
+        # staging: one group's preloaded rows per predicted op, double-buffered (the program that
+        # scatters one buffer may still run while the next group's rows arrive in the other)
+        n_layers = max(len(g) for g in groups)
+        self._staging = {op: [self._aligned((n * n_layers, self.pools[op].row_width), self.pools[op].np_dtype)
+                              for _ in range(2)]
+                         for op, n in zip(PREDICTED_GROUPS, self._predict_n)} if not self.resident_mode else {}
+        self._staging_rows = {op: n * n_layers for op, n in zip(PREDICTED_GROUPS, self._predict_n)}
+        self._staged: dict[int, dict[str, _Staged | None]] = {}
+        self._flip = 0
+
+    def _forget_rows(self) -> None:
+        """Empty pools, on the host and in the device maps (the rows' bytes are left to be overwritten)."""
+        cfg = self.cfg
+        dtype = held_dtype(self.bundles.storage_dtype)
+        self.pools = {g: SlotPool(g, cfg.num_layers, p.in_dim, p.out_dim, p.slots, dtype)
+                      for g, p in self.pools.items()}
+        self._dev_maps = tuple(jnp.full((cfg.num_layers, p.in_dim), -1, jnp.int32) for p in self.pools.values())
+
+    def _zero_freqs(self) -> None:
+        self._dev_freqs = tuple(jnp.zeros((self.cfg.num_layers, p.in_dim), jnp.int32) for p in self.pools.values())
+
+    @staticmethod
+    def _aligned(shape: tuple[int, int], dtype: np.dtype) -> np.ndarray:
+        """A 64-byte-aligned host buffer: a jit argument adopts it instead of copying it."""
+        n = int(np.prod(shape)) * dtype.itemsize
+        raw = np.zeros(n + 64, np.uint8)
+        offset = -raw.ctypes.data % 64
+        return raw[offset:offset + n].view(dtype).reshape(shape)
 
     def replan(self, memory: MemoryPlan) -> None:
         """New pool sizes (runtime budget change): the old buffers are freed first."""
         with self._lock:
-            for pool in self.pools.values():
-                pool.release()
-            self.pools = {}
-            self._pending.clear()
-            self._preloaded.clear()
+            self._release()
             self.memory = memory
-            self.pools = self._make_pools(memory)
+            self._make_pools(memory)
+
+    def _release(self) -> None:
+        for array in (*getattr(self, "_dev_pools", ()), *getattr(self, "_dev_maps", ()),
+                      *getattr(self, "_dev_freqs", ())):
+            try:
+                array.delete()
+            except Exception:
+                pass
+        self._dev_pools = self._dev_maps = self._dev_freqs = ()
+        self._staged = {}
 
     def memory_breakdown(self) -> dict[str, Any]:
         pools = {g: p.nbytes for g, p in self.pools.items()}
@@ -251,8 +322,6 @@ class SwapRuntime:
 
     def process_accounting(self) -> dict[str, Any]:
         """Whether the budget covers the whole process, the process outside the model and the RSS now."""
-        from activeflow_jax.runtime.budget import current_rss, scope_in_words
-
         covers = self.memory.baseline > 0
         process = self.memory.baseline if covers else self.process
         rss = current_rss()
@@ -260,108 +329,167 @@ class SwapRuntime:
                 "scope": scope_in_words(covers, process, rss)}
 
     def close(self) -> None:
-        for pool in self.pools.values():
-            pool.release()
-        self.pools = {}
+        self._release()
 
     def reset_stats(self) -> None:
         self.stats = SwapStats()
 
     def new_sequence(self) -> None:
-        for pool in self.pools.values():
-            pool.reset_counters()
-
-    # -- the forward pass ----------------------------------------------------------------------
-
-    def _sel(self, layer: int, op: str) -> stages.Select | None:
-        return self._sels[layer][op]
-
-    def _make_sel(self, layer: int, op: str) -> stages.Select | None:
-        sp = self.sparsity
-        if sp is None or not sp.is_sparse_layer(layer):
-            return None
-        return stages.Select(sp.ks(self.cfg)[OP_GROUPS.index(op)], sp.policy)
-
-    def _norm(self, layer: int, which: str):
-        return self.resident[f"layers.{layer}.{which}.weight"]
+        """A new sequence: the LFU counts of the hot-weight cache restart (rows stay)."""
+        with self._lock:
+            for pool in self.pools.values():
+                pool.new_sequence()
+            self._zero_freqs()
 
     @staticmethod
     def compile_clock() -> tuple[float, int]:
         """(seconds, programs) compiled by JAX so far in this process."""
         return _CompileClock.seconds, _CompileClock.programs
 
+    # -- passes --------------------------------------------------------------------------------
+
     def forward(self, cache: llama.KVCache, tokens: np.ndarray, start_pos: int, n_valid: int, attn_len: int,
                 all_logits: bool):
         """Same contract as `llama.forward`: (logits, new cache)."""
-        with self._lock:
-            read0 = iostats.process_read_bytes() or 0
-            for pool in self.pools.values():
-                pool.pin_until[:] = -1  # pins live within one pass (they name layers of this pass)
-            compiled = _CompileClock.programs
-            if self._layout_files is not None:
-                iostats.drop_files(self._layout_files, sync=False)  # read-only while loaded
-            decode = tokens.shape[0] == 1
-            dispatches0, syncs0, cpu0 = stages.DispatchCounter.calls, self._syncs, time.thread_time()
-            try:
-                return self._forward(cache, tokens, start_pos, n_valid, attn_len, all_logits)
-            finally:
-                if decode:
-                    self.stats.dispatches += stages.DispatchCounter.calls - dispatches0
-                    self.stats.host_syncs += self._syncs - syncs0
-                    self.stats.host_cpu_seconds += time.thread_time() - cpu0
-                self._pending.clear()  # an interrupted pass must not leave reads for the next one
-                self.stats.device_read_bytes += (iostats.process_read_bytes() or 0) - read0
-                if _CompileClock.programs != compiled:
-                    heap.trim()
+        head = "all_logits" if all_logits else "logits"
+        with self._pass(decode=tokens.shape[0] == 1):
+            out, cache = self._run(cache, tokens, start_pos, n_valid, attn_len, head, None)
+        return out["logits"], cache
 
-    def _forward(self, cache, tokens, start_pos, n_valid, attn_len, all_logits):
-        cfg, eps, r = self.cfg, self.cfg.norm_eps, self.resident
-        t = tokens.shape[0]
-        decode = t == 1
-        tok = jnp.asarray(tokens, jnp.int32)
-        start_pos, n_valid_a = jnp.int32(start_pos), jnp.int32(n_valid)
-        q = OP_GROUPS.index
-        embed = r.get("embed")
-        if embed is None:  # untied: this pass's rows from flash, looked up by position
-            embed, tok = self._embed_rows(tokens, decode), jnp.arange(t, dtype=jnp.int32)
-        x, hm, union = stages.start(embed, tok, self._norm(0, "attn_norm"), self._thr[0][q("qkv")], n_valid_a,
-                                    eps=eps, sel=self._sel(0, "qkv"), native=self.native)
-        ks, vs = list(cache.k), list(cache.v)
-        logits = None
-        for layer in range(cfg.num_layers):
-            if decode:
-                group, position = self.bundles.group_of(layer)
-                if position == 0:
-                    self._begin_group(group, x)
-            # Each weight source is built inside the call that uses it, so no name keeps the previous
-            # op's transient assembled weight (up to a whole [in, out] matrix) alive next to it.
-            hm, union, ks[layer], vs[layer] = stages.qkv_stage(
-                hm, self._source(layer, "qkv", union, hm, t), ks[layer], vs[layer], start_pos,
-                self._thr[layer][q("o")], n_valid_a, cfg=cfg, sel=self._sel(layer, "o"), native=self.native,
-                attn_len=attn_len)
-            x, hm, union = stages.o_stage(x, hm, self._source(layer, "o", union, hm, t), self._norm(layer, "mlp_norm"),
-                                          self._thr[layer][q("gate_up")], n_valid_a, eps=eps,
-                                          sel=self._sel(layer, "gate_up"), native=self.native)
-            hm, union = stages.gate_up_stage(hm, self._source(layer, "gate_up", union, hm, t),
-                                             self._thr[layer][q("down")], n_valid_a, sel=self._sel(layer, "down"),
-                                             native=self.native)
-            if layer + 1 < cfg.num_layers:
-                x, hm, union = stages.down_stage(x, hm, self._source(layer, "down", union, hm, t),
-                                                 self._norm(layer + 1, "attn_norm"), self._thr[layer + 1][q("qkv")],
-                                                 n_valid_a, eps=eps, sel=self._sel(layer + 1, "qkv"),
-                                                 native=self.native)
-            else:
-                logits = stages.last_stage(x, hm, self._source(layer, "down", union, hm, t), r["final_norm.weight"],
-                                           r.get("embed"), r.get("lm_head"), n_valid_a, eps=eps, native=self.native,
-                                           all_logits=all_logits)
-        if decode:
-            self.stats.tokens += 1
-        return logits, llama.KVCache(tuple(ks), tuple(vs))
+    def decode_and_sample(self, cache: llama.KVCache, token: np.ndarray, pos: int, attn_len: int, key, temperature,
+                          top_p) -> tuple[int, jax.Array, llama.KVCache]:
+        """One decoded token and the choice of the next, the sampling inside the last program:
+        (next token, next key, cache)."""
+        with self._pass(decode=True):
+            out, cache = self._run(cache, token, pos, 1, attn_len, "sample", (key, temperature, top_p))
+            next_token = self._to_host(out["token"])  # the one sync every token needs
+        return int(next_token), out["key"], cache
+
+    class _PassScope:
+        def __init__(self, runtime: "SwapRuntime", decode: bool):
+            self.rt, self.decode = runtime, decode
+
+        def __enter__(self):
+            rt = self.rt
+            rt._lock.acquire()
+            self.read0 = iostats.process_read_bytes() or 0
+            self.compiled = _CompileClock.programs
+            self.dispatches0, self.syncs0, self.cpu0 = pooled.DispatchCounter.calls, rt._syncs, time.thread_time()
+            for pool in rt.pools.values():
+                pool.new_pass()
+            if rt._layout_files is not None:
+                iostats.drop_files(rt._layout_files, sync=False)  # read-only while loaded
+            rt._decoding = self.decode
+            return self
+
+        def __exit__(self, *exc):
+            rt = self.rt
+            try:
+                st = rt.stats
+                if self.decode:
+                    st.tokens += 1
+                    st.dispatches += pooled.DispatchCounter.calls - self.dispatches0
+                    st.host_syncs += rt._syncs - self.syncs0
+                    st.host_cpu_seconds += time.thread_time() - self.cpu0
+                if exc[0] is None:
+                    rt._collect_counters(self.decode)
+                elif rt._staged:  # reservations that never reached the device: forget every placement
+                    rt._forget_rows()
+                rt._staged = {}  # an interrupted pass must not leave reads for the next one
+                st.device_read_bytes += (iostats.process_read_bytes() or 0) - self.read0
+                if _CompileClock.programs != self.compiled:
+                    heap.trim()
+            finally:
+                rt._lock.release()
+
+    _syncs = 0
+    _decoding = False
+
+    def _pass(self, decode: bool) -> "_PassScope":
+        return SwapRuntime._PassScope(self, decode)
 
     def _to_host(self, array) -> np.ndarray:
         """A device array on the host: the host waits for the program computing it (one sync)."""
         self._syncs += 1
         return np.asarray(array)
+
+    def _collect_counters(self, decode: bool) -> None:
+        """The device's counters (the pass's programs have finished: a copy, not a wait)."""
+        now = np.asarray(self._counters).astype(np.int64)
+        delta, self._counted = now - self._counted, now
+        if not decode:
+            return
+        st = self.stats
+        st.active_rows += int(delta[pooled._ACTIVE])
+        st.hit_rows += int(delta[pooled._ACTIVE] - delta[pooled._MISSED])
+        st.predictable_active += int(delta[pooled._PREDICTABLE])
+        st.predicted_used += int(delta[pooled._USED])
+        st.fills += int(delta[pooled._FILLS])
+
+    def _plan(self, layers, tokens: int, attn_len: int, embed: str, head: str, install: bool,
+              predict: tuple[int, ...], count_predicted: bool) -> pooled.Plan:
+        return pooled.Plan(cfg=self.cfg, layers=tuple(layers), ks=tuple(self._ks[i] for i in layers),
+                           policy=self.sparsity.policy if self.sparsity is not None else "topk", native=self.native,
+                           native_select=self.native_select, attn_len=attn_len, tokens=tokens, embed=embed, head=head,
+                           install=install, predict=tuple(predict), predict_n=self._predict_n,
+                           count_predicted=count_predicted, pools=self._pool_info, host=self._host)
+
+    def _call(self, plan: pooled.Plan, ks, vs, x_in, pos, n_valid, install, predicted, sample):
+        pooled.DispatchCounter.calls += 1
+        layers = plan.layers
+        (self._dev_pools, self._dev_maps, self._dev_freqs, kc, vc, self._counters, out) = pooled.run(
+            self.resident, self._dev_pools, self._dev_maps, self._dev_freqs, tuple(ks[i] for i in layers),
+            tuple(vs[i] for i in layers), self._counters, x_in, pos, n_valid, self._thresholds, install, predicted,
+            sample, plan=plan)
+        for j, layer in enumerate(layers):
+            ks[layer], vs[layer] = kc[j], vc[j]
+        return out
+
+    def _run(self, cache: llama.KVCache, tokens: np.ndarray, start_pos: int, n_valid: int, attn_len: int,
+             head: str, sample):
+        t = tokens.shape[0]
+        decode = t == 1
+        ks, vs = list(cache.k), list(cache.v)
+        pos, n_valid_a = jnp.int32(start_pos), jnp.int32(n_valid)
+        if self._embed_reader is None:
+            x_in, embed = jnp.asarray(tokens, jnp.int32), "lookup"
+        else:  # untied: this pass's rows from flash
+            x_in, embed = self._embed_rows(tokens, decode), "rows"
+        groups = self.groups if decode else [tuple(range(self.cfg.num_layers))]
+        if len(groups) == 1:
+            plan = self._plan(groups[0], t, attn_len, embed, head, False, (), False)
+            out = self._call(plan, ks, vs, x_in, pos, n_valid_a, None, None, sample)
+            return out, llama.KVCache(tuple(ks), tuple(vs))
+        # P_embed: the embedding and the prediction for group 1
+        plan = self._plan((), 1, attn_len, embed, "none", False, groups[1], False)
+        out = self._call(plan, ks, vs, x_in, pos, n_valid_a, None, None, None)
+        x, predictions = out["x"], {1: out["predicted"]}
+        for g, layers in enumerate(groups):
+            install = self._install(g) if g > 0 else None  # waits for group g's reads
+            last = g + 1 == len(groups)
+            predict = groups[g + 2] if g + 2 < len(groups) else ()
+            if g + 1 < len(groups):  # LFU counts for the reservation below, before they are donated
+                freqs = {op: np.array(self._dev_freqs[OP_GROUPS.index(op)]) for op in PREDICTED_GROUPS}
+            plan = self._plan(layers, 1, attn_len, "none", head if last else "none", g > 0, predict, g > 0)
+            out = self._call(plan, ks, vs, x, pos, n_valid_a, install, predictions.get(g) if g > 0 else None,
+                             sample if last else None)
+            with self._host_lock:
+                for op in PREDICTED_GROUPS:  # the scatter is dispatched: those slots are no longer pending
+                    staged = self._staged.get(g, {}).get(op)
+                    if staged is not None:
+                        self.pools[op].pending[staged.slots] = False
+                self._staged.pop(g, None)
+            if g + 1 < len(groups):  # group g+1's reads overlap the compute of group g
+                self._reserve(g + 1, groups[g + 1], self._to_host_tuple(predictions[g + 1]), freqs)
+            if predict:
+                predictions[g + 2] = out["predicted"]
+            if not last:
+                x = out["x"]
+        return out, llama.KVCache(tuple(ks), tuple(vs))
+
+    def _to_host_tuple(self, arrays) -> tuple[np.ndarray, ...]:
+        self._syncs += 1  # one wait for the program that made them
+        return tuple(np.asarray(a) for a in arrays)
 
     def _embed_rows(self, tokens: np.ndarray, decode: bool) -> jax.Array:
         """[T, d] embedding rows of the tokens, read from the store (each distinct token once)."""
@@ -377,119 +505,162 @@ class SwapRuntime:
             self.stats.prefill_read_seconds += time.perf_counter() - t0
         return jnp.asarray(rows[where.reshape(-1)])
 
-    def _source(self, layer: int, op: str, union, hm, t: int) -> dict:
-        """The op's weight source with every active row in DRAM. A decoded token's sparse op has
-        at most k active rows, multiplied straight from the pool. A prefill chunk's union (or a
-        dense layer's all rows) can exceed what the pool may hold at once: it passes through the
-        pool in slices of k rows into a transient [in, out] weight (see stages.py)."""
-        pool = self.pools[op]
-        cols = np.flatnonzero(self._to_host(union)).astype(np.int32)
-        k = self.slice[op]
-        decode = t == 1
-        if decode and self._sel(layer, op) is not None and self.native:
-            return padded_source(pool, cols, self._ensure(pool, op, layer, cols, decode), k)
-        w = stages.empty_weight(shape=(pool.in_dim, pool.row_width), dtype=pool.buffer.dtype.name)
-        for begin in range(0, len(cols), k):
-            part = cols[begin:begin + k]
-            src = padded_source(pool, part, self._ensure(pool, op, layer, part, decode), k, pad_col=pool.in_dim)
-            w = stages.assemble_rows(w, pool.held(), src["cols"], src["slots"])
-        return {"w": QRows(w, pool.dtype, pool.out_dim) if pool.quantized else w}
+    # -- cross-layer preloading ----------------------------------------------------------------
 
-    def _ensure(self, pool: SlotPool, op: str, layer: int, cols: np.ndarray, decode: bool) -> np.ndarray:
-        """Slots of (layer, cols), loading the rows the pool lacks from flash now (on demand).
-        Rates count decode only; prefill reads are counted apart."""
-        slots = pool.lookup(layer, cols)
-        missing = slots < 0
+    def _reserve(self, group: int, layers: tuple[int, ...], predicted: tuple[np.ndarray, ...],
+                 freqs: dict[str, np.ndarray]) -> None:
+        """Slots for the predicted rows of `group` that the pools lack, and their reads started.
+        Runs while the group before computes (its fill callbacks share the host maps: the lock);
+        freqs: LFU counts copied before that program took the device's."""
+        with self._host_lock:
+            self._reserve_locked(group, layers, predicted, freqs)
+
+    def _reserve_locked(self, group, layers, predicted, freqs) -> None:
+        staged: dict[str, _Staged | None] = {}
+        self.stats.predicted_rows += sum(len(p) for p in predicted) * len(layers)
+        for op, channels in zip(PREDICTED_GROUPS, predicted):
+            pool = self.pools[op]
+            g = OP_GROUPS.index(op)
+            have = pool.slot_of[list(layers)][:, channels] >= 0  # [n_layers, n]
+            read_mask = ~have.all(axis=0)
+            if not read_mask.any():
+                staged[op] = None
+                continue
+            read = channels[read_mask]
+            need = ~have[:, read_mask].T  # [n_read, n_layers]: rows to install
+            rows_at, layer_at = np.nonzero(need)
+            slots, evicted = pool.allocate(len(rows_at), layers[0], np.zeros(0, np.int64), lambda op=op: freqs[op])
+            layer_ids = np.asarray(layers, np.int32)[layer_at]
+            pool.assign(layer_ids, read[rows_at], slots, pin_until=layers[-1])
+            pool.pending[slots] = True
+            pool.pending_clear[slots] = evicted
+            handle = self.bundles.read_group_async(op, group, read)
+            extents, extent_bytes = self.bundles.extents(op, group, read)
+            self.stats.preload_extents += extents
+            self.stats.preload_extent_bytes += extent_bytes
+            staged[op] = _Staged(op, layers, read, need, slots, evicted, handle)
+        self._staged[group] = staged
+
+    def _install(self, group: int):
+        """Group `group`'s staged rows as the program's install arguments (waits for the reads)."""
         st = self.stats
-        if decode:
-            st.active_rows += len(cols)
-            st.hit_rows += int(len(cols) - missing.sum())
-            predicted = self._preloaded.pop((op, layer), None)
-            if predicted is not None:
-                st.predictable_active += len(cols)
-                st.predicted_used += int(predicted[cols].sum())
-        if missing.any():
-            want = cols[missing]
+        self._flip ^= 1
+        out = []
+        for op in PREDICTED_GROUPS:
+            pool = self.pools[op]
+            size = self._staging_rows[op]
+            staging = self._staging[op][self._flip]
+            put = np.full(size, pool.trash + 1, np.int32)  # out of range: dropped
+            clear_owner = np.full(size, pool.map_size, np.int32)
+            clear_slot = np.full(size, -1, np.int32)
+            set_flat = np.full(size, pool.map_size, np.int32)
+            set_slot = np.full(size, -1, np.int32)
+            staged = self._staged.get(group, {}).get(op)
+            if staged is not None:
+                t0 = time.perf_counter()
+                rows = staged.handle.result()  # [n_read, n_layers, row]
+                now = time.perf_counter()
+                st.preload_wait_seconds += now - t0
+                st.preload_seconds += (staged.done_at or now) - staged.issued
+                n_read, n_layers = rows.shape[:2]
+                st.preload_rows_read += n_read * n_layers
+                st.preload_bytes += n_read * n_layers * self._stored_row_bytes(op)
+                flat_rows = rows.reshape(n_read * n_layers, -1)
+                staging[:len(flat_rows)] = flat_rows  # the one copy between TensorStore's output and the pool
+                rows_at, layer_at = np.nonzero(staged.need)
+                where = rows_at * n_layers + layer_at
+                m = len(where)
+                put[where] = staged.slots
+                clear_owner[:m] = np.where(staged.evicted >= 0, staged.evicted, pool.map_size)
+                clear_slot[:m] = staged.slots
+                layer_ids = np.asarray(staged.layers, np.int64)[layer_at]
+                set_flat[:m] = layer_ids * pool.in_dim + staged.read[rows_at]
+                set_slot[:m] = staged.slots
+                with self._host_lock:  # the group before may still run fill callbacks
+                    # a pending slot filled early by a callback has cleared its old owner already
+                    done = pool.pending_clear[staged.slots] < 0
+                    clear_owner[:m][done] = pool.map_size
+                    pool.pending_clear[staged.slots] = -1
+            out.append((staging, put, clear_owner, clear_slot, set_flat, set_slot))
+        return tuple(out)
+
+    def _stored_row_bytes(self, op: str) -> int:
+        """Bytes of one row as the store holds it (f16 rows arrive widened to f32)."""
+        pool = self.pools[op]
+        if pool.quantized:
+            return pool.row_width
+        return pool.out_dim * (2 if self.bundles.storage_dtype == "float16" else 4)
+
+    # -- callbacks from inside the programs ----------------------------------------------------
+
+    def fill_decode(self, g: int, layer: int, idx: np.ndarray, slots: np.ndarray, count: int, freq):
+        """Rows of one decoded token's op that the pool lacks (slots < 0): read from flash and
+        given slots. Returns (rows [k, row], put [k], clear_owner [k], clear_slot [k], slots [k],
+        set_flat [k]) for pooled._apply_updates."""
+        with self._host_lock:
+            return self._fill_decode_locked(g, layer, idx, slots, count, freq)
+
+    def _fill_decode_locked(self, g, layer, idx, slots, count, freq):
+        op = OP_GROUPS[g]
+        pool = self.pools[op]
+        k = len(idx)
+        rows = np.zeros((k, pool.row_width), pool.np_dtype)
+        put = np.full(k, pool.trash + 1, np.int32)
+        clear_owner = np.full(k, pool.map_size, np.int32)
+        clear_slot = np.full(k, -1, np.int32)
+        set_flat = np.full(k, pool.map_size, np.int32)
+        new_slots = slots.astype(np.int32).copy()
+        positions = np.flatnonzero(slots[:count] < 0)
+        channels = idx[positions]
+        host = pool.slot_of[layer, channels]
+        # a row the host placed and the device already holds (no read), one whose preload is
+        # still pending (read now, written into its reserved slot), or one with no slot yet
+        present = (host >= 0) & ~pool.pending[np.maximum(host, 0)]
+        early = (host >= 0) & ~present
+        absent = host < 0
+        read_pos = positions[early | absent]
+        new_slots[positions[present]] = host[present]
+        if absent.any():
+            protect = np.concatenate([slots[:count][slots[:count] >= 0], host[present]])
+            fresh, evicted = pool.allocate(int(absent.sum()), layer, protect, lambda: np.asarray(freq))
+            pool.assign(np.full(len(fresh), layer, np.int32), channels[absent], fresh)
+            new_slots[positions[absent]] = fresh
+            clear_owner[positions[absent]] = np.where(evicted >= 0, evicted, pool.map_size)
+            clear_slot[positions[absent]] = fresh
+        if early.any():
+            reserved = host[early]
+            old = pool.pending_clear[reserved]
+            new_slots[positions[early]] = reserved
+            clear_owner[positions[early]] = np.where(old >= 0, old, pool.map_size)
+            clear_slot[positions[early]] = reserved
+            pool.pending_clear[reserved] = -1
+        set_flat[positions] = layer * pool.in_dim + channels
+        if len(read_pos):
+            want = idx[read_pos]  # ascending: positions are
             t0 = time.perf_counter()
-            rows = self.bundles.read_layer(op, layer, want)
-            if decode:
+            data = self.bundles.read_layer(op, layer, want)
+            rows[read_pos] = data
+            put[read_pos] = new_slots[read_pos]
+            st = self.stats
+            if self._decoding:
                 st.ondemand_seconds += time.perf_counter() - t0
                 st.ondemand_rows += len(want)
-                st.ondemand_bytes += rows.nbytes
+                st.ondemand_bytes += len(want) * self._stored_row_bytes(op)
                 extents, extent_bytes = self.bundles.extents(op, self.bundles.group_of(layer)[0], want)
                 st.ondemand_extents += extents
                 st.ondemand_extent_bytes += extent_bytes
-            else:
-                st.prefill_bytes += rows.nbytes
-                st.prefill_read_seconds += time.perf_counter() - t0
-            slots = slots.copy()
-            slots[missing] = pool.install(np.full(len(want), layer, np.int32), want, rows, current_layer=layer,
-                                          protect=slots[~missing])
-        pool.touch(layer, cols)
-        return slots
+        return rows, put, clear_owner, clear_slot, new_slots, set_flat
 
-    # -- cross-layer preloading ----------------------------------------------------------------
-
-    def _begin_group(self, group: int, x) -> None:
-        """At the first layer of `group`: install its preloaded rows, start reading group+1's."""
-        layers = self.bundles.layer_groups[group]
-        for op in PREDICTED_GROUPS:
-            pre = self._pending.pop(op, None)
-            if pre is not None and pre.group == group:
-                self._install_preload(pre, layers)
-        if group + 1 >= len(self.bundles.layer_groups):
-            return
-        nxt = self.bundles.layer_groups[group + 1]
-        residual = np.abs(self._to_host(x)[-1])
-        for op in PREDICTED_GROUPS:
-            channels = self._predict(op, nxt, residual)
-            pool = self.pools[op]
-            have = pool.slot_of[list(nxt)][:, channels] >= 0  # [n_layers, n]
-            read = channels[~have.all(axis=0)]
-            handle = self.bundles.read_group_async(op, group + 1, read) if len(read) else None
-            if handle is not None:
-                extents, extent_bytes = self.bundles.extents(op, group + 1, read)
-                self.stats.preload_extents += extents
-                self.stats.preload_extent_bytes += extent_bytes
-            self._pending[op] = _Preload(group + 1, op, channels, read, handle)
-
-    def _predict(self, op: str, layers: tuple[int, ...], residual: np.ndarray) -> np.ndarray:
-        """Channels of `op` predicted active in `layers`: the top (superset x k) of |residual| x the
-        layers' mean norm gain (the op's input is the normed residual); sorted."""
-        dim = self.pools[op].in_dim
-        sel = self._sel(layers[0], op)
-        if sel is None:
-            return np.arange(dim, dtype=np.int32)
-        which = "attn_norm" if op == "qkv" else "mlp_norm"
-        gain = np.mean([self._host_norms[f"layers.{i}.{which}.weight"] for i in layers], axis=0)
-        n = min(dim, int(round(self.superset * sel.k)))
-        top = np.argpartition(-(residual * gain), n - 1)[:n] if n < dim else np.arange(dim)
-        return np.sort(top).astype(np.int32)
-
-    def _install_preload(self, pre: _Preload, layers: tuple[int, ...]) -> None:
-        st = self.stats
-        pool = self.pools[pre.op]
-        last = layers[-1]
-        if pre.handle is not None:
+    def fill_prefill(self, g: int, layer: int, union: np.ndarray) -> np.ndarray:
+        """One op's weight for a prefill chunk: the rows of `union` read from flash, zero elsewhere
+        (the all-in-DRAM masked product's own function)."""
+        op = OP_GROUPS[g]
+        pool = self.pools[op]
+        w = np.zeros((pool.in_dim, pool.row_width), pool.np_dtype)
+        cols = np.flatnonzero(union)
+        if len(cols):
             t0 = time.perf_counter()
-            rows = pre.handle.result()  # [n_read, n_layers, out]
-            now = time.perf_counter()
-            st.preload_wait_seconds += now - t0
-            st.preload_seconds += (pre.done_at or now) - pre.issued
-            st.preload_rows_read += rows.shape[0] * rows.shape[1]
-            st.preload_bytes += rows.nbytes
-            for position, layer in enumerate(layers):
-                slots = pool.slot_of[layer, pre.read]
-                need = slots < 0
-                if need.any():
-                    pool.install(np.full(int(need.sum()), layer, np.int32), pre.read[need], rows[:, position],
-                                 current_layer=layers[0], protect=np.zeros(0, np.int64), pin_until=last,
-                                 take=np.flatnonzero(need))
-        predicted = np.zeros(pool.in_dim, bool)  # one mask for the group: read-only below
-        predicted[pre.predicted] = True
-        for layer in layers:
-            slots = pool.slot_of[layer, pre.predicted]
-            pool.pin_until[slots[slots >= 0]] = last  # predicted rows stay until their layer ran
-            self._preloaded[(pre.op, layer)] = predicted
-            st.predicted_rows += len(pre.predicted)
-
+            w[cols] = self.bundles.read_layer(op, layer, cols)
+            self.stats.prefill_bytes += len(cols) * self._stored_row_bytes(op)
+            self.stats.prefill_read_seconds += time.perf_counter() - t0
+        return w

@@ -7,6 +7,7 @@
 //   AfAttendOne:    one decoded token's RoPE, KV-cache write and attention (llama.attend, T = 1)
 //   AfQGatherMatvec, AfQTopkMatvec, AfQMatvec (dense), AfQRowsDot: the products above on quantized
 //                   rows (q8 / q4 blocks, activeflow_jax/quant.py), widened block by block in registers
+//   AfPoolSelect:   AfTopkMatvec's selection for rows held in a slot pool: channels, values, slots
 //
 // XLA:CPU can only do this as a gather (a copy of the k rows into a temporary, ~5 GB/s) followed
 // by a dot, which costs more than the dense product it replaces. Here each selected row is
@@ -796,6 +797,62 @@ ffi::Error QRowsDotImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
   return ffi::Error::Success();
 }
 
+
+// Selection for one decoded token's op whose rows live in a slot pool (the DRAM-budget runtime):
+// the active channels of x by SelectActive's rule (all of them when k >= in: a dense layer),
+// their values, and their pool slots from row `layer` of the channel-to-slot map (-1: the pool
+// lacks the row; padding: `trash`); counts = (active, missing). The layer's LFU counters of the
+// active channels are incremented in place (freq_out aliases freq). Summing the product later
+// over these slots in this order equals AfTopkMatvec's sum over the same rows.
+ffi::Error PoolSelectImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> threshold, ffi::Buffer<ffi::S32> slot_map,
+                          ffi::Buffer<ffi::S32> freq, ffi::ResultBuffer<ffi::S32> idx, ffi::ResultBuffer<ffi::F32> xk,
+                          ffi::ResultBuffer<ffi::S32> slots, ffi::ResultBuffer<ffi::S32> counts,
+                          ffi::ResultBuffer<ffi::S32> freq_out, int64_t k, int64_t use_threshold, int64_t index,
+                          int64_t layer, int64_t trash) {
+  const int64_t in = x.element_count();
+  auto md = slot_map.dimensions();
+  if (md.size() != 2 || md[1] != in) return ffi::Error::InvalidArgument("slot_map must be [layers, in]");
+  if (freq.element_count() != slot_map.element_count()) return ffi::Error::InvalidArgument("freq must match slot_map");
+  if (layer < 0 || layer >= md[0]) return ffi::Error::InvalidArgument("layer out of range");
+  if (k < 1 || idx->element_count() != k || xk->element_count() != k || slots->element_count() != k ||
+      counts->element_count() != 2)
+    return ffi::Error::InvalidArgument("outputs must have k (and 2) elements");
+  if (index < 0 || index >= threshold.element_count()) return ffi::Error::InvalidArgument("threshold index out of range");
+  thread_local std::vector<int32_t> bits, rows;
+  thread_local std::vector<float> vals;
+  const float* xp = x.typed_data();
+  if (k >= in) {
+    rows.resize(in);
+    vals.assign(xp, xp + in);
+    for (int64_t i = 0; i < in; ++i) rows[i] = static_cast<int32_t>(i);
+  } else {
+    SelectActive(xp, in, k, threshold.typed_data()[index], use_threshold, bits, &rows, &vals);
+  }
+  const int32_t* map_row = slot_map.typed_data() + layer * in;
+  int32_t* f = freq_out->typed_data() + layer * in;  // == freq's buffer (aliased)
+  int32_t* ip = idx->typed_data();
+  float* vp = xk->typed_data();
+  int32_t* sp = slots->typed_data();
+  const int64_t n = static_cast<int64_t>(rows.size());
+  int32_t missing = 0;
+  for (int64_t j = 0; j < n; ++j) {
+    const int32_t c = rows[j];
+    ip[j] = c;
+    vp[j] = vals[j];
+    sp[j] = map_row[c];
+    missing += map_row[c] < 0;
+    f[c] += 1;
+  }
+  for (int64_t j = n; j < k; ++j) {
+    ip[j] = 0;
+    vp[j] = 0.0f;
+    sp[j] = static_cast<int32_t>(trash);
+  }
+  counts->typed_data()[0] = static_cast<int32_t>(n);
+  counts->typed_data()[1] = missing;
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 
@@ -898,3 +955,20 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(AfQRowsDot, QRowsDotImpl,
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("kind")
                                   .Attr<int64_t>("cols"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(AfPoolSelect, PoolSelectImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>()
+                                  .Attr<int64_t>("k")
+                                  .Attr<int64_t>("use_threshold")
+                                  .Attr<int64_t>("index")
+                                  .Attr<int64_t>("layer")
+                                  .Attr<int64_t>("trash"));

@@ -1,0 +1,305 @@
+"""The DRAM-budget runtime's compiled programs: the model's own layers (models/llama.layer_forward)
+with every linear op multiplied from a slot pool instead of a resident weight.
+
+Device state, per op group (OP_GROUPS): a pool [slots + 1, row] of weight rows (f32, or quantized
+rows as stored; the last row stays all-zero for padding), the channel-to-slot map [L, in] int32
+(-1: not in DRAM) and the LFU counters [L, in] int32 of the hot-weight cache; all donated from
+program to program, so they are updated in place.
+
+One decoded token's op, inside the program (`PooledOps`):
+    select the active channels (the same rule and ties as the all-in-DRAM kernels), look up their
+    slots in the map, count them in the LFU counters; if any row is missing, one host callback
+    (`jax.experimental.io_callback`, under `lax.cond`, so it costs nothing when every row is
+    present) reads the missing rows from flash and picks their slots; the program scatters them
+    into the pool and the map; then the gather-matvec multiplies straight from the pool.
+Mispredicted rows are loaded from inside the program rather than at a sync per group: the
+program needs them before the op can run, and a group-level sync would have to rerun the group
+once the rows arrive (measured in the closing note of issue 23). The host never sees per-op
+channel lists unless a row is missing.
+
+A prefill chunk (T > 1) needs the union of its tokens' active rows, up to every row: the
+callback returns the op's weight with the union's rows filled and the others zero, and the
+product is the all-in-DRAM path's own masked product (bit for bit the same function).
+
+Preloading: a group program may start by scattering staged rows (read by the host while the
+previous group computed) into the pools and maps, and may end by predicting the channels of a
+later group from the residual (the host reads that prediction: one sync per group).
+"""
+
+from __future__ import annotations
+
+import functools
+import weakref
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import io_callback
+
+from activeflow_jax.config import OP_GROUPS, PREDICTED_GROUPS, ModelConfig
+from activeflow_jax.models import llama
+from activeflow_jax.quant import QRows, take_rows
+from activeflow_jax.quant import matmul as quant_matmul
+from activeflow_jax.sampling import sample_token
+from activeflow_jax.sparse import kernels
+
+# counters accumulated on the device (as int32; read once per pass):
+COUNTERS = ("active_rows", "missed_rows", "predictable_active", "predicted_used", "fills")
+_ACTIVE, _MISSED, _PREDICTABLE, _USED, _FILLS = range(len(COUNTERS))
+
+_HOSTS: "weakref.WeakValueDictionary[int, Any]" = weakref.WeakValueDictionary()  # host id -> runtime
+
+
+def register_host(runtime) -> int:
+    """An id under which the programs' callbacks find `runtime` (its fill methods)."""
+    host = id(runtime)
+    _HOSTS[host] = runtime
+    return host
+
+
+class PoolInfo(NamedTuple):
+    """Static facts of one op group's pool."""
+
+    in_dim: int
+    out_dim: int
+    trash: int  # index of the all-zero padding row (= slots)
+    dtype: str  # float32, or the store's quantized dtype
+    row_width: int  # elements of one held row
+
+
+class Plan(NamedTuple):
+    """Everything static about one compiled program (hashable: the jit cache key)."""
+
+    cfg: ModelConfig
+    layers: tuple[int, ...]  # the layers this program runs, in order (may be empty)
+    ks: tuple[tuple[int, ...], ...]  # per layer in `layers`: channels per op group (in_dim = all)
+    policy: str  # "topk" or "threshold"
+    native: bool  # native attention, norms, dense products and head (engine's choice)
+    native_select: bool  # native selection + gather-matvec for the pooled ops
+    attn_len: int
+    tokens: int
+    embed: str  # "lookup" (tokens in), "rows" (embedding rows in), "none" (residual in)
+    head: str  # "none", "logits", "all_logits" or "sample"
+    install: bool  # scatter staged rows into the predicted ops' pools first
+    predict: tuple[int, ...]  # layers whose predicted ops' channels to predict at the end (or ())
+    predict_n: tuple[int, ...]  # channels predicted per predicted op
+    count_predicted: bool  # `predicted` holds this group's prediction: count its recall
+    pools: tuple[PoolInfo, ...]
+    host: int
+
+
+def _held(pool: jax.Array, info: PoolInfo):
+    return QRows(pool, info.dtype, info.out_dim) if info.dtype != "float32" else pool
+
+
+class _State:
+    """The device state threaded through one trace (pools, maps, LFU counters, counters)."""
+
+    def __init__(self, pools, maps, freqs, counters):
+        self.pools, self.maps, self.freqs = list(pools), list(maps), list(freqs)
+        self.counters = counters
+
+    def count(self, which: int, value) -> None:
+        self.counters = self.counters.at[which].add(jnp.asarray(value, jnp.int32))
+
+
+def _select_xla(x0, k: int, threshold, policy: str):
+    """(channels [k], values [k], active count) by kernels.select_rows' rule; k >= in: all."""
+    if k >= x0.shape[0]:
+        return jnp.arange(x0.shape[0], dtype=jnp.int32), x0, jnp.int32(x0.shape[0])
+    candidates = jnp.abs(x0) >= kernels.selection_cut(x0, k, threshold, policy)[0]
+    idx = jnp.nonzero(candidates, size=k, fill_value=0)[0].astype(jnp.int32)
+    count = jnp.minimum(jnp.sum(candidates), k).astype(jnp.int32)
+    valid = jnp.arange(k) < count
+    return idx, jnp.where(valid, x0[idx], 0.0), count
+
+
+def _apply_updates(pool, slot_map, rows, put, clear_owner, clear_slot, set_flat, set_slot):
+    """rows into pool slots `put`; map entries of evicted owners cleared where they still name
+    the evicted slot; `set_flat` entries pointed at `set_slot`. Out-of-range indices are padding."""
+    pool = pool.at[put].set(rows, mode="drop")
+    flat = slot_map.reshape(-1)
+    current = flat.at[clear_owner].get(mode="fill", fill_value=-2)
+    flat = flat.at[clear_owner].set(jnp.where(current == clear_slot, -1, current), mode="drop")
+    flat = flat.at[set_flat].set(set_slot, mode="drop")
+    return pool, flat.reshape(slot_map.shape)
+
+
+class PooledOps:
+    """llama.layer_forward's `ops` for one layer of the budget runtime: (group, x, w=None) -> y."""
+
+    def __init__(self, plan: Plan, state: _State, thresholds, layer: int, ks: tuple[int, ...], predicted):
+        self.plan, self.state, self.thresholds, self.layer, self.ks = plan, state, thresholds, layer, ks
+        self.predicted = predicted  # this group's predicted channels per predicted op, or None
+
+    def __call__(self, group: str, x: jax.Array, w=None) -> jax.Array:
+        g = OP_GROUPS.index(group)
+        if x.shape[0] == 1:
+            return self._decode(g, group, x)
+        return self._prefill(g, x)
+
+    # -- one decoded token -------------------------------------------------------------------
+
+    def _decode(self, g: int, group: str, x: jax.Array) -> jax.Array:
+        plan, st, layer = self.plan, self.state, self.layer
+        info = plan.pools[g]
+        k = min(self.ks[g], info.in_dim)
+        sparse = k < info.in_dim
+        index = layer * len(OP_GROUPS) + g
+        if plan.native_select:
+            from activeflow_jax.sparse.native import pool_select
+
+            idx, xk, slots, counts, st.freqs[g] = pool_select(
+                x[0], self.thresholds, st.maps[g], st.freqs[g], k=k, use_threshold=plan.policy == "threshold" and sparse,
+                index=index, layer=layer, trash=info.trash)
+            count, missing = counts[0], counts[1]
+        else:
+            threshold = jnp.reshape(self.thresholds, (-1,))[index]
+            idx, xk, count = _select_xla(x[0], k, threshold, plan.policy if sparse else "topk")
+            valid = jnp.arange(k) < count
+            slots = jnp.where(valid, st.maps[g][layer][idx], info.trash)
+            missing = jnp.sum(valid & (slots < 0)).astype(jnp.int32)
+            st.freqs[g] = st.freqs[g].at[layer, idx].add(valid.astype(jnp.int32))
+        st.count(_ACTIVE, count)
+        st.count(_MISSED, missing)
+        if group in PREDICTED_GROUPS and self.predicted is not None:
+            predicted = self.predicted[PREDICTED_GROUPS.index(group)]
+            mask = jnp.zeros(info.in_dim, bool).at[predicted].set(True)
+            st.count(_PREDICTABLE, count)
+            st.count(_USED, jnp.sum(mask[idx] & (jnp.arange(k) < count)))
+        fill_shapes = (jax.ShapeDtypeStruct((k, info.row_width), np.dtype(np.uint8 if info.dtype != "float32"
+                                                                                 else np.float32)),
+                       *(jax.ShapeDtypeStruct((k,), jnp.int32) for _ in range(5)))
+        callback = functools.partial(_fill_decode, plan.host, g, layer)
+
+        def fill(operands):
+            pool, slot_map, slots = operands
+            rows, put, clear_owner, clear_slot, new_slots, set_flat = io_callback(
+                callback, fill_shapes, idx, slots, count, st.freqs[g], ordered=False)
+            pool, slot_map = _apply_updates(pool, slot_map, rows, put, clear_owner, clear_slot, set_flat, new_slots)
+            return pool, slot_map, new_slots
+
+        st.pools[g], st.maps[g], slots = jax.lax.cond(missing > 0, fill, lambda operands: operands,
+                                                      (st.pools[g], st.maps[g], slots))
+        st.count(_FILLS, missing > 0)
+        held = _held(st.pools[g], info)
+        if plan.native_select:
+            from activeflow_jax.sparse.native import gather_matvec, q_gather_matvec
+
+            matvec = q_gather_matvec if isinstance(held, QRows) else gather_matvec
+            return matvec(xk, slots, held, count)[None]
+        return (xk @ take_rows(held, slots, rows_sorted=False))[None]
+
+    # -- a prefill chunk ---------------------------------------------------------------------
+
+    def _prefill(self, g: int, x: jax.Array) -> jax.Array:
+        plan, layer = self.plan, self.layer
+        info = plan.pools[g]
+        k = self.ks[g]
+        t = x.shape[0]
+        if k < info.in_dim:
+            index = layer * len(OP_GROUPS) + g
+            threshold = jnp.reshape(self.thresholds, (-1,))[index]
+            selected_from = jax.lax.stop_gradient(x)
+            if plan.native_select:
+                from activeflow_jax.sparse.native import active_mask as native_active_mask
+
+                mask = native_active_mask(selected_from, k, threshold, plan.policy == "threshold")
+            else:
+                mask = kernels.active_mask(selected_from, k, threshold, plan.policy)
+            real = (jnp.arange(t) < self.n_valid)[:, None]
+            union = jnp.any(mask & real, axis=0)
+            x = jnp.where(mask, x, 0.0)
+        else:
+            union = jnp.ones(info.in_dim, bool)
+        shape = jax.ShapeDtypeStruct((info.in_dim, info.row_width),
+                                     np.dtype(np.uint8 if info.dtype != "float32" else np.float32))
+        w = io_callback(functools.partial(_fill_prefill, plan.host, g, layer), shape, union, ordered=False)
+        return quant_matmul(x, _held(w, info), plan.native)
+
+    n_valid: Any = None
+
+
+def _fill_decode(host: int, g: int, layer: int, idx, slots, count, freq):
+    return _HOSTS[host].fill_decode(g, layer, np.asarray(idx), np.asarray(slots), int(count), freq)
+
+
+def _fill_prefill(host: int, g: int, layer: int, union):
+    return _HOSTS[host].fill_prefill(g, layer, np.asarray(union))
+
+
+def _predict(plan: Plan, resident, x: jax.Array):
+    """Channels of each predicted op likely active in `plan.predict`'s layers: the top n of
+    |residual| x the layers' mean norm gain (the op's input is the normed residual), ascending."""
+    residual = jnp.abs(x[-1])
+    out = []
+    for op, n, norm in zip(PREDICTED_GROUPS, plan.predict_n, ("attn_norm", "mlp_norm")):
+        gain = jnp.mean(jnp.stack([jnp.abs(resident["layers"][i][norm]["weight"]) for i in plan.predict]), axis=0)
+        score = residual * gain
+        if n >= score.shape[0]:
+            out.append(jnp.arange(score.shape[0], dtype=jnp.int32))
+            continue
+        if plan.native:
+            from activeflow_jax.sparse.native import active_mask as native_active_mask
+
+            mask = native_active_mask(score[None], n, 0.0, False)[0]
+        else:
+            mask = kernels.active_mask(score, n, 0.0, "topk")
+        out.append(jnp.nonzero(mask, size=n, fill_value=0)[0].astype(jnp.int32))
+    return tuple(out)
+
+
+@functools.partial(jax.jit, static_argnames=("plan",), donate_argnames=("pools", "maps", "freqs", "kc", "vc",
+                                                                        "counters"))
+def run(resident, pools, maps, freqs, kc, vc, counters, x_in, pos, n_valid, thresholds, install, predicted, sample,
+        *, plan: Plan):
+    """One program of the budget runtime: (embedding) -> plan.layers -> (prediction) -> (head).
+
+    resident: the layers' small parameters (norms, biases) and the head; pools/maps/freqs: the
+    four op groups' device state; kc/vc: the KV caches of plan.layers; x_in: tokens [T], embedding
+    rows [T, d] or the residual [T, d]; install: per predicted op (rows, put, clear_owner,
+    clear_slot, set_flat, set_slot) or None; predicted: this group's predicted channels per
+    predicted op (for the recall counter) or None; sample: (key, temperature, top_p) or None.
+    Returns (pools, maps, freqs, kc, vc, counters, out) with out holding "x" (the residual),
+    "predicted" (per predicted op), "logits", or "token" and "key"."""
+    cfg = plan.cfg
+    st = _State(pools, maps, freqs, counters)
+    if plan.embed == "lookup":
+        x = llama.embed_tokens(cfg, resident["embed"], x_in)
+    elif plan.embed == "rows":
+        x = llama.scale_embedding(cfg, x_in)
+    else:
+        x = x_in
+    if plan.install:
+        for op, update in zip(PREDICTED_GROUPS, install):
+            g = OP_GROUPS.index(op)
+            st.pools[g], st.maps[g] = _apply_updates(st.pools[g], st.maps[g], *update)
+    biases = llama.attention_biases(cfg, pos, plan.tokens, plan.attn_len)
+    kc, vc = list(kc), list(vc)
+    for j, (layer, ks) in enumerate(zip(plan.layers, plan.ks)):
+        ops = PooledOps(plan, st, thresholds, layer, ks, predicted if plan.count_predicted else None)
+        ops.n_valid = n_valid
+        with jax.named_scope(f"layer{layer}"):
+            x, kc[j], vc[j] = llama.layer_forward(cfg, resident["layers"][layer], x, kc[j], vc[j], pos, biases,
+                                                  attn_len=plan.attn_len, ops=ops, native=plan.native, layer=layer)
+    out: dict[str, Any] = {}
+    if plan.predict:
+        out["predicted"] = _predict(plan, resident, x)
+    if plan.head == "sample":
+        key, temperature, top_p = sample
+        logits = llama.final_logits(cfg, resident, x, n_valid, all_logits=False, native=plan.native)
+        key, sub = jax.random.split(key)
+        out["token"], out["key"] = sample_token(logits[0], sub, temperature, top_p), key
+    elif plan.head in ("logits", "all_logits"):
+        out["logits"] = llama.final_logits(cfg, resident, x, n_valid, all_logits=plan.head == "all_logits",
+                                           native=plan.native)
+    else:
+        out["x"] = x
+    return tuple(st.pools), tuple(st.maps), tuple(st.freqs), tuple(kc), tuple(vc), st.counters, out
+
+
+class DispatchCounter:
+    """Programs dispatched by the budget runtime (its dispatches per token)."""
+
+    calls = 0
