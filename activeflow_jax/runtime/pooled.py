@@ -69,11 +69,13 @@ class PoolInfo(NamedTuple):
 
 
 class Plan(NamedTuple):
-    """Everything static about one compiled program (hashable: the jit cache key)."""
+    """Everything static about one compiled program (hashable: the jit cache key). The layers a
+    program runs are arguments, not part of the plan: layer groups of the same shape share one
+    compiled program (a model of 30 layers in groups of 4 compiles a handful, not 8+)."""
 
     cfg: ModelConfig
-    layers: tuple[int, ...]  # the layers this program runs, in order (may be empty)
-    ks: tuple[tuple[int, ...], ...]  # per layer in `layers`: channels per op group (in_dim = all)
+    kinds: tuple[int, ...]  # per layer run: a representative layer of its kind (kind_layer)
+    ks: tuple[tuple[int, ...], ...]  # per layer run: channels per op group (in_dim = all)
     policy: str  # "topk" or "threshold"
     native: bool  # native attention, norms, dense products and head (engine's choice)
     native_select: bool  # native selection + gather-matvec for the pooled ops
@@ -82,11 +84,18 @@ class Plan(NamedTuple):
     embed: str  # "lookup" (tokens in), "rows" (embedding rows in), "none" (residual in)
     head: str  # "none", "logits", "all_logits" or "sample"
     install: bool  # scatter staged rows into the predicted ops' pools first
-    predict: tuple[int, ...]  # layers whose predicted ops' channels to predict at the end (or ())
+    predict: bool  # predict a later group's channels at the end (its norm gains are an argument)
     predict_n: tuple[int, ...]  # channels predicted per predicted op
     count_predicted: bool  # `predicted` holds this group's prediction: count its recall
     pools: tuple[PoolInfo, ...]
     host: int
+
+
+def kind_layer(cfg: ModelConfig, layer: int) -> int:
+    """The first layer of `layer`'s kind (sliding or global attention, RoPE base): what the
+    decoder's static choices depend on, so layers of one kind share compiled code."""
+    key = (cfg.is_local_layer(layer), cfg.layer_rope_theta(layer))
+    return next(i for i in range(cfg.num_layers) if (cfg.is_local_layer(i), cfg.layer_rope_theta(i)) == key)
 
 
 def _held(pool: jax.Array, info: PoolInfo):
@@ -129,9 +138,11 @@ def _apply_updates(pool, slot_map, rows, put, clear_owner, clear_slot, set_flat,
 class PooledOps:
     """llama.layer_forward's `ops` for one layer of the budget runtime: (group, x, w=None) -> y."""
 
-    def __init__(self, plan: Plan, state: _State, thresholds, layer: int, ks: tuple[int, ...], predicted):
+    def __init__(self, plan: Plan, state: _State, thresholds, layer, ks: tuple[int, ...], predicted, n_valid):
+        """layer: the layer's index, traced (a program serves every group of its shape)."""
         self.plan, self.state, self.thresholds, self.layer, self.ks = plan, state, thresholds, layer, ks
         self.predicted = predicted  # this group's predicted channels per predicted op, or None
+        self.n_valid = n_valid
 
     def __call__(self, group: str, x: jax.Array, w=None) -> jax.Array:
         g = OP_GROUPS.index(group)
@@ -146,16 +157,15 @@ class PooledOps:
         info = plan.pools[g]
         k = min(self.ks[g], info.in_dim)
         sparse = k < info.in_dim
-        index = layer * len(OP_GROUPS) + g
+        threshold = self.thresholds[layer, g]
         if plan.native_select:
             from activeflow_jax.sparse.native import pool_select
 
             idx, xk, slots, counts, st.freqs[g] = pool_select(
-                x[0], self.thresholds, st.maps[g], st.freqs[g], k=k, use_threshold=plan.policy == "threshold" and sparse,
-                index=index, layer=layer, trash=info.trash)
+                x[0], threshold, st.maps[g], st.freqs[g], layer, k=k,
+                use_threshold=plan.policy == "threshold" and sparse, trash=info.trash)
             count, missing = counts[0], counts[1]
         else:
-            threshold = jnp.reshape(self.thresholds, (-1,))[index]
             idx, xk, count = _select_xla(x[0], k, threshold, plan.policy if sparse else "topk")
             valid = jnp.arange(k) < count
             slots = jnp.where(valid, st.maps[g][layer][idx], info.trash)
@@ -171,12 +181,12 @@ class PooledOps:
         fill_shapes = (jax.ShapeDtypeStruct((k, info.row_width), np.dtype(np.uint8 if info.dtype != "float32"
                                                                                  else np.float32)),
                        *(jax.ShapeDtypeStruct((k,), jnp.int32) for _ in range(5)))
-        callback = functools.partial(_fill_decode, plan.host, g, layer)
+        callback = functools.partial(_fill_decode, plan.host, g)
 
         def fill(operands):
             pool, slot_map, slots = operands
             rows, put, clear_owner, clear_slot, new_slots, set_flat = io_callback(
-                callback, fill_shapes, idx, slots, count, st.freqs[g], ordered=False)
+                callback, fill_shapes, layer, idx, slots, count, st.freqs[g], ordered=False)
             pool, slot_map = _apply_updates(pool, slot_map, rows, put, clear_owner, clear_slot, set_flat, new_slots)
             return pool, slot_map, new_slots
 
@@ -199,8 +209,7 @@ class PooledOps:
         k = self.ks[g]
         t = x.shape[0]
         if k < info.in_dim:
-            index = layer * len(OP_GROUPS) + g
-            threshold = jnp.reshape(self.thresholds, (-1,))[index]
+            threshold = self.thresholds[layer, g]
             selected_from = jax.lax.stop_gradient(x)
             if plan.native_select:
                 from activeflow_jax.sparse.native import active_mask as native_active_mask
@@ -215,27 +224,24 @@ class PooledOps:
             union = jnp.ones(info.in_dim, bool)
         shape = jax.ShapeDtypeStruct((info.in_dim, info.row_width),
                                      np.dtype(np.uint8 if info.dtype != "float32" else np.float32))
-        w = io_callback(functools.partial(_fill_prefill, plan.host, g, layer), shape, union, ordered=False)
+        w = io_callback(functools.partial(_fill_prefill, plan.host, g), shape, layer, union, ordered=False)
         return quant_matmul(x, _held(w, info), plan.native)
 
-    n_valid: Any = None
+
+def _fill_decode(host: int, g: int, layer, idx, slots, count, freq):
+    return _HOSTS[host].fill_decode(g, int(layer), np.asarray(idx), np.asarray(slots), int(count), freq)
 
 
-def _fill_decode(host: int, g: int, layer: int, idx, slots, count, freq):
-    return _HOSTS[host].fill_decode(g, layer, np.asarray(idx), np.asarray(slots), int(count), freq)
+def _fill_prefill(host: int, g: int, layer, union):
+    return _HOSTS[host].fill_prefill(g, int(layer), np.asarray(union))
 
 
-def _fill_prefill(host: int, g: int, layer: int, union):
-    return _HOSTS[host].fill_prefill(g, layer, np.asarray(union))
-
-
-def _predict(plan: Plan, resident, x: jax.Array):
-    """Channels of each predicted op likely active in `plan.predict`'s layers: the top n of
-    |residual| x the layers' mean norm gain (the op's input is the normed residual), ascending."""
+def _predict(plan: Plan, gains, x: jax.Array):
+    """Channels of each predicted op likely active in a later group: the top n of |residual| x
+    that group's mean norm gain per op (`gains`; the op's input is the normed residual), ascending."""
     residual = jnp.abs(x[-1])
     out = []
-    for op, n, norm in zip(PREDICTED_GROUPS, plan.predict_n, ("attn_norm", "mlp_norm")):
-        gain = jnp.mean(jnp.stack([jnp.abs(resident["layers"][i][norm]["weight"]) for i in plan.predict]), axis=0)
+    for n, gain in zip(plan.predict_n, gains):
         score = residual * gain
         if n >= score.shape[0]:
             out.append(jnp.arange(score.shape[0], dtype=jnp.int32))
@@ -252,21 +258,23 @@ def _predict(plan: Plan, resident, x: jax.Array):
 
 @functools.partial(jax.jit, static_argnames=("plan",), donate_argnames=("pools", "maps", "freqs", "kc", "vc",
                                                                         "counters"))
-def run(resident, pools, maps, freqs, kc, vc, counters, x_in, pos, n_valid, thresholds, install, predicted, sample,
-        *, plan: Plan):
-    """One program of the budget runtime: (embedding) -> plan.layers -> (prediction) -> (head).
+def run(head, layer_params, layer_ids, pools, maps, freqs, kc, vc, counters, x_in, pos, n_valid, thresholds, install,
+        predicted, gains, sample, *, plan: Plan):
+    """One program of the budget runtime: (embedding) -> layers -> (prediction) -> (head).
 
-    resident: the layers' small parameters (norms, biases) and the head; pools/maps/freqs: the
-    four op groups' device state; kc/vc: the KV caches of plan.layers; x_in: tokens [T], embedding
-    rows [T, d] or the residual [T, d]; install: per predicted op (rows, put, clear_owner,
-    clear_slot, set_flat, set_slot) or None; predicted: this group's predicted channels per
-    predicted op (for the recall counter) or None; sample: (key, temperature, top_p) or None.
+    head: the embedding (tied; or None), final norm and untied head; layer_params: the small
+    parameters (norms, biases) of each layer run, layer_ids [N] int32 their indices; pools/maps/
+    freqs: the four op groups' device state; kc/vc: the KV caches of the layers run; x_in: tokens
+    [T], embedding rows [T, d] or the residual [T, d]; thresholds [L, 4]; install: per predicted
+    op (rows, put, clear_owner, clear_slot, set_flat, set_slot) or None; predicted: this group's
+    predicted channels per predicted op (for the recall counter) or None; gains: per predicted op
+    the norm gain of the group to predict, or None; sample: (key, temperature, top_p) or None.
     Returns (pools, maps, freqs, kc, vc, counters, out) with out holding "x" (the residual),
     "predicted" (per predicted op), "logits", or "token" and "key"."""
     cfg = plan.cfg
     st = _State(pools, maps, freqs, counters)
     if plan.embed == "lookup":
-        x = llama.embed_tokens(cfg, resident["embed"], x_in)
+        x = llama.embed_tokens(cfg, head["embed"], x_in)
     elif plan.embed == "rows":
         x = llama.scale_embedding(cfg, x_in)
     else:
@@ -277,22 +285,21 @@ def run(resident, pools, maps, freqs, kc, vc, counters, x_in, pos, n_valid, thre
             st.pools[g], st.maps[g] = _apply_updates(st.pools[g], st.maps[g], *update)
     biases = llama.attention_biases(cfg, pos, plan.tokens, plan.attn_len)
     kc, vc = list(kc), list(vc)
-    for j, (layer, ks) in enumerate(zip(plan.layers, plan.ks)):
-        ops = PooledOps(plan, st, thresholds, layer, ks, predicted if plan.count_predicted else None)
-        ops.n_valid = n_valid
-        with jax.named_scope(f"layer{layer}"):
-            x, kc[j], vc[j] = llama.layer_forward(cfg, resident["layers"][layer], x, kc[j], vc[j], pos, biases,
-                                                  attn_len=plan.attn_len, ops=ops, native=plan.native, layer=layer)
+    for j, (kind, ks) in enumerate(zip(plan.kinds, plan.ks)):
+        ops = PooledOps(plan, st, thresholds, layer_ids[j], ks, predicted if plan.count_predicted else None, n_valid)
+        with jax.named_scope(f"layer{j}"):
+            x, kc[j], vc[j] = llama.layer_forward(cfg, layer_params[j], x, kc[j], vc[j], pos, biases,
+                                                  attn_len=plan.attn_len, ops=ops, native=plan.native, layer=kind)
     out: dict[str, Any] = {}
     if plan.predict:
-        out["predicted"] = _predict(plan, resident, x)
+        out["predicted"] = _predict(plan, gains, x)
     if plan.head == "sample":
         key, temperature, top_p = sample
-        logits = llama.final_logits(cfg, resident, x, n_valid, all_logits=False, native=plan.native)
+        logits = llama.final_logits(cfg, head, x, n_valid, all_logits=False, native=plan.native)
         key, sub = jax.random.split(key)
         out["token"], out["key"] = sample_token(logits[0], sub, temperature, top_p), key
     elif plan.head in ("logits", "all_logits"):
-        out["logits"] = llama.final_logits(cfg, resident, x, n_valid, all_logits=plan.head == "all_logits",
+        out["logits"] = llama.final_logits(cfg, head, x, n_valid, all_logits=plan.head == "all_logits",
                                            native=plan.native)
     else:
         out["x"] = x

@@ -207,13 +207,14 @@ class SwapRuntime:
                 "(which lays out every layer)")
         self._load_resident(store_path, embed)
         thr = np.zeros((cfg.num_layers, len(OP_GROUPS)), np.float32) if thresholds is None else thresholds
-        self._thresholds = jnp.asarray(np.asarray(thr, np.float32).reshape(-1))
+        self._thresholds = jnp.asarray(np.asarray(thr, np.float32).reshape(cfg.num_layers, len(OP_GROUPS)))
         ks = sparsity.ks(cfg) if sparsity is not None else op_input_dims(cfg)
         self._ks = tuple(tuple(ks) if sparsity is not None and sparsity.is_sparse_layer(i) else op_input_dims(cfg)
                          for i in range(cfg.num_layers))
         self._predict_n = tuple(min(cfg.d_model, int(round(superset * self._ks[-1][OP_GROUPS.index(op)])))
                                 for op in PREDICTED_GROUPS)
         self.stats = SwapStats()
+        self._gain_cache: dict[tuple[int, ...], tuple[jax.Array, ...]] = {}
         self._lock = threading.Lock()  # one pass at a time
         self._host_lock = threading.Lock()  # the host maps: the main thread's reservations vs fill callbacks
         self._host = pooled.register_host(self)
@@ -428,19 +429,23 @@ class SwapRuntime:
 
     def _plan(self, layers, tokens: int, attn_len: int, embed: str, head: str, install: bool,
               predict: tuple[int, ...], count_predicted: bool) -> pooled.Plan:
-        return pooled.Plan(cfg=self.cfg, layers=tuple(layers), ks=tuple(self._ks[i] for i in layers),
+        return pooled.Plan(cfg=self.cfg, kinds=tuple(pooled.kind_layer(self.cfg, i) for i in layers),
+                           ks=tuple(self._ks[i] for i in layers),
                            policy=self.sparsity.policy if self.sparsity is not None else "topk", native=self.native,
                            native_select=self.native_select, attn_len=attn_len, tokens=tokens, embed=embed, head=head,
-                           install=install, predict=tuple(predict), predict_n=self._predict_n,
+                           install=install, predict=bool(predict), predict_n=self._predict_n,
                            count_predicted=count_predicted, pools=self._pool_info, host=self._host)
 
-    def _call(self, plan: pooled.Plan, ks, vs, x_in, pos, n_valid, install, predicted, sample):
+    def _call(self, plan: pooled.Plan, layers, ks, vs, x_in, pos, n_valid, install, predicted, predict, sample):
         pooled.DispatchCounter.calls += 1
-        layers = plan.layers
+        layers = tuple(layers)
+        r = self.resident
+        head = {name: r[name] for name in ("embed", "final_norm", "lm_head") if name in r}
         (self._dev_pools, self._dev_maps, self._dev_freqs, kc, vc, self._counters, out) = pooled.run(
-            self.resident, self._dev_pools, self._dev_maps, self._dev_freqs, tuple(ks[i] for i in layers),
-            tuple(vs[i] for i in layers), self._counters, x_in, pos, n_valid, self._thresholds, install, predicted,
-            sample, plan=plan)
+            head, tuple(r["layers"][i] for i in layers), np.asarray(layers, np.int32), self._dev_pools,
+            self._dev_maps, self._dev_freqs, tuple(ks[i] for i in layers), tuple(vs[i] for i in layers),
+            self._counters, x_in, pos, n_valid, self._thresholds, install, predicted,
+            self._gains(predict) if predict else None, sample, plan=plan)
         for j, layer in enumerate(layers):
             ks[layer], vs[layer] = kc[j], vc[j]
         return out
@@ -458,11 +463,11 @@ class SwapRuntime:
         groups = self.groups if decode else [tuple(range(self.cfg.num_layers))]
         if len(groups) == 1:
             plan = self._plan(groups[0], t, attn_len, embed, head, False, (), False)
-            out = self._call(plan, ks, vs, x_in, pos, n_valid_a, None, None, sample)
+            out = self._call(plan, groups[0], ks, vs, x_in, pos, n_valid_a, None, None, (), sample)
             return out, llama.KVCache(tuple(ks), tuple(vs))
         # P_embed: the embedding and the prediction for group 1
         plan = self._plan((), 1, attn_len, embed, "none", False, groups[1], False)
-        out = self._call(plan, ks, vs, x_in, pos, n_valid_a, None, None, None)
+        out = self._call(plan, (), ks, vs, x_in, pos, n_valid_a, None, None, groups[1], None)
         x, predictions = out["x"], {1: out["predicted"]}
         for g, layers in enumerate(groups):
             install = self._install(g) if g > 0 else None  # waits for group g's reads
@@ -471,8 +476,8 @@ class SwapRuntime:
             if g + 1 < len(groups):  # LFU counts for the reservation below, before they are donated
                 freqs = {op: np.array(self._dev_freqs[OP_GROUPS.index(op)]) for op in PREDICTED_GROUPS}
             plan = self._plan(layers, 1, attn_len, "none", head if last else "none", g > 0, predict, g > 0)
-            out = self._call(plan, ks, vs, x, pos, n_valid_a, install, predictions.get(g) if g > 0 else None,
-                             sample if last else None)
+            out = self._call(plan, layers, ks, vs, x, pos, n_valid_a, install,
+                             predictions.get(g) if g > 0 else None, predict, sample if last else None)
             with self._host_lock:
                 for op in PREDICTED_GROUPS:  # the scatter is dispatched: those slots are no longer pending
                     staged = self._staged.get(g, {}).get(op)
@@ -486,6 +491,15 @@ class SwapRuntime:
             if not last:
                 x = out["x"]
         return out, llama.KVCache(tuple(ks), tuple(vs))
+
+    def _gains(self, layers: tuple[int, ...]) -> tuple[jax.Array, ...]:
+        """Per predicted op, the mean |norm weight| of `layers` (the predictor's gain), cached."""
+        cached = self._gain_cache.get(layers)
+        if cached is None:
+            cached = tuple(jnp.mean(jnp.stack([jnp.abs(self.resident["layers"][i][norm]["weight"]) for i in layers]),
+                                    axis=0) for norm in ("attn_norm", "mlp_norm"))
+            self._gain_cache[layers] = cached
+        return cached
 
     def _to_host_tuple(self, arrays) -> tuple[np.ndarray, ...]:
         self._syncs += 1  # one wait for the program that made them

@@ -206,21 +206,19 @@ def q_rows_dot(x0: jax.Array, e) -> jax.Array:
         x0.astype(jnp.float32), e.data, **_q_attrs(e))
 
 
-def pool_select(x0: jax.Array, threshold, slot_map: jax.Array, freq: jax.Array, *, k: int, use_threshold: bool,
-                index: int, layer: int, trash: int):
+def pool_select(x0: jax.Array, threshold, slot_map: jax.Array, freq: jax.Array, layer, *, k: int,
+                use_threshold: bool, trash: int):
     """The decode selection of an op whose rows live in a slot pool (runtime/pooled.py): x0 [in],
-    slot_map / freq [L, in] int32 -> (channels [k], values [k], slots [k] (-1: missing, padding:
-    trash), counts [2] = (active, missing), freq with this layer's active channels counted).
-    k >= in selects every channel (a dense layer streamed under a budget)."""
+    threshold (this op's), slot_map / freq [L, in] int32, layer (traced int) -> (channels [k],
+    values [k], slots [k] (-1: missing, padding: trash), counts [2] = (active, missing), freq with
+    this layer's active channels counted). k >= in selects every channel (a dense layer)."""
     import numpy as np
 
-    thr = jnp.asarray(threshold, jnp.float32).reshape(-1)
-    if not 0 <= index < thr.shape[0]:
-        raise ValueError(f"threshold index {index} outside a table of {thr.shape[0]}")
     k = min(k, x0.shape[0])
     out_types = (jax.ShapeDtypeStruct((k,), jnp.int32), jax.ShapeDtypeStruct((k,), jnp.float32),
                  jax.ShapeDtypeStruct((k,), jnp.int32), jax.ShapeDtypeStruct((2,), jnp.int32),
                  jax.ShapeDtypeStruct(freq.shape, jnp.int32))
     return jax.ffi.ffi_call(Q_TARGETS["AfPoolSelect"], out_types, input_output_aliases={3: 4})(
-        x0.astype(jnp.float32), thr, slot_map, freq, k=np.int64(k), use_threshold=np.int64(bool(use_threshold)),
-        index=np.int64(index), layer=np.int64(layer), trash=np.int64(trash))
+        x0.astype(jnp.float32), jnp.asarray(threshold, jnp.float32).reshape(1), slot_map, freq,
+        jnp.asarray(layer, jnp.int32).reshape(1), k=np.int64(k), use_threshold=np.int64(bool(use_threshold)),
+        trash=np.int64(trash))

@@ -805,11 +805,14 @@ ffi::Error QRowsDotImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
 // active channels are incremented in place (freq_out aliases freq). Summing the product later
 // over these slots in this order equals AfTopkMatvec's sum over the same rows.
 ffi::Error PoolSelectImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> threshold, ffi::Buffer<ffi::S32> slot_map,
-                          ffi::Buffer<ffi::S32> freq, ffi::ResultBuffer<ffi::S32> idx, ffi::ResultBuffer<ffi::F32> xk,
-                          ffi::ResultBuffer<ffi::S32> slots, ffi::ResultBuffer<ffi::S32> counts,
-                          ffi::ResultBuffer<ffi::S32> freq_out, int64_t k, int64_t use_threshold, int64_t index,
-                          int64_t layer, int64_t trash) {
+                          ffi::Buffer<ffi::S32> freq, ffi::Buffer<ffi::S32> layer_arg, ffi::ResultBuffer<ffi::S32> idx,
+                          ffi::ResultBuffer<ffi::F32> xk, ffi::ResultBuffer<ffi::S32> slots,
+                          ffi::ResultBuffer<ffi::S32> counts, ffi::ResultBuffer<ffi::S32> freq_out, int64_t k,
+                          int64_t use_threshold, int64_t trash) {
   const int64_t in = x.element_count();
+  if (layer_arg.element_count() != 1 || threshold.element_count() != 1)
+    return ffi::Error::InvalidArgument("layer and threshold must have one element");
+  const int64_t layer = layer_arg.typed_data()[0];
   auto md = slot_map.dimensions();
   if (md.size() != 2 || md[1] != in) return ffi::Error::InvalidArgument("slot_map must be [layers, in]");
   if (freq.element_count() != slot_map.element_count()) return ffi::Error::InvalidArgument("freq must match slot_map");
@@ -817,7 +820,6 @@ ffi::Error PoolSelectImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> thresho
   if (k < 1 || idx->element_count() != k || xk->element_count() != k || slots->element_count() != k ||
       counts->element_count() != 2)
     return ffi::Error::InvalidArgument("outputs must have k (and 2) elements");
-  if (index < 0 || index >= threshold.element_count()) return ffi::Error::InvalidArgument("threshold index out of range");
   thread_local std::vector<int32_t> bits, rows;
   thread_local std::vector<float> vals;
   const float* xp = x.typed_data();
@@ -826,7 +828,7 @@ ffi::Error PoolSelectImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> thresho
     vals.assign(xp, xp + in);
     for (int64_t i = 0; i < in; ++i) rows[i] = static_cast<int32_t>(i);
   } else {
-    SelectActive(xp, in, k, threshold.typed_data()[index], use_threshold, bits, &rows, &vals);
+    SelectActive(xp, in, k, threshold.typed_data()[0], use_threshold, bits, &rows, &vals);
   }
   const int32_t* map_row = slot_map.typed_data() + layer * in;
   int32_t* f = freq_out->typed_data() + layer * in;  // == freq's buffer (aliased)
@@ -962,6 +964,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(AfPoolSelect, PoolSelectImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::S32>>()
@@ -969,6 +972,4 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(AfPoolSelect, PoolSelectImpl,
                                   .Ret<ffi::Buffer<ffi::S32>>()
                                   .Attr<int64_t>("k")
                                   .Attr<int64_t>("use_threshold")
-                                  .Attr<int64_t>("index")
-                                  .Attr<int64_t>("layer")
                                   .Attr<int64_t>("trash"));
