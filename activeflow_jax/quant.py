@@ -36,6 +36,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from activeflow_jax.errors import InvalidArgumentError
+from activeflow_jax.sparse import native as native_lib
+from activeflow_jax.sparse.native import q_matvec
 
 BLOCK = 32  # values per block (scale), along the row
 QUANT_DTYPES = ("q8", "q4")
@@ -246,12 +248,8 @@ def matmul(x: jax.Array, w, native: bool | None = None) -> jax.Array:
     if not isinstance(w, QRows):
         return x @ w
     if native is None:
-        from activeflow_jax.sparse import native as native_lib
-
         native = native_lib.usable()
     if native and x.shape[0] == 1:
-        from activeflow_jax.sparse.native import q_matvec
-
         return q_matvec(x[0], w)[None]
     return x @ as_f32(w)
 

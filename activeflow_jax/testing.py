@@ -12,7 +12,12 @@ import os
 
 import numpy as np
 
+import activeflow_jax as af
 from activeflow_jax.config import ModelConfig, tiny_config
+from activeflow_jax.models.families import family
+from activeflow_jax.models.llama import flatten_params, init_params
+from activeflow_jax.sparse.calibrate import calibrate
+from activeflow_jax.store.writer import convert
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
@@ -94,8 +99,6 @@ def add_hparams(writer, cfg: ModelConfig, arch: str) -> None:
     """A model's hyper-parameters as GGUF metadata (what formats/gguf_import.py reads back)."""
     import gguf
 
-    from activeflow_jax.models.families import family
-
     spec = family(cfg.arch)
     writer.add_block_count(cfg.num_layers)
     writer.add_context_length(cfg.max_context)
@@ -149,9 +152,6 @@ def write_tiny_gguf(path: str | os.PathLike, cfg: ModelConfig | None = None, *, 
     returned params then hold the block values as dequantized. tokenizer: "gpt2" (byte-level BPE
     with `pre_tokenizer`) or "llama" (SentencePiece with scores); default: the family's own."""
     import gguf
-
-    from activeflow_jax.models.families import family
-    from activeflow_jax.models.llama import flatten_params, init_params
 
     cfg = cfg or tiny_config()
     spec = family(cfg.arch)
@@ -289,8 +289,6 @@ class TinyModel:
 def make_tiny_store(directory: str | os.PathLike, cfg: ModelConfig | None = None, *, qtype: str = "F32",
                     dtype: str = "float32", seed: int = 0) -> TinyModel:
     """A tiny GGUF and its converted store under `directory`."""
-    from activeflow_jax.store.writer import convert
-
     directory = os.fspath(directory)
     os.makedirs(directory, exist_ok=True)
     gguf_path = os.path.join(directory, f"tiny-{qtype}.gguf")
@@ -308,9 +306,6 @@ CALIBRATION_PROSE = ("The river runs past the old mill and under the stone bridg
 def make_calibrated_tiny(directory: str | os.PathLike, levels=(0.3, 0.5, 0.7)):
     """A tiny store under `directory` with thresholds calibrated at `levels` on CALIBRATION_PROSE
     (written beside it): (TinyModel, its all-in-DRAM engine, the Calibration, the text's path)."""
-    import activeflow_jax as af
-    from activeflow_jax.sparse.calibrate import calibrate
-
     tiny = make_tiny_store(directory)
     text = os.path.join(os.fspath(directory), "calib.txt")
     with open(text, "w") as f:

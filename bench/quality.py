@@ -71,8 +71,8 @@ def main(argv):
     del argv
     import activeflow_jax as af
     from activeflow_jax.config import PredictionConfig
+    from activeflow_jax.eval.prediction import measure_prediction
     from activeflow_jax.eval.quality import default_settings, evaluate_quality
-    from activeflow_jax.sparse.predictor import measure_prediction
     from common import emit
 
     store = FLAGS.store or af.fetch_default_model(quiet=True)

@@ -53,7 +53,7 @@ def trace(engine, window, sparsity: float, policy: str):
     from activeflow_jax.config import OP_GROUPS, SparsityConfig, op_input_dims
     from activeflow_jax.models.llama import forward_with_taps
     from activeflow_jax.runtime.budget import op_row_bytes
-    from activeflow_jax.sparse.calibrate import store_thresholds
+    from activeflow_jax.sparse.thresholds import store_thresholds
     from activeflow_jax.sparse.kernels import active_mask
 
     cfg = engine.config

@@ -7,11 +7,10 @@ import numpy as np
 import pytest
 
 import activeflow_jax as af
-from activeflow_jax.config import (OP_GROUPS, SparsityConfig, allocated_sparsity, allocation_mean, op_input_dims, tiny_config,
-                                   parse_op_sparsity)
+from activeflow_jax.config import OP_GROUPS, SparsityConfig, op_input_dims, parse_op_sparsity, tiny_config
 from activeflow_jax.errors import InvalidArgumentError
 from activeflow_jax.models import llama
-from activeflow_jax.runtime.budget import layer_op_bytes
+from activeflow_jax.runtime.budget import allocated_sparsity, allocation_mean, layer_op_bytes
 from activeflow_jax.testing import make_calibrated_tiny
 
 ALLOC = (0.3, 0.5, 0.3, 0.7)
@@ -46,7 +45,7 @@ def test_the_headline_sparsity_is_the_share_of_bytes_left_unread():
 
 def test_threshold_columns_come_from_each_ops_level(calibrated):
     tiny, engine, _ = calibrated
-    from activeflow_jax.sparse.calibrate import read_calibration, store_thresholds
+    from activeflow_jax.sparse.thresholds import read_calibration, store_thresholds
 
     calib = read_calibration(tiny.store_path, engine.config)
     got = store_thresholds(tiny.store_path, engine.config, allocated_sparsity(engine.config, ALLOC))
@@ -61,7 +60,7 @@ def test_every_kernel_computes_the_same_allocated_model(calibrated, policy):
     tiny, engine, _ = calibrated
     cfg = engine.config
     from activeflow_jax.sparse import native
-    from activeflow_jax.sparse.calibrate import store_thresholds
+    from activeflow_jax.sparse.thresholds import store_thresholds
 
     prompt = np.arange(3, 30, dtype=np.int32)
     outs = {}

@@ -77,7 +77,7 @@ def test_distillation_lowers_kl_and_writes_a_new_calibrated_store(source, tmp_pa
 @pytest.mark.parametrize("mode,lr,ste", [("all", 1e-3, True), ("lora", 3e-3, True), ("all", 1e-3, False)])
 def test_train_step_lowers_kl_on_a_batch(source, mode, lr, ste):
     from activeflow_jax.distill.train import batch_for_step, make_train_step, make_windows, split_trainable
-    from activeflow_jax.sparse.calibrate import read_calibration
+    from activeflow_jax.sparse.thresholds import read_calibration
 
     store, text, _ = source
     engine = af.Engine.load(store)
@@ -100,7 +100,7 @@ def test_hidden_matching_loss_is_zero_when_dense_and_trains_when_sparse(source):
     """The residual-stream loss: 0 where the student computes what the teacher does (sparsity 0,
     one step of lr ~0), positive under the mask, and lowered by training on it."""
     from activeflow_jax.distill.train import batch_for_step, make_train_step, make_windows, split_trainable
-    from activeflow_jax.sparse.calibrate import read_calibration
+    from activeflow_jax.sparse.thresholds import read_calibration
 
     store, _, _ = source
     engine = af.Engine.load(store)

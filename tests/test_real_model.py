@@ -59,7 +59,7 @@ def test_float16_store_is_close_to_float32(real_gguf_path, real_engine, tmp_path
 
 @pytest.fixture(scope="module")
 def calibrated_store(real_store):
-    from activeflow_jax.sparse.calibrate import read_calibration, store_thresholds
+    from activeflow_jax.sparse.thresholds import read_calibration, store_thresholds
     from activeflow_jax.store.reader import StoreReader
 
     cfg = StoreReader(real_store).config

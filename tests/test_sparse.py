@@ -14,7 +14,8 @@ from activeflow_jax.config import OP_GROUPS, PredictionConfig, SparsityConfig, o
 from activeflow_jax.errors import InvalidArgumentError, StoreError
 from activeflow_jax.models import llama
 from activeflow_jax.sparse import kernels
-from activeflow_jax.sparse.calibrate import calibrate, read_calibration
+from activeflow_jax.sparse.calibrate import calibrate
+from activeflow_jax.sparse.thresholds import read_calibration
 from activeflow_jax.testing import CALIBRATION_PROSE, make_calibrated_tiny
 
 
@@ -393,7 +394,7 @@ def test_perturbation_spread_measures_a_setting_and_restores_the_engine(calibrat
 
 
 def test_predictor_measurement_on_tiny_model(calibrated):
-    from activeflow_jax.sparse.predictor import measure_prediction
+    from activeflow_jax.eval.prediction import measure_prediction
 
     _, engine, _, text = calibrated
     result = measure_prediction(engine, str(text), sparsity=0.5, distances=(1,), supersets=(1.0, 2.0), ctx=64,

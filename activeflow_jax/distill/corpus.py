@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from activeflow_jax.engine import MIN_PREFILL_BUCKET, _pow2_at_least
+from activeflow_jax.buckets import MIN_PREFILL_BUCKET, _pow2_at_least
 from activeflow_jax.errors import InvalidArgumentError, PromptTooLongError
 from activeflow_jax.models import llama
 

@@ -47,8 +47,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from activeflow_jax.config import SparsityConfig, allocated_sparsity, parse_op_sparsity
+from activeflow_jax.config import SparsityConfig, parse_op_sparsity
+from activeflow_jax.engine import Engine
 from activeflow_jax.errors import InvalidArgumentError, StoreError
+from activeflow_jax.eval.perplexity import read_text
+from activeflow_jax.eval.quality import WindowKL
+from activeflow_jax.models.llama import flatten_params, forward_with_taps, sequence_logits
+from activeflow_jax.quant import widen_params
+from activeflow_jax.runtime.budget import allocated_sparsity
+from activeflow_jax.sparse.calibrate import calibrate, default_calibration_text
+from activeflow_jax.sparse.thresholds import read_calibration, store_thresholds
+from activeflow_jax.store.reader import StoreReader, read_manifest
+from activeflow_jax.store.writer import write_store
 
 TRAINABLE = ("all", "norms", "lora")
 MERGE_GRID = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
@@ -218,8 +228,6 @@ def make_train_step(model_cfg, dcfg: DistillConfig, frozen: dict, teacher: dict,
     dimensions over the same axis (FSDP: XLA gathers a weight where it is used and reduce-scatters
     its gradient), so a device holds about 1/n of the model and of the optimizer state.
     Place the arguments with `step_shardings` so that no step compiles twice."""
-    from activeflow_jax.models.llama import forward_with_taps, sequence_logits
-
     sparse = student_sparsity(model_cfg, dcfg)
     tx = make_optimizer(dcfg)
 
@@ -323,8 +331,6 @@ def data_mesh(devices=None):
 def _run_fingerprint(store_path: str, dcfg: DistillConfig, ids: np.ndarray) -> str:
     """Identifies a run by its source model, settings and training tokens, so a resume never mixes
     checkpoints of another run (or of the same settings on a corpus that has since changed)."""
-    from activeflow_jax.store.reader import read_manifest
-
     manifest = read_manifest(store_path)
     record = {"source": manifest.get("source", {}), "config": dataclasses.asdict(dcfg),
               "data": hashlib.sha256(np.ascontiguousarray(ids, np.int32).tobytes()).hexdigest()}
@@ -345,8 +351,6 @@ DEFAULT_CORPUS = "teacher"
 def distillation_texts(spec: str | os.PathLike | Sequence[str] | None = None) -> tuple[list[str], bool]:
     """The training text files of `spec`: shipped corpus names (SHIPPED_CORPORA) and/or paths;
     None is DEFAULT_CORPUS. Also returns whether every file is a shipped one. Never the eval text."""
-    from activeflow_jax.sparse.calibrate import default_calibration_text
-
     data = os.path.dirname(default_calibration_text())
     entries = [DEFAULT_CORPUS] if spec is None else (
         [spec] if isinstance(spec, (str, os.PathLike)) else list(spec))
@@ -369,8 +373,6 @@ def distillation_texts(spec: str | os.PathLike | Sequence[str] | None = None) ->
 def heldout_text() -> str:
     """Teacher-written text that no distillation trains on (checkpoints/make_distill_text.py
     --topic_set heldout): where merge="auto" measures the students."""
-    from activeflow_jax.sparse.calibrate import default_calibration_text
-
     return os.path.join(os.path.dirname(default_calibration_text()), "heldout.txt")
 
 
@@ -417,8 +419,6 @@ def choose_merge(engine, trained: dict, dcfg: DistillConfig, text_path: str | No
     """The alpha of `grid` whose merged student (teacher + alpha * (trained - teacher)), run with
     the training's sparsity, has the least mean KL(teacher || student) on `windows` windows of
     held-out text. `engine` holds the teacher; its weights and sparsity are restored on return."""
-    from activeflow_jax.eval.quality import WindowKL
-
     objective = WindowKL(engine, text_path or heldout_text(), ctx=min(dcfg.seq_len, engine.config.max_context),
                          windows=windows)
     teacher = engine.params
@@ -558,11 +558,6 @@ def distill(store_path: str, out_path: str, dcfg: DistillConfig | None = None, *
     its member-i subdirectory); a run started again with the same store and settings resumes from
     the latest. stop_after (tests) stops after that many steps in all without writing the output,
     as a killed run would."""
-    from activeflow_jax.engine import Engine
-    from activeflow_jax.models.llama import flatten_params
-    from activeflow_jax.sparse.calibrate import calibrate, default_calibration_text, read_calibration, store_thresholds
-    from activeflow_jax.store.writer import write_store
-
     dcfg = dcfg or DistillConfig()
     _validate_merge(merge)
     if isinstance(members, bool) or not isinstance(members, int) or members < 1:
@@ -575,15 +570,12 @@ def distill(store_path: str, out_path: str, dcfg: DistillConfig | None = None, *
     engine = Engine.load(store_path, q8_embedding=False)  # training reads the f32 table whole
     # a quantized store's teacher and student train in f32 (its weights widened); the student is
     # written back in the store's dtype (write_store below quantizes it)
-    from activeflow_jax.quant import widen_params
-
     engine.params = widen_params(engine.params)
     cfg = engine.config
     calibration = read_calibration(store_path, cfg)  # its levels are calibrated again for the output
     thresholds = (jnp.asarray(store_thresholds(store_path, cfg, student_sparsity(cfg, dcfg)))
                   if dcfg.policy == "threshold" else None)
     texts, shipped_texts = distillation_texts(text_path)
-    from activeflow_jax.eval.perplexity import read_text
 
     ids = np.concatenate([np.asarray(engine.tokenizer.encode(read_text(t)), np.int32) for t in texts])
     windows = make_windows(ids, dcfg.seq_len, dcfg.batch_size)
@@ -626,7 +618,6 @@ def distill(store_path: str, out_path: str, dcfg: DistillConfig | None = None, *
             print("merge: " + ", ".join(f"alpha {r['alpha']:g} KL {r['kl']:.4f}" for r in merge_kl)
                   + f" -> alpha {merge:g}", flush=True)
     params = _merged(teacher, params, merge)
-    from activeflow_jax.store.reader import StoreReader
 
     reader = StoreReader(store_path)
     flat = {k: np.asarray(v, np.float32) for k, v in flatten_params(params).items()}

@@ -21,8 +21,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from activeflow_jax.config import OP_GROUPS, PredictionConfig, SparsityConfig
-from activeflow_jax.eval.perplexity import engine_tokens, eval_windows, scored_slice, token_nll
-
+from activeflow_jax.errors import InvalidArgumentError
+from activeflow_jax.eval.perplexity import engine_tokens, eval_windows, perplexity, scored_slice, token_nll
+from activeflow_jax.models.embedding import Q8Table
+from activeflow_jax.models.llama import forward_with_taps
+from activeflow_jax.quant import QRows
+from activeflow_jax.sparse.kernels import active_mask
 
 POLICY_NAMES = {"threshold": "TEAL", "topk": "top-k"}
 
@@ -91,15 +95,11 @@ def token_kl(reference_logp: np.ndarray, logp: np.ndarray) -> np.ndarray:
 @functools.partial(jax.jit, static_argnames=("k", "policy"))
 def _kept_share(x: jax.Array, thresholds: jax.Array, *, k: int, policy: str) -> jax.Array:
     """Mean share of active channels per layer: x [L, T, d], thresholds [L] -> [L]."""
-    from activeflow_jax.sparse.kernels import active_mask
-
     return jax.vmap(lambda xl, tl: jnp.mean(active_mask(xl, k, tl, policy)))(x, thresholds)
 
 
 def kept_fraction(engine, window: np.ndarray) -> dict[str, float] | None:
     """Mean share of channels the current sparse setting keeps per op group (sparse layers only)."""
-    from activeflow_jax.models.llama import forward_with_taps
-
     sp = engine.sparsity
     if sp is None:
         return None
@@ -123,8 +123,6 @@ def evaluate_quality(engine, text_path: str | os.PathLike, settings: list[Qualit
     reference: another engine whose dense logits are the yardstick instead of this engine's own
     (a distilled model against its teacher: KL and agreement to the *original* dense model, and
     "vs dense" relative to the teacher's perplexity). It must share the tokenizer's vocabulary."""
-    from activeflow_jax.errors import InvalidArgumentError
-
     if reference is not None and (reference.config.vocab_size != engine.config.vocab_size
                                   or reference.tokenizer.encode("Hello world") != engine.tokenizer.encode("Hello world")):
         raise InvalidArgumentError("the reference model has another tokenizer; KL and agreement need the same vocabulary")
@@ -245,10 +243,6 @@ def perturbation_spread(engine, text_path: str | os.PathLike, setting: QualitySe
     A dense model barely moves. A top-k or thresholded one is a discontinuous function: a change
     in the last bits flips channels that sit at the cut, and the flips cascade through the layers,
     so its PPL moves by about as much as a different draw of the selection near the cut would."""
-    from activeflow_jax.errors import InvalidArgumentError
-    from activeflow_jax.eval.perplexity import perplexity
-    from activeflow_jax.models.embedding import Q8Table
-
     if engine.swap is not None:
         raise InvalidArgumentError("perturbation_spread needs the weights in DRAM; load without dram_budget")
     if not isinstance(seeds, int) or seeds < 1:
@@ -258,7 +252,6 @@ def perturbation_spread(engine, text_path: str | os.PathLike, setting: QualitySe
     original = engine.params["embed"]
     if isinstance(original, Q8Table):
         raise InvalidArgumentError("the embedding is held as Q8_0 blocks; load the engine with q8_embedding=False")
-    from activeflow_jax.quant import QRows
 
     if isinstance(original, QRows):
         raise InvalidArgumentError("the embedding is held quantized (a q8/q4 store); perturb an f32 or f16 store")

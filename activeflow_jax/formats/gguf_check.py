@@ -10,6 +10,7 @@ first, so a damaged file is refused in milliseconds with the offset of the damag
 
 from __future__ import annotations
 
+import functools
 import mmap
 import os
 import struct
@@ -69,6 +70,24 @@ class _Walk:
             raise self.fail(f"unknown value type {vtype}")
 
 
+@functools.lru_cache(maxsize=1)
+def supported_tensor_types() -> tuple[str, ...]:
+    """Names of GGML tensor types we can dequantize (whatever the gguf package implements)."""
+    import gguf  # imported lazily: the package is only needed for conversion
+    import numpy as np
+
+    names = ["F32", "F16", "BF16"]
+    for qtype in gguf.GGMLQuantizationType:
+        if qtype.name in names:
+            continue
+        try:
+            gguf.quants.dequantize(np.zeros((1, gguf.GGML_QUANT_SIZES[qtype][1]), np.uint8), qtype)
+        except Exception:
+            continue
+        names.append(qtype.name)
+    return tuple(names)
+
+
 def check_gguf_structure(path: str | os.PathLike) -> None:
     """Raises GGUFError if the header, metadata or tensor infos of the GGUF at `path` do not fit
     the file (counts, lengths, types, tensor shapes and offsets)."""
@@ -103,8 +122,6 @@ def check_gguf_structure(path: str | os.PathLike) -> None:
                     block, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(ttype)]
                 except (ValueError, KeyError):
                     # a well-formed header with a type id newer than the gguf package: not damage
-                    from activeflow_jax.formats.gguf_import import supported_tensor_types
-
                     raise UnsupportedModelError(
                         f"{path}: tensor '{name.decode('utf-8', 'replace')}' is of type {ttype}, a type this gguf "
                         f"package does not know; supported types: {', '.join(supported_tensor_types())}. Upgrade "

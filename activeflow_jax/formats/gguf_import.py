@@ -8,13 +8,12 @@ the Hugging Face layout with rotate-half RoPE everywhere. (Using one layout with
 gives fluent-looking text at ~10x the perplexity; tests/test_real_model.py guards against it.)
 
 Every tensor type that the `gguf` package dequantizes imports (F32, F16, BF16, Q4_0/Q4_1/Q5_0/
-Q5_1/Q8_0, the K-quants Q2_K..Q6_K, the IQ and TQ types): see `supported_tensor_types`.
+Q5_1/Q8_0, the K-quants Q2_K..Q6_K, the IQ and TQ types): see `supported_tensor_types` (formats/gguf_check.py).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 import os
 from collections.abc import Iterator
@@ -24,29 +23,15 @@ import numpy as np
 
 from activeflow_jax.config import ModelConfig
 from activeflow_jax.errors import GGUFError, UnsupportedModelError
-from activeflow_jax.models.families import SUPPORTED_ARCHS, family, tensor_map
+from activeflow_jax.formats.gguf_check import check_gguf_structure, supported_tensor_types
+from activeflow_jax.formats.tokenizer import tokenizer_spec_from_gguf
+from activeflow_jax.models.families import SUPPORTED_ARCHS, config_from_gguf, family, tensor_map
 
 
 def _gguf():
     import gguf  # imported lazily: the package is only needed for conversion
 
     return gguf
-
-
-@functools.lru_cache(maxsize=1)
-def supported_tensor_types() -> tuple[str, ...]:
-    """Names of GGML tensor types we can dequantize (whatever the gguf package implements)."""
-    gguf = _gguf()
-    names = ["F32", "F16", "BF16"]
-    for qtype in gguf.GGMLQuantizationType:
-        if qtype.name in names:
-            continue
-        try:
-            gguf.quants.dequantize(np.zeros((1, gguf.GGML_QUANT_SIZES[qtype][1]), np.uint8), qtype)
-        except Exception:
-            continue
-        names.append(qtype.name)
-    return tuple(names)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,8 +125,6 @@ def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
 
 def open_gguf(path: str | os.PathLike) -> GGUFModel:
     """Opens and validates a GGUF file; raises GGUFError / UnsupportedModelError with advice."""
-    from activeflow_jax.formats.tokenizer import tokenizer_spec_from_gguf
-
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise GGUFError(f"GGUF file not found: {path}")
@@ -150,8 +133,6 @@ def open_gguf(path: str | os.PathLike) -> GGUFModel:
     if magic != b"GGUF":
         raise GGUFError(f"{path} is not a GGUF file (magic {magic!r}, expected b'GGUF')")
     gguf = _gguf()
-    from activeflow_jax.formats.gguf_check import check_gguf_structure
-
     check_gguf_structure(path)  # counts and lengths checked against the file before the gguf package trusts them
     try:
         reader = gguf.GGUFReader(path)
@@ -196,8 +177,6 @@ def open_gguf(path: str | os.PathLike) -> GGUFModel:
 
 
 def spec_config(spec, reader: Any, names: set[str], *, name: str, rope_freqs: tuple[float, ...] = ()) -> ModelConfig:
-    from activeflow_jax.models.families import config_from_gguf
-
     def field(key: str, default: Any = None, *, required: bool = False) -> Any:
         return _field(reader, key, default, required=required)
 

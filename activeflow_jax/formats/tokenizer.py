@@ -26,7 +26,7 @@ import threading
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from activeflow_jax.errors import InvalidArgumentError, UnsupportedModelError
+from activeflow_jax.errors import ActiveFlowError, InvalidArgumentError, UnsupportedModelError
 
 SPEC_VERSION = 1
 
@@ -241,8 +241,6 @@ class Tokenizer:
 
     @classmethod
     def from_spec(cls, spec: dict[str, Any]) -> Tokenizer:
-        from activeflow_jax.errors import ActiveFlowError
-
         try:
             return cls(spec)
         except ActiveFlowError:

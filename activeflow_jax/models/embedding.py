@@ -8,16 +8,24 @@ every token (~21% of a decode step's bytes on SmolLM2), runs on the quantized-ro
 which widens each code back to the same f32 value and sums in the f32 kernel's order: the logits
 are bit-identical (`sparse/native.q_rows_dot`). Nothing is approximated: a table that is not
 exactly Q8_0 (random test models, f16/f32 checkpoints) stays f32.
+
+Whether to hold the table so, and how any store tensor is put on the device (`resident_tensor`),
+is decided here for the all-in-DRAM engine and the budget runtime alike.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from activeflow_jax import quant
+from activeflow_jax.config import ModelConfig
+from activeflow_jax.errors import InvalidArgumentError
 from activeflow_jax.quant import QRows
+from activeflow_jax.sparse import native
 
 BLOCK = 32  # values per scale, as in GGML's Q8_0
 
@@ -85,3 +93,32 @@ def lookup(table, tokens: jax.Array) -> jax.Array:
     if isinstance(table, QRows):
         return quant.dequantize(jnp.take(table.data, tokens, axis=0), table.kind, table.cols)
     return jnp.take(table, tokens, axis=0)
+
+
+def q8_embedding_wanted(cfg: ModelConfig, option: Any) -> bool:
+    """Whether to try holding the embedding as a Q8 table: only a tied one (the head is what
+    gains), and with "auto" only where the native kernels run (elsewhere the head would widen
+    the whole table every token)."""
+    if option is False or not cfg.tie_embeddings:
+        if option is True:
+            raise InvalidArgumentError("q8_embedding=True needs a tied embedding (this model has its own lm_head)")
+        return False
+    if option is True or native.usable():
+        return True
+    return False
+
+
+def resident_tensor(name: str, arr: np.ndarray, q8: bool, insist: bool, store_path: str):
+    """A store tensor on the device: the embedding as a Q8 table when asked and exact, else f32;
+    a quantized store's weights stay quantized (quant.QRows)."""
+    if isinstance(arr, QRows):
+        return jax.device_put(arr)
+    if name == "embed" and q8:
+        table = to_q8(arr)
+        if table is not None:
+            return table
+        if insist:
+            raise InvalidArgumentError(f"the embedding of {store_path} is not exactly Q8_0 blocks (it was not "
+                                       "converted from a Q8_0 GGUF tensor), so it cannot be held as one losslessly; "
+                                       "load with q8_embedding='auto' or False")
+    return jax.device_put(arr)

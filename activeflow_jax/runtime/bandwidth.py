@@ -22,6 +22,7 @@ import time
 
 import numpy as np
 
+from activeflow_jax.errors import StoreError
 from activeflow_jax.paths import activeflow_home
 from activeflow_jax.runtime.iostats import drop_page_cache, process_read_bytes
 
@@ -147,8 +148,6 @@ def get_bandwidths(store_dir: str, *, remeasure: bool = False) -> Bandwidths:
     try:
         flash = measure_flash(os.path.join(store_dir, "tensors"))
     except FileNotFoundError as exc:
-        from activeflow_jax.errors import StoreError
-
         raise StoreError(f"{exc}: the store is too small for the planner to measure this disk on; give the "
                          "sparsity and the group size yourself (--sparsity S --group-size N), or point "
                          "ACTIVEFLOW_BANDWIDTH_FILE at a bandwidth record") from None

@@ -33,11 +33,24 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import resource
+import sys
 
 import numpy as np
 
-from activeflow_jax.config import OP_GROUPS, PREDICTED_GROUPS, ModelConfig, op_input_dims
+from activeflow_jax.buckets import PREFILL_CHUNK
+from activeflow_jax.config import (
+    OP_GROUPS,
+    PREDICTED_GROUPS,
+    ModelConfig,
+    SparsityConfig,
+    kept_channels,
+    op_input_dims,
+    parse_op_sparsity,
+)
 from activeflow_jax.errors import InvalidArgumentError
+from activeflow_jax.models.llama import param_shapes
+from activeflow_jax.quant import is_quantized, row_bytes
 
 F32 = 4
 # Predicted channels preloaded per op, in multiples of k. Measured (stop 12, 24 cold tokens of the
@@ -71,6 +84,12 @@ def current_rss() -> int:
         return 0
 
 
+def peak_rss_bytes() -> int:
+    """The process's peak resident set size so far (bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
 def scope_in_words(covers_process: bool, process_bytes: int, rss: int) -> str:
     """What a budget covers, in words, with the process figures beside it: the one wording that
     the plan, `--stats` and `stats.memory` all give. process_bytes: the process outside the model
@@ -101,15 +120,11 @@ def op_output_dims(cfg: ModelConfig) -> tuple[int, ...]:
 
 def held_dtype(dtype: str) -> str:
     """How a store's rows are held in DRAM by the runtime: quantized rows as they are, float rows as f32."""
-    from activeflow_jax.quant import is_quantized
-
     return dtype if is_quantized(dtype) else "float32"
 
 
 def op_row_bytes(cfg: ModelConfig, dtype: str = "float32") -> tuple[int, ...]:
     """Bytes of one row (input channel) of each op group's weight in a store of `dtype`."""
-    from activeflow_jax.quant import row_bytes
-
     return tuple(row_bytes(dtype, out) for out in op_output_dims(cfg))
 
 
@@ -118,13 +133,26 @@ def layer_op_bytes(cfg: ModelConfig, dtype: str = "float32") -> tuple[int, ...]:
     return tuple(i * r for i, r in zip(op_input_dims(cfg), op_row_bytes(cfg, dtype)))
 
 
+def allocation_mean(cfg: ModelConfig, op_sparsity) -> float:
+    """Share of one layer's linear-weight bytes that a per-op allocation leaves unread."""
+    sizes = layer_op_bytes(cfg)
+    ks = kept_channels(cfg, parse_op_sparsity(op_sparsity))
+    kept = sum(k / d * b for k, d, b in zip(ks, op_input_dims(cfg), sizes))
+    return round(1.0 - kept / sum(sizes), 4)
+
+
+def allocated_sparsity(cfg: ModelConfig, op_sparsity, **options) -> SparsityConfig:
+    """A SparsityConfig with a per-op allocation; its `sparsity` is the allocation's byte mean."""
+    levels = parse_op_sparsity(op_sparsity)
+    if max(levels) == 0:
+        raise InvalidArgumentError("an op sparsity allocation needs at least one op above 0")
+    return SparsityConfig(allocation_mean(cfg, levels), op_sparsity=levels, **options)
+
+
 def model_weight_bytes(cfg: ModelConfig, dtype: str = "float32") -> int:
     """The model's weight bytes in a store of `dtype` (what budget fractions are fractions of)."""
-    from activeflow_jax.quant import is_quantized, row_bytes
-
     if not is_quantized(dtype):
         return cfg.num_params() * np.dtype(dtype).itemsize
-    from activeflow_jax.models.llama import param_shapes
 
     return sum(s[0] * row_bytes(dtype, s[1]) if len(s) == 2 else int(np.prod(s)) * F32
                for s in param_shapes(cfg).values())
@@ -133,8 +161,6 @@ def model_weight_bytes(cfg: ModelConfig, dtype: str = "float32") -> int:
 def embedding_bytes(cfg: ModelConfig, q8_embed: bool = False, dtype: str = "float32") -> int:
     """The embedding table in DRAM: f32, exact Q8_0 blocks (models/embedding.py), or a quantized
     store's rows."""
-    from activeflow_jax.quant import is_quantized, row_bytes
-
     if is_quantized(dtype):
         return cfg.vocab_size * row_bytes(dtype, cfg.d_model)
     if q8_embed:
@@ -145,8 +171,6 @@ def embedding_bytes(cfg: ModelConfig, q8_embed: bool = False, dtype: str = "floa
 def head_bytes(cfg: ModelConfig, q8_embed: bool = False, dtype: str = "float32") -> int:
     """What the lm head reads per token: the tied embedding, or its own [d, V] (f32, or quantized
     rows in a quantized store)."""
-    from activeflow_jax.quant import is_quantized, row_bytes
-
     if cfg.tie_embeddings:
         return embedding_bytes(cfg, q8_embed, dtype)
     return cfg.d_model * row_bytes(dtype, cfg.vocab_size) if is_quantized(dtype) else cfg.vocab_size * cfg.d_model * F32
@@ -161,8 +185,6 @@ def resident_bytes(cfg: ModelConfig, q8_embed: bool = False, dtype: str = "float
 def embedding_rows_bytes(cfg: ModelConfig) -> int:
     """Host memory for the embedding rows of one prefill chunk read from flash (untied models),
     twice: TensorStore's copy and ours."""
-    from activeflow_jax.engine import PREFILL_CHUNK
-
     return 0 if cfg.tie_embeddings else 2 * PREFILL_CHUNK * cfg.d_model * F32
 
 
@@ -313,3 +335,25 @@ def plan_memory(cfg: ModelConfig, budget: int, *, baseline: int, kv_tokens: int,
                       kv=kv_bytes(cfg, kv_tokens), kv_tokens=kv_tokens, staging=staging, pool_slots=slots,
                       row_bytes=row_bytes, min_pool_slots=min_slots,
                       flash_row_bytes=op_row_bytes(cfg, dtype))
+
+
+def op_ks(cfg, sparsity: SparsityConfig | None) -> tuple[int, ...]:
+    return sparsity.ks(cfg) if sparsity is not None else op_input_dims(cfg)
+
+
+def preload_channels(cfg, sparsity: SparsityConfig | None, superset: float) -> tuple[int, int]:
+    """Channels predicted per layer for (qkv, gate_up)."""
+    if sparsity is None:
+        return cfg.d_model, cfg.d_model
+    ks = sparsity.ks(cfg)
+    return tuple(min(cfg.d_model, int(round(superset * k))) for k in (ks[0], ks[2]))
+
+
+def memory_for(cfg, budget: int, sparsity: SparsityConfig | None, *, baseline: int, kv_tokens: int,
+               group_size: int, superset: float, q8_embed: bool = False,
+               dtype: str = "float32") -> MemoryPlan:
+    """The memory plan of one setting (what load, a budget change and the planner all size by);
+    dtype: the store's."""
+    return plan_memory(cfg, budget, baseline=baseline, kv_tokens=kv_tokens, group_size=group_size,
+                       preload_channels=preload_channels(cfg, sparsity, superset), ks=op_ks(cfg, sparsity),
+                       q8_embed=q8_embed, dtype=dtype)

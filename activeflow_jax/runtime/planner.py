@@ -34,7 +34,14 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from activeflow_jax.config import OP_GROUPS, PREDICTED_GROUPS, ModelConfig, SparsityConfig, op_input_dims
+from activeflow_jax.config import (
+    OP_GROUPS,
+    PREDICTED_GROUPS,
+    ModelConfig,
+    SparsityConfig,
+    op_input_dims,
+    parse_op_sparsity,
+)
 from activeflow_jax.errors import InvalidArgumentError
 from activeflow_jax.runtime import budget as budget_mod
 from activeflow_jax.runtime.bandwidth import Bandwidths
@@ -147,14 +154,12 @@ def evaluate(cfg: ModelConfig, budget: int, bw: Bandwidths, sparsity: float, gro
              op_sparsity: tuple[float, ...] | None = None, dtype: str = "float32") -> Candidate:
     """The cost model for one (sparsity, group size); op_sparsity: a per-op allocation whose byte
     mean is `sparsity`; dtype: the store's (bytes computed and read are the store's)."""
-    from activeflow_jax.runtime.session import memory_for, op_ks, preload_channels
-
     config = SparsityConfig(sparsity, op_sparsity=op_sparsity) if sparsity else None
-    ks = op_ks(cfg, config)
-    pre = preload_channels(cfg, config, superset)
+    ks = budget_mod.op_ks(cfg, config)
+    pre = budget_mod.preload_channels(cfg, config, superset)
     try:
-        memory = memory_for(cfg, budget, config, baseline=baseline, kv_tokens=kv_tokens, group_size=group_size,
-                            superset=superset, q8_embed=q8_embed, dtype=dtype)
+        memory = budget_mod.memory_for(cfg, budget, config, baseline=baseline, kv_tokens=kv_tokens,
+                                       group_size=group_size, superset=superset, q8_embed=q8_embed, dtype=dtype)
     except budget_mod.BudgetTooSmallError as exc:
         return Candidate(sparsity, group_size, False, reason=str(exc))
     layers, ins, rb = cfg.num_layers, op_input_dims(cfg), memory.read_row_bytes
@@ -191,7 +196,7 @@ def plan(cfg: ModelConfig, budget: int, bw: Bandwidths, *, levels: Sequence[floa
          q8_embed: bool = False, op_sparsity: Sequence[float] | None = None, process: int = 0,
          dtype: str = "float32") -> Plan:
     """The fastest feasible setting; op_sparsity: a per-op allocation, fixed (with `sparsity` its
-    byte mean, see config.allocated_sparsity): only the group size and the cache are chosen."""
+    byte mean, see budget.allocated_sparsity): only the group size and the cache are chosen."""
     if isinstance(budget, bool) or not isinstance(budget, (int, np.integer)) or budget <= 0:
         raise InvalidArgumentError(f"budget must be a positive number of bytes, got {budget!r}")
     if group_size is not None and (not isinstance(group_size, int) or group_size < 1):
@@ -200,10 +205,8 @@ def plan(cfg: ModelConfig, budget: int, bw: Bandwidths, *, levels: Sequence[floa
     if any(not 0 < x <= 0.95 for x in levels):
         raise InvalidArgumentError(f"sparsity levels must be in (0, 0.95], got {levels}")
     if op_sparsity is not None:
-        from activeflow_jax.config import allocation_mean, parse_op_sparsity
-
         op_sparsity = parse_op_sparsity(op_sparsity)
-        sparsity = allocation_mean(cfg, op_sparsity)
+        sparsity = budget_mod.allocation_mean(cfg, op_sparsity)
     sparsities = [sparsity] if sparsity is not None else [0.0] + levels
     sizes = [group_size] if group_size is not None else list(GROUP_SIZES)
     cands = tuple(evaluate(cfg, budget, bw, s, n, kv_tokens=kv_tokens, superset=superset, baseline=baseline,

@@ -13,37 +13,22 @@ from typing import Any
 import numpy as np
 
 from activeflow_jax.config import SparsityConfig
-from activeflow_jax.errors import InvalidArgumentError, UnsupportedModelError
+from activeflow_jax.errors import InvalidArgumentError, StoreError, UnsupportedModelError
+from activeflow_jax.formats.tokenizer import Tokenizer
+from activeflow_jax.models.embedding import Q8Table, q8_embedding_wanted, resident_tensor
+from activeflow_jax.models.families import budget_runtime_refusal
+from activeflow_jax.quant import is_quantized
 from activeflow_jax.runtime import budget as budget_mod
-from activeflow_jax.runtime import heap
+from activeflow_jax.runtime import heap, planner
+from activeflow_jax.runtime.bandwidth import get_bandwidths
+from activeflow_jax.runtime.iostats import drop_page_cache
+from activeflow_jax.sparse.kernels import resolve_kernel
+from activeflow_jax.sparse.thresholds import read_calibration, store_thresholds
+from activeflow_jax.store import bundles
 from activeflow_jax.store.reader import StoreReader
 
 DEFAULT_GROUP_SIZE = 4
 DEFAULT_KV_TOKENS = 512
-
-
-def op_ks(cfg, sparsity: SparsityConfig | None) -> tuple[int, ...]:
-    from activeflow_jax.config import op_input_dims
-
-    return sparsity.ks(cfg) if sparsity is not None else op_input_dims(cfg)
-
-
-def preload_channels(cfg, sparsity: SparsityConfig | None, superset: float) -> tuple[int, int]:
-    """Channels predicted per layer for (qkv, gate_up)."""
-    if sparsity is None:
-        return cfg.d_model, cfg.d_model
-    ks = sparsity.ks(cfg)
-    return tuple(min(cfg.d_model, int(round(superset * k))) for k in (ks[0], ks[2]))
-
-
-def memory_for(cfg, budget: int, sparsity: SparsityConfig | None, *, baseline: int, kv_tokens: int,
-               group_size: int, superset: float, q8_embed: bool = False,
-               dtype: str = "float32") -> budget_mod.MemoryPlan:
-    """The memory plan of one setting (what load, a budget change and the planner all size by);
-    dtype: the store's."""
-    return budget_mod.plan_memory(cfg, budget, baseline=baseline, kv_tokens=kv_tokens, group_size=group_size,
-                                  preload_channels=preload_channels(cfg, sparsity, superset), ks=op_ks(cfg, sparsity),
-                                  q8_embed=q8_embed, dtype=dtype)
 
 
 def resident_embedding(reader: StoreReader, option: Any, kernel: str):
@@ -51,12 +36,9 @@ def resident_embedding(reader: StoreReader, option: Any, kernel: str):
     q8_embedding) allows and the table is exactly Q8_0, else the f32 array (adopted by JAX); None
     for an untied embedding, which stays on flash (a token reads only its own row).
     Read before planning, since its size is part of every plan."""
-    from activeflow_jax.engine import q8_embedding_wanted, resident_tensor
-
     wanted = q8_embedding_wanted(reader.config, option) and kernel not in ("gather", "mask")
     if not reader.config.tie_embeddings:  # after the check above, which refuses q8_embedding=True here
         return None
-    from activeflow_jax.quant import is_quantized
 
     if is_quantized(reader.tensor_dtype("embed")):  # a quantized store's table stays quantized
         import jax
@@ -85,17 +67,15 @@ def load_swapping(engine_cls, store_path, dram_budget: Any, *, sparsity: float |
                  reserve budget.COMPILE_GROWTH_RESERVE for what compiling will add
     relayout     write the streaming layout for group_size if the store lacks it
     plan         with sparsity None, let the planner pick sparsity and group size
-    op_sparsity  a per-op allocation (config.allocated_sparsity) instead of one sparsity level
+    op_sparsity  a per-op allocation (budget.allocated_sparsity) instead of one sparsity level
     """
-    from activeflow_jax.formats.tokenizer import Tokenizer
+    # deferred: runtime/pool.py, under swap.py, still imports engine.py, which imports this module
+    # (issue 23 rewrite: the lead moves this import up with the new runtime)
     from activeflow_jax.runtime.swap import SwapRuntime
-    from activeflow_jax.sparse.calibrate import store_thresholds
-    from activeflow_jax.store import bundles
 
     start = time.perf_counter()
     reader = StoreReader(store_path)
     cfg = reader.config
-    from activeflow_jax.models.families import budget_runtime_refusal
 
     if (refusal := budget_runtime_refusal(cfg)) is not None:
         raise UnsupportedModelError(refusal)
@@ -109,16 +89,13 @@ def load_swapping(engine_cls, store_path, dram_budget: Any, *, sparsity: float |
         raise InvalidArgumentError(f"group_size must be an int >= 1, got {group_size!r}")
     process = budget_mod.current_rss() + budget_mod.COMPILE_GROWTH_RESERVE  # the process outside the model
     baseline = process if budget_includes_process else 0
-    from activeflow_jax.models.embedding import Q8Table
 
     embed = resident_embedding(reader, q8_embedding, kernel)
     q8 = isinstance(embed, Q8Table)
     options = dict(policy=policy, kernel=kernel, dense_layers=dense_layers)
     allocation = None
     if op_sparsity is not None:
-        from activeflow_jax.config import allocated_sparsity
-
-        allocation = allocated_sparsity(cfg, op_sparsity, **options)
+        allocation = budget_mod.allocated_sparsity(cfg, op_sparsity, **options)
         sparsity = allocation.sparsity
     if group_size is None and relayout and not os.access(reader.path, os.W_OK):
         # a read-only store cannot take a new streaming layout: plan for one it already has
@@ -138,10 +115,10 @@ def load_swapping(engine_cls, store_path, dram_budget: Any, *, sparsity: float |
                        f"not planned. {scope}")
     config = None
     if allocation is not None:
-        config = allocation.resolved()
+        config = resolve_kernel(allocation)
     elif sparsity:
-        config = SparsityConfig(sparsity, **options).resolved()
-    memory = memory_for(cfg, budget, config, baseline=baseline, kv_tokens=kv_tokens, group_size=group_size,
+        config = resolve_kernel(SparsityConfig(sparsity, **options))
+    memory = budget_mod.memory_for(cfg, budget, config, baseline=baseline, kv_tokens=kv_tokens, group_size=group_size,
                         superset=superset, q8_embed=q8, dtype=dtype)
     thresholds = None
     if config is not None and config.policy == "threshold":
@@ -152,8 +129,6 @@ def load_swapping(engine_cls, store_path, dram_budget: Any, *, sparsity: float |
             raise InvalidArgumentError(f"store {reader.path} has no streaming layout for groups of {group_size}; "
                                        f"run `activeflow relayout --store {reader.path} --group-size {group_size}`")
         if not os.access(reader.path, os.W_OK):
-            from activeflow_jax.errors import StoreError
-
             have = bundles.available_group_sizes(reader.path)
             raise StoreError(
                 f"store {reader.path} is read-only and has no streaming layout for groups of {group_size}, which "
@@ -164,8 +139,6 @@ def load_swapping(engine_cls, store_path, dram_budget: Any, *, sparsity: float |
             print(f"laying out {reader.path} for streaming in groups of {group_size} layers (once)", file=sys.stderr)
         bundles.write_bundles(reader.path, group_size, first_layer=0, progress=progress)
     if cold:
-        from activeflow_jax.runtime.iostats import drop_page_cache
-
         drop_page_cache(reader.path)
     runtime = SwapRuntime(reader.path, cfg, config, thresholds, memory, group_size=group_size, superset=superset,
                           direct_io=direct_io, embed=embed, process=process)
@@ -187,9 +160,6 @@ def _choose(reader, cfg, budget, sparsity, group_size, kv_tokens, superset, base
     """(sparsity, group_size, explanation): the planner's choice where not given."""
     if not plan or (sparsity is not None and group_size is not None):
         return sparsity, group_size or DEFAULT_GROUP_SIZE, ""
-    from activeflow_jax.runtime import planner
-    from activeflow_jax.runtime.bandwidth import get_bandwidths
-    from activeflow_jax.sparse.calibrate import read_calibration
 
     calibration = read_calibration(reader.path, cfg)
     levels = sorted(calibration.levels) if calibration is not None else []
@@ -205,6 +175,6 @@ def replan(engine, dram_budget: Any) -> None:
     cfg = engine.config
     dtype = s.get("dtype", "float32")
     budget = budget_mod.parse_budget(dram_budget, cfg, dtype)
-    engine.swap.replan(memory_for(cfg, budget, engine.sparsity, baseline=s["baseline"], kv_tokens=s["kv_tokens"],
+    engine.swap.replan(budget_mod.memory_for(cfg, budget, engine.sparsity, baseline=s["baseline"], kv_tokens=s["kv_tokens"],
                                   group_size=s["group_size"], superset=s["superset"], q8_embed=s["q8_embed"],
                                   dtype=dtype))

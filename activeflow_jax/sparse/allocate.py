@@ -20,9 +20,11 @@ import dataclasses
 import math
 import time
 
-
-from activeflow_jax.config import MAX_SPARSITY, OP_GROUPS, allocation_mean
+from activeflow_jax.config import MAX_SPARSITY, OP_GROUPS
 from activeflow_jax.errors import InvalidArgumentError
+from activeflow_jax.eval.quality import WindowKL
+from activeflow_jax.runtime.budget import allocation_mean, layer_op_bytes
+from activeflow_jax.sparse.calibrate import default_calibration_text
 
 LEVEL_GRID = 0.01  # allocations stay on a 1% grid, so calibrating them for the threshold policy is tidy
 
@@ -53,8 +55,6 @@ def _floor_grid(x: float) -> float:
 def transfers(cfg, levels: tuple[float, ...], target: float, step: float) -> list[tuple[float, ...]]:
     """Every allocation one transfer away: op b up by `step`, op a down by at most the bytes that
     frees (rounded down to the grid, so the byte share stays >= target)."""
-    from activeflow_jax.runtime.budget import layer_op_bytes
-
     sizes = layer_op_bytes(cfg)
     out = []
     for b in range(len(OP_GROUPS)):
@@ -80,9 +80,6 @@ def allocate(engine, target: float, *, policy: str = "topk", text_path: str | No
              ctx: int = 512, step: float = 0.04, min_step: float = 0.01, max_evaluations: int = 200,
              progress: bool = False) -> AllocationResult:
     """Searches a per-op allocation whose byte share is >= `target` with the least KL to dense."""
-    from activeflow_jax.eval.quality import WindowKL
-    from activeflow_jax.sparse.calibrate import default_calibration_text
-
     if isinstance(target, bool) or not isinstance(target, (int, float)) or not 0 < target <= MAX_SPARSITY:
         raise InvalidArgumentError(f"target sparsity must be in (0, {MAX_SPARSITY}], got {target!r}")
     if not (LEVEL_GRID <= min_step <= step <= 0.5):

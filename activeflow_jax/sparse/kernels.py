@@ -13,11 +13,18 @@ of compare-and-count, exact, ~14 ms for the same array), and the active indices 
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 from jax import lax
 
 from activeflow_jax import quant
+from activeflow_jax.config import SparsityConfig
+from activeflow_jax.errors import InvalidArgumentError
+from activeflow_jax.sparse import native as native_lib
+from activeflow_jax.sparse.native import active_mask as native_active_mask
+from activeflow_jax.sparse.native import q_topk_matvec, topk_matvec
 
 
 def kth_largest(a: jax.Array, k: int) -> jax.Array:
@@ -75,8 +82,6 @@ def gather_linear(x: jax.Array, w: jax.Array, k: int, threshold: jax.Array | flo
     """Decode kernel for one token: x [1, in], w [in, out] -> [1, out], reading at most k rows of w.
     native=True uses the FFI kernel (sparse/native.py), which reads the rows in place."""
     if native:
-        from activeflow_jax.sparse.native import q_topk_matvec, topk_matvec
-
         matvec = q_topk_matvec if isinstance(w, quant.QRows) else topk_matvec
         return matvec(x[0], w, k, threshold, policy == "threshold", index=threshold_index or 0)[None]
     threshold = _pick(threshold, threshold_index)
@@ -110,9 +115,21 @@ def sparse_linear(x: jax.Array, w: jax.Array, *, k: int, threshold: jax.Array | 
     if kernel == "native" and k < x.shape[-1]:
         # prefill with the native kernels: the same mask, selected natively (XLA's bisection and
         # cumsum made a sparse prefill half as fast as a dense one)
-        from activeflow_jax.sparse.native import active_mask as native_active_mask
-
         mask = native_active_mask(selected_from, k, threshold, policy == "threshold")
     else:
         mask = active_mask(selected_from, k, threshold, policy)
     return masked_linear(x, w, mask, native=kernel == "native")
+
+
+def resolve_kernel(sparsity: SparsityConfig) -> SparsityConfig:
+    """`sparsity` with kernel "auto" replaced by the kernel that will run here; "native" is
+    built and registered now (it must be, before a program using it is compiled)."""
+    if sparsity.kernel not in ("auto", "native"):
+        return sparsity
+    usable = native_lib.usable()
+    if sparsity.kernel == "native" and not usable:
+        raise InvalidArgumentError(
+            "the native sparse kernel is unavailable here (it needs the CPU backend and a C++ compiler; "
+            "see the log warning); use kernel='gather' or 'auto'"
+        )
+    return dataclasses.replace(sparsity, kernel="native" if usable else "gather")

@@ -36,8 +36,8 @@ import numpy as np
 from activeflow_jax.config import OP_GROUPS, PREDICTED_GROUPS
 from activeflow_jax.errors import ActiveFlowError, InvalidArgumentError, StoreCorruptError, StoreError
 from activeflow_jax.quant import is_quantized
+from activeflow_jax.store.files import new_temporary_dir, replace_dir, write_error, write_json_durably
 from activeflow_jax.store.reader import StoreReader, read_manifest
-from activeflow_jax.store.writer import new_temporary_dir, replace_dir, write_json_durably
 
 BUNDLE_DIR = "bundles"
 BUNDLE_MANIFEST = "bundles.json"
@@ -142,8 +142,6 @@ def write_bundles(store_dir: str | os.PathLike, group_size: int, *, first_layer:
     final = layout_dir(reader.path, group_size)
     if os.path.exists(final) and not overwrite:
         raise StoreError(f"{final} exists; pass overwrite=True to replace it")
-    from activeflow_jax.store.writer import write_error
-
     needed = layout_bytes(reader, first_layer)
     others = [n for n in available_group_sizes(reader.path) if n != group_size]
     free = shutil.disk_usage(reader.path).free if os.path.isdir(reader.path) else 0

@@ -22,6 +22,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from activeflow_jax.quant import is_quantized, quantizes, row_bytes
+
 FORMAT_NAME = "activeflow-store"
 LAYOUT_VERSION = 1  # float32 / float16 stores (unchanged since version 1)
 QUANT_LAYOUT_VERSION = 2  # q8 / q4 stores: readers before version 2 refuse them (they check the version)
@@ -52,8 +54,6 @@ def chunking(shape: tuple[int, ...], itemsize: int, chunk_rows: int | None = Non
 
 def layout_version(dtype: str) -> int:
     """The layout version a store of `dtype` is written with."""
-    from activeflow_jax.quant import is_quantized
-
     return QUANT_LAYOUT_VERSION if is_quantized(dtype) else LAYOUT_VERSION
 
 
@@ -61,8 +61,6 @@ def stored_form(shape: tuple[int, ...], dtype: str) -> tuple[tuple[int, ...], st
     """(stored shape, zarr data type, tensor dtype) of a tensor of logical `shape` in a store of
     `dtype`. A quantized store holds its 2-D weights as uint8 rows [rows, row_bytes] (quant.py)
     and everything else (norms) as float32."""
-    from activeflow_jax.quant import is_quantized, quantizes, row_bytes
-
     if not is_quantized(dtype):
         return tuple(shape), dtype, dtype
     if quantizes("", tuple(shape)):

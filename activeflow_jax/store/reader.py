@@ -8,7 +8,6 @@ tracebacks.
 from __future__ import annotations
 
 import collections
-
 import json
 import os
 from collections.abc import Iterable, Iterator, Sequence
@@ -18,6 +17,7 @@ import numpy as np
 
 from activeflow_jax.config import ModelConfig
 from activeflow_jax.errors import StoreCorruptError, StoreError
+from activeflow_jax.models.llama import param_shapes
 from activeflow_jax.quant import QRows, dequantize_np, is_quantized
 from activeflow_jax.store import layout
 
@@ -100,8 +100,6 @@ def check_manifest_tensors(manifest: dict[str, Any], cfg: ModelConfig, store_dir
     """The manifest's tensor records agree with its model config: sizes and chunking are positive
     integers, the layers the tensors name are those the config counts, and every tensor the model
     needs has the shape it needs (records of a kind this check does not know are left alone)."""
-    from activeflow_jax.models.llama import param_shapes
-
     tensors = manifest["tensors"]  # (the storage dtype was checked by read_manifest)
     if not isinstance(tensors, dict):
         raise StoreError(f"store {store_dir}: the tensor list is not a record; {_EDITED}")

@@ -16,6 +16,8 @@ import time
 import numpy as np
 
 from activeflow_jax.errors import StoreError
+from activeflow_jax.store import bundles, layout
+from activeflow_jax.store.reader import StoreReader
 
 
 @dataclasses.dataclass
@@ -61,9 +63,6 @@ def verify_store(store_dir: str | os.PathLike, *, layouts: bool = True) -> Verif
     """Checks the manifest and reads every chunk of `store_dir` (and, with `layouts`, of its
     streaming layouts), so every checksum is verified. Raises StoreError only where there is no
     store to check at all; everything damaged is listed in the report."""
-    from activeflow_jax.store import layout
-    from activeflow_jax.store.reader import StoreReader
-
     start = time.perf_counter()
     path = os.path.abspath(os.fspath(store_dir))
     if not os.path.isdir(path):
@@ -100,8 +99,6 @@ def verify_store(store_dir: str | os.PathLike, *, layouts: bool = True) -> Verif
 
 
 def _verify_layouts(path: str, report: VerifyReport) -> None:
-    from activeflow_jax.store import bundles
-
     root = os.path.join(path, bundles.BUNDLE_DIR)
     sizes = sorted(int(e[1:]) for e in os.listdir(root) if e.startswith("n") and e[1:].isdigit()) \
         if os.path.isdir(root) else []
@@ -138,8 +135,6 @@ def _first_line(exc: BaseException) -> str:
 def repair_advice(report: VerifyReport) -> str:
     """What to run to repair what `report` found."""
     import json
-
-    from activeflow_jax.store import layout
 
     if not report.tensors_damaged:
         return "the tensors are fine; rewrite the damaged streaming layout(s) with the `activeflow relayout` above"

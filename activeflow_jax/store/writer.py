@@ -6,7 +6,6 @@ import json
 import os
 import shutil
 import time
-import uuid
 from collections.abc import Iterable
 from typing import Any
 
@@ -14,8 +13,12 @@ import numpy as np
 
 from activeflow_jax.config import ModelConfig
 from activeflow_jax.errors import ActiveFlowError, GGUFError, InvalidArgumentError, NonFiniteWeightsError, StoreError
+from activeflow_jax.formats.gguf_import import file_sha256, open_gguf
 from activeflow_jax.quant import canonical_dtype, is_quantized, quantize_rows
 from activeflow_jax.store import layout
+from activeflow_jax.store.files import new_temporary_dir, replace_dir, write_error, write_json_durably
+from activeflow_jax.store.reader import read_manifest
+from activeflow_jax.store.verify import verify_store
 
 
 def _ts():
@@ -98,25 +101,6 @@ def write_store(store_dir: str | os.PathLike, config: ModelConfig, tokenizer_spe
     return store_dir
 
 
-def write_error(target: str, exc: BaseException) -> StoreError:
-    """A failed file write (read-only or full file system, no permission) in words: nothing was
-    written (the temporary folder is removed by the caller), and what to do."""
-    import errno
-
-    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    code = getattr(exc, "errno", None)
-    if code == errno.ENOSPC or "no space" in text.lower() or "RESOURCE_EXHAUSTED" in text:
-        why = "the file system is full"
-    elif code == errno.EROFS or "read-only file system" in text.lower():
-        why = "the file system is read-only"
-    elif code in (errno.EACCES, errno.EPERM) or "permission denied" in text.lower():
-        why = "permission was denied"
-    else:
-        why = f"a file could not be written ({text})"
-    return StoreError(f"cannot write {target}: {why}; nothing was written there. Free some space or choose a "
-                      "writable folder with room for it, then run the command again")
-
-
 def check_finite(name: str, array: np.ndarray, dtype: str) -> None:
     """Refuses a tensor holding NaN or Inf: such a store generates nothing and scores `nan`."""
     if np.isfinite(array).all():
@@ -166,56 +150,6 @@ def check_replaceable(store_dir: str, keep: Iterable[str] = ()) -> None:
             "it; choose another output folder, or remove it yourself if you mean to")
 
 
-def new_temporary_dir(final: str) -> str:
-    """A fresh hidden path beside `final` to build it in (`.<name>.tmp-<pid>-<random>`), after
-    removing what interrupted writes of the same name left (unless their process still runs)."""
-    parent, base = os.path.split(final)
-    os.makedirs(parent, exist_ok=True)
-    _remove_stale_temporaries(parent, base)
-    return os.path.join(parent, f".{base}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-
-
-def replace_dir(tmp: str, final: str) -> None:
-    """Moves the complete directory `tmp` to `final`; an old `final` is renamed away first and
-    deleted last, so `final` is at every moment either the old or the new one, never half of each."""
-    if os.path.exists(final):
-        parent, base = os.path.split(final)
-        trash = os.path.join(parent, f".{base}.old-{uuid.uuid4().hex[:8]}")
-        os.rename(final, trash)
-        os.rename(tmp, final)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.rename(tmp, final)
-
-
-def write_json_durably(path: str, data: dict[str, Any]) -> None:
-    with open(path, "w") as f:
-        json.dump(data, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _remove_stale_temporaries(parent: str, base: str) -> None:
-    for entry in os.listdir(parent):
-        if entry.startswith(f".{base}.tmp-") or entry.startswith(f".{base}.old-"):
-            pid = entry.split("-")[1] if ".tmp-" in entry else None
-            if pid and pid.isdigit() and _pid_alive(int(pid)):
-                continue  # another process is converting right now
-            shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
-
-
-def _pid_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def convert(gguf_path: str | os.PathLike, store_path: str | os.PathLike, dtype: str = "float32", *,
             overwrite: bool = False, progress: bool = True) -> str:
     """Converts a GGUF file into a flash store; returns the store path.
@@ -224,8 +158,6 @@ def convert(gguf_path: str | os.PathLike, store_path: str | os.PathLike, dtype: 
     (by sha256) with the same dtype, and every chunk passes its checksum (store/verify.py),
     nothing is done; a damaged one is converted again.
     """
-    from activeflow_jax.formats.gguf_import import file_sha256, open_gguf
-
     dtype = canonical_dtype(dtype)
     try:
         model = open_gguf(gguf_path)  # validates before anything is written
@@ -236,15 +168,11 @@ def convert(gguf_path: str | os.PathLike, store_path: str | os.PathLike, dtype: 
     sha = file_sha256(gguf_path)
     store_path = os.path.abspath(os.fspath(store_path))
     if os.path.exists(os.path.join(store_path, layout.MANIFEST)):
-        from activeflow_jax.store.reader import read_manifest
-
         try:
             manifest = read_manifest(store_path)
         except StoreError:
             manifest = None
         if manifest and manifest["source"].get("sha256") == sha and manifest["storage_dtype"] == dtype:
-            from activeflow_jax.store.verify import verify_store
-
             report = verify_store(store_path, layouts=False)  # up to date only if every chunk is intact
             if report.ok:
                 return store_path
