@@ -138,25 +138,20 @@ def test_gemma_generates_and_calibrates(gemma_store, tmp_path):
     assert len(out) == 6
 
 
-def test_budget_runtime_refuses_gemma_and_qwen2_clearly(gemma_store, tmp_path):
-    _, store, _ = gemma_store
-    with pytest.raises(af.UnsupportedModelError, match="does not run gemma3 models yet: it lacks GeGLU, q/k norms"):
-        af.Engine.load(store, dram_budget=0.5, sparsity=0.5)
-    _, qwen, _ = _store(tmp_path, "qwen2")
-    with pytest.raises(af.UnsupportedModelError, match="lacks q/k/v biases"):
-        af.Engine.load(qwen, dram_budget=0.5, sparsity=0.5)
-
-
-def test_budget_runtime_runs_llama3_rope_factors_like_all_in_dram(tmp_path):
-    # the stages share models/llama.attend, so Llama 3's RoPE frequency factors run there too
-    cfg = dataclasses.replace(LLAMA3, num_layers=4, vocab_size=300)
-    _, store, _ = _store(tmp_path, "llama3", cfg=cfg)
+@pytest.mark.parametrize("family,budget", [("gemma3", "1MB"), ("qwen2", "1MB"), ("llama3", "1MB")])
+def test_budget_runtime_runs_every_family_like_all_in_dram(tmp_path, family, budget):
+    # one decoder (models/llama.layer_forward) serves the budget runtime too: GeGLU, q/k norms,
+    # post-norms, sliding-window layers, embedding scale (Gemma 3), q/k/v biases (Qwen2) and
+    # RoPE frequency factors (Llama 3) run under a DRAM budget as they do all-in-DRAM
+    cfg = dataclasses.replace(LLAMA3, num_layers=4, vocab_size=300) if family == "llama3" else None
+    _, store, _ = _store(tmp_path, family, **({"cfg": cfg} if cfg is not None else {}))
     prompt = [5, 17, 33, 2, 90, 41, 7, 250]
     dram = af.Engine.load(store, sparsity=0.5, policy="topk")
-    swapped = af.Engine.load(store, sparsity=0.5, policy="topk", dram_budget=1.0, group_size=1, kv_tokens=32,
+    swapped = af.Engine.load(store, sparsity=0.5, policy="topk", dram_budget=budget, group_size=2, kv_tokens=32,
                              plan=False, progress=False)
     np.testing.assert_allclose(swapped.logits(prompt), dram.logits(prompt), rtol=1e-5, atol=1e-5)
     assert list(swapped.generate_ids(prompt, max_new_tokens=6)) == list(dram.generate_ids(prompt, max_new_tokens=6))
+    assert swapped.stats.loader["active_rows"] > 0
     swapped.close()
 
 

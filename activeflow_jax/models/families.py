@@ -190,18 +190,3 @@ def native_attention_ok(cfg: ModelConfig, layer: int) -> bool:
     return (not cfg.is_local_layer(layer) and not cfg.attn_softcap and cfg.rope_scale == 1.0
             and not cfg.rope_freq_factors)
 
-
-def budget_runtime_refusal(cfg: ModelConfig) -> str | None:
-    """Why the budget runtime (runtime/stages.py, its own copy of the layer maths until the
-    one-decoder runtime replaces it) cannot run this config, or None where it can. Its stages call
-    models/llama.attend, so RoPE scaling / frequency factors, another query scale and attention
-    soft-capping run there as in the decoder; what the stages themselves would have to add is refused."""
-    lacking = [name for name, present in (
-        ("GeGLU", cfg.mlp_activation != "silu"), ("q/k norms", cfg.qk_norm), ("post-norms", cfg.post_norms),
-        ("q/k/v biases", cfg.qkv_bias), ("embedding scale", cfg.embed_scale != 1.0),
-        ("sliding-window layers", bool(cfg.sliding_window)), ("final logit soft-capping", bool(cfg.final_softcap)),
-    ) if present]
-    if lacking:
-        return (f"the DRAM-budget runtime does not run {cfg.arch} models yet: it lacks {', '.join(lacking)}. "
-                "Load the model without dram_budget (all-in-DRAM, dense or sparse)")
-    return None

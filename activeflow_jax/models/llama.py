@@ -27,8 +27,10 @@ from flax import nnx
 
 from activeflow_jax.config import OP_GROUPS, ModelConfig, PredictionConfig, SparsityConfig
 from activeflow_jax.models.embedding import as_f32, lookup
+from activeflow_jax.models.families import native_attention_ok
 from activeflow_jax.quant import QRows
 from activeflow_jax.quant import matmul as quant_matmul
+from activeflow_jax.sparse import native as native_lib
 from activeflow_jax.sparse.kernels import sparse_linear
 from activeflow_jax.sparse.predictor import prediction_score, top_mask
 
@@ -113,9 +115,7 @@ class RMSNorm(nnx.Module):
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float, native: bool = False) -> jax.Array:
     """native: one token's norm is one native call (XLA:CPU makes it four programs)."""
     if native and x.ndim == 2 and x.shape[0] == 1:
-        from activeflow_jax.sparse.native import rms_norm_one
-
-        return rms_norm_one(x[0], weight, eps)[None]
+        return native_lib.rms_norm_one(x[0], weight, eps)[None]
     variance = jnp.mean(x * x, axis=-1, keepdims=True)
     return x * jax.lax.rsqrt(variance + eps) * weight
 
@@ -169,13 +169,9 @@ def head_logits(x_normed: jax.Array, embed, lm_head: jax.Array | None, native: b
     or an exact Q8 table: models/embedding.py). native: one token's tied head runs on the native
     kernel (XLA:CPU streams [V, d] slowly here)."""
     if lm_head is None and native and x_normed.shape[0] == 1:
-        from activeflow_jax.sparse.native import rows_dot
-
         if isinstance(embed, QRows):  # a quantized store's table, or an f32 store's exact Q8_0 one
-            from activeflow_jax.sparse.native import q_rows_dot
-
-            return softcap(q_rows_dot(x_normed[0], embed)[None], final_softcap)
-        return softcap(rows_dot(x_normed[0], embed)[None], final_softcap)
+            return softcap(native_lib.q_rows_dot(x_normed[0], embed)[None], final_softcap)
+        return softcap(native_lib.rows_dot(x_normed[0], embed)[None], final_softcap)
     if lm_head is None:
         return softcap(jnp.einsum("td,vd->tv", x_normed, as_f32(embed)), final_softcap)
     return softcap(quant_matmul(x_normed, lm_head, native), final_softcap)
@@ -217,16 +213,12 @@ def attend(cfg: ModelConfig, qkv, k_cache, v_cache, start_pos, mask_bias, attn_l
     programs where that kernel computes this layer's attention (families.native_attention_ok);
     every decode path of an engine must make the same choice (swapped == all-in-DRAM).
     layer: picks the layer kind (sliding or global: RoPE base); qk_norms: (q, k) norm weights."""
-    from activeflow_jax.models.families import native_attention_ok
-
     t = qkv.shape[0]
     if qk_norms is not None or (cfg.query_scale and cfg.query_scale != cfg.head_dim**-0.5):
         qkv = _prepare_qkv(cfg, qkv, qk_norms)
     theta = cfg.layer_rope_theta(layer)
     if native and t == 1 and native_attention_ok(cfg, layer):
-        from activeflow_jax.sparse.native import attend_one
-
-        out, k_cache, v_cache = attend_one(qkv[0], k_cache, v_cache, start_pos, heads=cfg.num_heads,
+        out, k_cache, v_cache = native_lib.attend_one(qkv[0], k_cache, v_cache, start_pos, heads=cfg.num_heads,
                                            kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim, attn_len=attn_len,
                                            theta=theta)
         return out[None], k_cache, v_cache

@@ -43,6 +43,7 @@ from activeflow_jax.quant import QRows, take_rows
 from activeflow_jax.quant import matmul as quant_matmul
 from activeflow_jax.sampling import sample_token
 from activeflow_jax.sparse import kernels
+from activeflow_jax.sparse import native as native_lib
 
 # counters accumulated on the device (as int32; read once per pass):
 COUNTERS = ("active_rows", "missed_rows", "predictable_active", "predicted_used", "fills")
@@ -159,9 +160,7 @@ class PooledOps:
         sparse = k < info.in_dim
         threshold = self.thresholds[layer, g]
         if plan.native_select:
-            from activeflow_jax.sparse.native import pool_select
-
-            idx, xk, slots, counts, st.freqs[g] = pool_select(
+            idx, xk, slots, counts, st.freqs[g] = native_lib.pool_select(
                 x[0], threshold, st.maps[g], st.freqs[g], layer, k=k,
                 use_threshold=plan.policy == "threshold" and sparse, trash=info.trash)
             count, missing = counts[0], counts[1]
@@ -195,9 +194,7 @@ class PooledOps:
         st.count(_FILLS, missing > 0)
         held = _held(st.pools[g], info)
         if plan.native_select:
-            from activeflow_jax.sparse.native import gather_matvec, q_gather_matvec
-
-            matvec = q_gather_matvec if isinstance(held, QRows) else gather_matvec
+            matvec = native_lib.q_gather_matvec if isinstance(held, QRows) else native_lib.gather_matvec
             return matvec(xk, slots, held, count)[None]
         return (xk @ take_rows(held, slots, rows_sorted=False))[None]
 
@@ -212,9 +209,7 @@ class PooledOps:
             threshold = self.thresholds[layer, g]
             selected_from = jax.lax.stop_gradient(x)
             if plan.native_select:
-                from activeflow_jax.sparse.native import active_mask as native_active_mask
-
-                mask = native_active_mask(selected_from, k, threshold, plan.policy == "threshold")
+                mask = native_lib.active_mask(selected_from, k, threshold, plan.policy == "threshold")
             else:
                 mask = kernels.active_mask(selected_from, k, threshold, plan.policy)
             real = (jnp.arange(t) < self.n_valid)[:, None]
@@ -247,9 +242,7 @@ def _predict(plan: Plan, gains, x: jax.Array):
             out.append(jnp.arange(score.shape[0], dtype=jnp.int32))
             continue
         if plan.native:
-            from activeflow_jax.sparse.native import active_mask as native_active_mask
-
-            mask = native_active_mask(score[None], n, 0.0, False)[0]
+            mask = native_lib.active_mask(score[None], n, 0.0, False)[0]
         else:
             mask = kernels.active_mask(score, n, 0.0, "topk")
         out.append(jnp.nonzero(mask, size=n, fill_value=0)[0].astype(jnp.int32))

@@ -13,15 +13,15 @@ from typing import Any
 import numpy as np
 
 from activeflow_jax.config import SparsityConfig
-from activeflow_jax.errors import InvalidArgumentError, StoreError, UnsupportedModelError
+from activeflow_jax.errors import InvalidArgumentError, StoreError
 from activeflow_jax.formats.tokenizer import Tokenizer
 from activeflow_jax.models.embedding import Q8Table, q8_embedding_wanted, resident_tensor
-from activeflow_jax.models.families import budget_runtime_refusal
 from activeflow_jax.quant import is_quantized
 from activeflow_jax.runtime import budget as budget_mod
 from activeflow_jax.runtime import heap, planner
 from activeflow_jax.runtime.bandwidth import get_bandwidths
 from activeflow_jax.runtime.iostats import drop_page_cache
+from activeflow_jax.runtime.swap import SwapRuntime
 from activeflow_jax.sparse.kernels import resolve_kernel
 from activeflow_jax.sparse.thresholds import read_calibration, store_thresholds
 from activeflow_jax.store import bundles
@@ -69,16 +69,11 @@ def load_swapping(engine_cls, store_path, dram_budget: Any, *, sparsity: float |
     plan         with sparsity None, let the planner pick sparsity and group size
     op_sparsity  a per-op allocation (budget.allocated_sparsity) instead of one sparsity level
     """
-    # deferred: runtime/pool.py, under swap.py, still imports engine.py, which imports this module
-    # (issue 23 rewrite: the lead moves this import up with the new runtime)
-    from activeflow_jax.runtime.swap import SwapRuntime
 
     start = time.perf_counter()
     reader = StoreReader(store_path)
     cfg = reader.config
 
-    if (refusal := budget_runtime_refusal(cfg)) is not None:
-        raise UnsupportedModelError(refusal)
     dtype = reader.storage_dtype
     budget = budget_mod.parse_budget(dram_budget, cfg, dtype)
     heap.limit_retention()

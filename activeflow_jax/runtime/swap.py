@@ -46,6 +46,7 @@ from activeflow_jax.runtime import heap, iostats, pooled
 from activeflow_jax.runtime.budget import (DEFAULT_PRELOAD_SUPERSET, MemoryPlan, current_rss, held_dtype,
                                            op_output_dims, scope_in_words)
 from activeflow_jax.runtime.pool import SlotPool
+from activeflow_jax.sparse import native as native_lib
 from activeflow_jax.store.bundles import BundleReader
 from activeflow_jax.store.reader import StoreReader
 
@@ -184,8 +185,6 @@ class SwapRuntime:
         process outside the model (RSS at load plus the compile reserve), reported beside a budget
         that does not cover it. native: the engine's choice of native attention, norms and head
         (None: where usable), which every decode path of an engine must share."""
-        from activeflow_jax.sparse import native as native_lib
-
         self.cfg, self.sparsity, self.memory, self.superset = cfg, sparsity, memory, superset
         self.process = process
         self.store_path = store_path
