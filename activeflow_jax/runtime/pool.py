@@ -52,6 +52,10 @@ class SlotPool:
         return self.slots - self._n_free
 
     @property
+    def free_slots(self) -> int:
+        return self._n_free
+
+    @property
     def holds_every_row(self) -> bool:
         return self.slots >= self.map_size
 

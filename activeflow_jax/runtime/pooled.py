@@ -217,9 +217,19 @@ class PooledOps:
             x = jnp.where(mask, x, 0.0)
         else:
             union = jnp.ones(info.in_dim, bool)
-        shape = jax.ShapeDtypeStruct((info.in_dim, info.row_width),
-                                     np.dtype(np.uint8 if info.dtype != "float32" else np.float32))
-        w = io_callback(functools.partial(_fill_prefill, plan.host, g), shape, layer, union, ordered=False)
+        row_type = np.dtype(np.uint8 if info.dtype != "float32" else np.float32)
+        shapes = (jax.ShapeDtypeStruct((info.in_dim, info.row_width), row_type),
+                  *(jax.ShapeDtypeStruct((info.in_dim,), jnp.int32) for _ in range(5)))
+        st = self.state
+        w, put, clear_owner, clear_slot, set_flat, set_slot = io_callback(
+            functools.partial(_fill_prefill, plan.host, g), shapes, layer, union, ordered=False)
+        # rows the pool holds come from it (the callback read only the others); rows read from
+        # flash are kept in free slots, so a prompt warms the hot-weight cache for decoding
+        held_slots = st.maps[g][layer]
+        from_pool = st.pools[g].at[jnp.where(held_slots >= 0, held_slots, info.trash)].get(mode="promise_in_bounds")
+        w = jnp.where((union & (held_slots >= 0))[:, None], from_pool, w)
+        st.pools[g], st.maps[g] = _apply_updates(st.pools[g], st.maps[g], w, put, clear_owner, clear_slot, set_flat,
+                                                 set_slot)
         return quant_matmul(x, _held(w, info), plan.native)
 
 

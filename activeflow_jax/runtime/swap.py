@@ -664,16 +664,35 @@ class SwapRuntime:
                 st.ondemand_extent_bytes += extent_bytes
         return rows, put, clear_owner, clear_slot, new_slots, set_flat
 
-    def fill_prefill(self, g: int, layer: int, union: np.ndarray) -> np.ndarray:
-        """One op's weight for a prefill chunk: the rows of `union` read from flash, zero elsewhere
-        (the all-in-DRAM masked product's own function)."""
-        op = OP_GROUPS[g]
-        pool = self.pools[op]
-        w = np.zeros((pool.in_dim, pool.row_width), pool.np_dtype)
-        cols = np.flatnonzero(union)
-        if len(cols):
-            t0 = time.perf_counter()
-            w[cols] = self.bundles.read_layer(op, layer, cols)
-            self.stats.prefill_bytes += len(cols) * self._stored_row_bytes(op)
-            self.stats.prefill_read_seconds += time.perf_counter() - t0
-        return w
+    def fill_prefill(self, g: int, layer: int, union: np.ndarray):
+        """One op's weight for a prefill chunk: the rows of `union` the device pool lacks, read from
+        flash (the program takes the others from the pool), zero elsewhere -- the all-in-DRAM
+        masked product's own weight; the rows read are also given free slots (no eviction: a
+        prompt's rows carry no decode frequency yet). Returns (w [in, row], put, clear_owner,
+        clear_slot, set_flat, set_slot), each [in], for pooled._apply_updates."""
+        with self._host_lock:
+            op = OP_GROUPS[g]
+            pool = self.pools[op]
+            n = pool.in_dim
+            w = np.zeros((n, pool.row_width), pool.np_dtype)
+            put = np.full(n, pool.trash + 1, np.int32)
+            clear_owner = np.full(n, pool.map_size, np.int32)
+            clear_slot = np.full(n, -1, np.int32)
+            set_flat = np.full(n, pool.map_size, np.int32)
+            set_slot = np.full(n, -1, np.int32)
+            host = pool.slot_of[layer]
+            present = (host >= 0) & ~pool.pending[np.maximum(host, 0)]
+            cols = np.flatnonzero(union & ~present)
+            if len(cols):
+                t0 = time.perf_counter()
+                w[cols] = self.bundles.read_layer(op, layer, cols)
+                self.stats.prefill_bytes += len(cols) * self._stored_row_bytes(op)
+                self.stats.prefill_read_seconds += time.perf_counter() - t0
+                keep = cols[host[cols] < 0][:pool.free_slots]
+                if len(keep):
+                    slots, _ = pool.allocate(len(keep), layer, np.zeros(0, np.int64), lambda: None)
+                    pool.assign(np.full(len(keep), layer, np.int32), keep, slots)
+                    put[keep] = slots
+                    set_flat[keep] = layer * n + keep
+                    set_slot[keep] = slots
+            return w, put, clear_owner, clear_slot, set_flat, set_slot
