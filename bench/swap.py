@@ -96,6 +96,8 @@ def run_setting(spec: dict) -> dict:
     try:
         if spec["kind"] == "dense_all_in_dram":
             engine = af.Engine.load(store)
+        elif spec["kind"] == "sparse_all_in_dram":  # the budget runtime's target: the same sparsity in DRAM
+            engine = af.Engine.load(store, sparsity=float(spec["sparsity"]), policy=spec["policy"])
         else:
             options = dict(kv_tokens=spec["kv_tokens"], direct_io=spec["direct_io"], progress=False,
                            budget_includes_process=spec["budget_includes_process"])
@@ -206,6 +208,8 @@ def main(argv):
                 op_sparsity=FLAGS.op_sparsity,
                 budget_includes_process=FLAGS.budget_includes_process)
     settings = [dict(base, kind="dense_all_in_dram", budget=None)]
+    if FLAGS.sparsity:
+        settings.append(dict(base, kind="sparse_all_in_dram", budget=None))
     for b in FLAGS.budgets:
         budget = float(b) if b.replace(".", "", 1).isdigit() else b
         settings.append(dict(base, kind="ours", budget=budget))
@@ -228,6 +232,9 @@ def main(argv):
         if not res.get("feasible"):
             continue
         res["vs_dense_all_in_dram"] = res["decode_tokens_per_s"] / dense
+        sparse = next((r for r in rows if r["kind"] == "sparse_all_in_dram"), None)
+        if sparse is not None and sparse["result"].get("feasible"):
+            res["vs_sparse_all_in_dram"] = res["decode_tokens_per_s"] / sparse["result"]["decode_tokens_per_s"]
         if FLAGS.ppl_windows and engine_has_tokenizer(store):
             key = (res["sparsity"], tuple(res.get("op_sparsity") or ()))
             if key not in ppls:
