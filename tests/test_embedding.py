@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import jax.numpy as jnp
+from conftest import require_native
 
 
 def _q8_table(rng, v: int, d: int) -> np.ndarray:
@@ -44,7 +45,7 @@ def test_q8_head_kernel_is_bit_identical_to_the_f32_kernel():
     from activeflow_jax.models.embedding import to_q8
     from activeflow_jax.sparse import native
 
-    assert native.available()
+    require_native()
     rng = np.random.default_rng(1)
     for v, d in ((301, 64), (49152 // 8, 576)):  # an odd row count (scalar tail); a threaded size
         table = _q8_table(rng, v, d)

@@ -227,7 +227,7 @@ def test_budget_runtime_on_quantized_store_equals_all_in_dram(swap_stores, dtype
     reads = {}
     for budget in (1.0, 0.6):
         engine = af.Engine.load(store, dram_budget=budget, **opts)
-        assert engine.swap.pools["qkv"].buffer.dtype == jnp.uint8
+        assert engine.swap._dev_pools[0].dtype == jnp.uint8
         pools = engine.stats.memory["pools"]
         rb = quant.row_bytes(dtype, SWAP_Q_CFG.q_dim + 2 * SWAP_Q_CFG.kv_dim)
         assert pools["qkv"] == (engine.swap.pools["qkv"].slots + 1) * rb

@@ -17,6 +17,7 @@ from activeflow_jax.sparse import kernels
 from activeflow_jax.sparse.calibrate import calibrate
 from activeflow_jax.sparse.thresholds import read_calibration
 from activeflow_jax.testing import CALIBRATION_PROSE, make_calibrated_tiny
+from conftest import require_native
 
 
 
@@ -44,7 +45,7 @@ def test_gather_kernel_equals_masked_dense(policy):
 def test_native_kernel_builds_and_matches():
     from activeflow_jax.sparse import native
 
-    assert native.available(), "the native kernel should build wherever a C++ compiler exists (CI has one)"
+    require_native()
     rng = np.random.default_rng(5)
     w = rng.standard_normal((300, 70)).astype(np.float32)
     rows = np.sort(rng.choice(300, 37, replace=False)).astype(np.int32)
@@ -62,7 +63,7 @@ def test_native_kernel_builds_and_matches():
 def test_native_head_kernel_matches_and_reads_thresholds_from_the_table():
     from activeflow_jax.sparse import native
 
-    assert native.available()
+    require_native()
     rng = np.random.default_rng(6)
     for v, d in ((301, 37), (49152 // 8, 576)):  # odd shapes (row and lane tails); a threaded size
         e = rng.standard_normal((v, d)).astype(np.float32)
@@ -93,7 +94,7 @@ def test_native_one_token_attention_equals_xla(heads, kv_heads, head_dim, attn_l
     from activeflow_jax.sparse import native
     from activeflow_jax.testing import tiny_config
 
-    assert native.available()
+    require_native()
     cfg = dataclasses.replace(tiny_config(), num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim,
                               rope_theta=100000.0)
     rng = np.random.default_rng(pos)
@@ -118,7 +119,7 @@ def test_native_one_token_rms_norm_equals_xla():
     from activeflow_jax.models import llama
     from activeflow_jax.sparse import native
 
-    assert native.available()
+    require_native()
     rng = np.random.default_rng(2)
     for d in (64, 576, 37):  # the tail of a non-multiple of the 8 lanes too
         x = jnp.asarray(rng.standard_normal((1, d)) * 3, jnp.float32)

@@ -52,9 +52,12 @@ _ACTIVE, _MISSED, _PREDICTABLE, _USED, _FILLS = range(len(COUNTERS))
 _HOSTS: "weakref.WeakValueDictionary[int, Any]" = weakref.WeakValueDictionary()  # host id -> runtime
 
 
+_next_host = iter(range(1, 2**31))
+
+
 def register_host(runtime) -> int:
     """An id under which the programs' callbacks find `runtime` (its fill methods)."""
-    host = id(runtime)
+    host = next(_next_host)
     _HOSTS[host] = runtime
     return host
 
@@ -89,7 +92,6 @@ class Plan(NamedTuple):
     predict_n: tuple[int, ...]  # channels predicted per predicted op
     count_predicted: bool  # `predicted` holds this group's prediction: count its recall
     pools: tuple[PoolInfo, ...]
-    host: int
 
 
 def kind_layer(cfg: ModelConfig, layer: int) -> int:
@@ -139,9 +141,10 @@ def _apply_updates(pool, slot_map, rows, put, clear_owner, clear_slot, set_flat,
 class PooledOps:
     """llama.layer_forward's `ops` for one layer of the budget runtime: (group, x, w=None) -> y."""
 
-    def __init__(self, plan: Plan, state: _State, thresholds, layer, ks: tuple[int, ...], predicted, n_valid):
-        """layer: the layer's index, traced (a program serves every group of its shape)."""
-        self.plan, self.state, self.thresholds, self.layer, self.ks = plan, state, thresholds, layer, ks
+    def __init__(self, plan: Plan, state: _State, thresholds, layer, ks: tuple[int, ...], predicted, n_valid, host):
+        """layer: the layer's index, traced (a program serves every group of its shape); host: the
+        runtime's id (traced too: engines of one shape share programs), which the callbacks use."""
+        self.plan, self.state, self.thresholds, self.layer, self.ks, self.host = plan, state, thresholds, layer, ks, host
         self.predicted = predicted  # this group's predicted channels per predicted op, or None
         self.n_valid = n_valid
 
@@ -180,12 +183,12 @@ class PooledOps:
         fill_shapes = (jax.ShapeDtypeStruct((k, info.row_width), np.dtype(np.uint8 if info.dtype != "float32"
                                                                                  else np.float32)),
                        *(jax.ShapeDtypeStruct((k,), jnp.int32) for _ in range(5)))
-        callback = functools.partial(_fill_decode, plan.host, g)
+        callback = functools.partial(_fill_decode, g)
 
         def fill(operands):
             pool, slot_map, slots = operands
             rows, put, clear_owner, clear_slot, new_slots, set_flat = io_callback(
-                callback, fill_shapes, layer, idx, slots, count, st.freqs[g], ordered=False)
+                callback, fill_shapes, self.host, layer, idx, slots, count, st.freqs[g], ordered=False)
             pool, slot_map = _apply_updates(pool, slot_map, rows, put, clear_owner, clear_slot, set_flat, new_slots)
             return pool, slot_map, new_slots
 
@@ -222,7 +225,7 @@ class PooledOps:
                   *(jax.ShapeDtypeStruct((info.in_dim,), jnp.int32) for _ in range(5)))
         st = self.state
         w, put, clear_owner, clear_slot, set_flat, set_slot = io_callback(
-            functools.partial(_fill_prefill, plan.host, g), shapes, layer, union, ordered=False)
+            functools.partial(_fill_prefill, g), shapes, self.host, layer, union, ordered=False)
         # rows the pool holds come from it (the callback read only the others); rows read from
         # flash are kept in free slots, so a prompt warms the hot-weight cache for decoding
         held_slots = st.maps[g][layer]
@@ -233,12 +236,12 @@ class PooledOps:
         return quant_matmul(x, _held(w, info), plan.native)
 
 
-def _fill_decode(host: int, g: int, layer, idx, slots, count, freq):
-    return _HOSTS[host].fill_decode(g, int(layer), np.asarray(idx), np.asarray(slots), int(count), freq)
+def _fill_decode(g: int, host, layer, idx, slots, count, freq):
+    return _HOSTS[int(host)].fill_decode(g, int(layer), np.asarray(idx), np.asarray(slots), int(count), freq)
 
 
-def _fill_prefill(host: int, g: int, layer, union):
-    return _HOSTS[host].fill_prefill(g, int(layer), np.asarray(union))
+def _fill_prefill(g: int, host, layer, union):
+    return _HOSTS[int(host)].fill_prefill(g, int(layer), np.asarray(union))
 
 
 def _predict(plan: Plan, gains, x: jax.Array):
@@ -261,11 +264,11 @@ def _predict(plan: Plan, gains, x: jax.Array):
 
 @functools.partial(jax.jit, static_argnames=("plan",), donate_argnames=("pools", "maps", "freqs", "kc", "vc",
                                                                         "counters"))
-def run(head, layer_params, layer_ids, pools, maps, freqs, kc, vc, counters, x_in, pos, n_valid, thresholds, install,
+def run(host, head, layer_params, layer_ids, pools, maps, freqs, kc, vc, counters, x_in, pos, n_valid, thresholds, install,
         predicted, gains, sample, *, plan: Plan):
     """One program of the budget runtime: (embedding) -> layers -> (prediction) -> (head).
 
-    head: the embedding (tied; or None), final norm and untied head; layer_params: the small
+    host: the runtime's id (register_host) for the callbacks; head: the embedding (tied; or None), final norm and untied head; layer_params: the small
     parameters (norms, biases) of each layer run, layer_ids [N] int32 their indices; pools/maps/
     freqs: the four op groups' device state; kc/vc: the KV caches of the layers run; x_in: tokens
     [T], embedding rows [T, d] or the residual [T, d]; thresholds [L, 4]; install: per predicted
@@ -289,7 +292,8 @@ def run(head, layer_params, layer_ids, pools, maps, freqs, kc, vc, counters, x_i
     biases = llama.attention_biases(cfg, pos, plan.tokens, plan.attn_len)
     kc, vc = list(kc), list(vc)
     for j, (kind, ks) in enumerate(zip(plan.kinds, plan.ks)):
-        ops = PooledOps(plan, st, thresholds, layer_ids[j], ks, predicted if plan.count_predicted else None, n_valid)
+        ops = PooledOps(plan, st, thresholds, layer_ids[j], ks, predicted if plan.count_predicted else None, n_valid,
+                        host)
         with jax.named_scope(f"layer{j}"):
             x, kc[j], vc[j] = llama.layer_forward(cfg, layer_params[j], x, kc[j], vc[j], pos, biases,
                                                   attn_len=plan.attn_len, ops=ops, native=plan.native, layer=kind)

@@ -276,14 +276,6 @@ class SwapRuntime:
         self._staged: dict[int, dict[str, _Staged | None]] = {}
         self._flip = 0
 
-    def _forget_rows(self) -> None:
-        """Empty pools, on the host and in the device maps (the rows' bytes are left to be overwritten)."""
-        cfg = self.cfg
-        dtype = held_dtype(self.bundles.storage_dtype)
-        self.pools = {g: SlotPool(g, cfg.num_layers, p.in_dim, p.out_dim, p.slots, dtype)
-                      for g, p in self.pools.items()}
-        self._dev_maps = tuple(jnp.full((cfg.num_layers, p.in_dim), -1, jnp.int32) for p in self.pools.values())
-
     def _zero_freqs(self) -> None:
         self._dev_freqs = tuple(jnp.zeros((self.cfg.num_layers, p.in_dim), jnp.int32) for p in self.pools.values())
 
@@ -391,11 +383,18 @@ class SwapRuntime:
                     st.dispatches += pooled.DispatchCounter.calls - self.dispatches0
                     st.host_syncs += rt._syncs - self.syncs0
                     st.host_cpu_seconds += time.thread_time() - self.cpu0
+                rt._staged = {}  # an interrupted pass must not leave reads for the next one
                 if exc[0] is None:
                     rt._collect_counters(self.decode)
-                elif rt._staged:  # reservations that never reached the device: forget every placement
-                    rt._forget_rows()
-                rt._staged = {}  # an interrupted pass must not leave reads for the next one
+                else:
+                    # The pass stopped between programs or inside one: donated buffers may be gone
+                    # and reservations never reached the device. Start from empty pools (the cache
+                    # refills from flash) and raise what a callback raised, not XLA's wrapper of it.
+                    error, rt._callback_error = rt._callback_error, None
+                    rt._release()
+                    rt._make_pools(rt.memory)
+                    if error is not None:
+                        raise error from None
                 st.device_read_bytes += (iostats.process_read_bytes() or 0) - self.read0
                 if _CompileClock.programs != self.compiled:
                     heap.trim()
@@ -404,6 +403,7 @@ class SwapRuntime:
 
     _syncs = 0
     _decoding = False
+    _callback_error: BaseException | None = None
 
     def _pass(self, decode: bool) -> "_PassScope":
         return SwapRuntime._PassScope(self, decode)
@@ -433,7 +433,7 @@ class SwapRuntime:
                            policy=self.sparsity.policy if self.sparsity is not None else "topk", native=self.native,
                            native_select=self.native_select, attn_len=attn_len, tokens=tokens, embed=embed, head=head,
                            install=install, predict=bool(predict), predict_n=self._predict_n,
-                           count_predicted=count_predicted, pools=self._pool_info, host=self._host)
+                           count_predicted=count_predicted, pools=self._pool_info)
 
     def _call(self, plan: pooled.Plan, layers, ks, vs, x_in, pos, n_valid, install, predicted, predict, sample):
         pooled.DispatchCounter.calls += 1
@@ -441,7 +441,7 @@ class SwapRuntime:
         r = self.resident
         head = {name: r[name] for name in ("embed", "final_norm", "lm_head") if name in r}
         (self._dev_pools, self._dev_maps, self._dev_freqs, kc, vc, self._counters, out) = pooled.run(
-            head, tuple(r["layers"][i] for i in layers), np.asarray(layers, np.int32), self._dev_pools,
+            np.int32(self._host), head, tuple(r["layers"][i] for i in layers), np.asarray(layers, np.int32), self._dev_pools,
             self._dev_maps, self._dev_freqs, tuple(ks[i] for i in layers), tuple(vs[i] for i in layers),
             self._counters, x_in, pos, n_valid, self._thresholds, install, predicted,
             self._gains(predict) if predict else None, sample, plan=plan)
@@ -610,8 +610,12 @@ class SwapRuntime:
         """Rows of one decoded token's op that the pool lacks (slots < 0): read from flash and
         given slots. Returns (rows [k, row], put [k], clear_owner [k], clear_slot [k], slots [k],
         set_flat [k]) for pooled._apply_updates."""
-        with self._host_lock:
-            return self._fill_decode_locked(g, layer, idx, slots, count, freq)
+        try:
+            with self._host_lock:
+                return self._fill_decode_locked(g, layer, idx, slots, count, freq)
+        except Exception as exc:  # surfaces from the program as XLA's error: the pass re-raises this
+            self._callback_error = exc
+            raise
 
     def _fill_decode_locked(self, g, layer, idx, slots, count, freq):
         op = OP_GROUPS[g]
@@ -665,6 +669,13 @@ class SwapRuntime:
         return rows, put, clear_owner, clear_slot, new_slots, set_flat
 
     def fill_prefill(self, g: int, layer: int, union: np.ndarray):
+        try:
+            return self._fill_prefill(g, layer, union)
+        except Exception as exc:  # see fill_decode
+            self._callback_error = exc
+            raise
+
+    def _fill_prefill(self, g: int, layer: int, union: np.ndarray):
         """One op's weight for a prefill chunk: the rows of `union` the device pool lacks, read from
         flash (the program takes the others from the pool), zero elsewhere -- the all-in-DRAM
         masked product's own weight; the rows read are also given free slots (no eviction: a
