@@ -187,8 +187,8 @@ def _f16_no_worse(x: np.ndarray, fit, fallback) -> tuple[np.ndarray, np.ndarray]
 
 def _check_f16(a: np.ndarray) -> None:
     if not np.isfinite(a).all():
-        raise InvalidArgumentError("a block's scale does not fit an f16 (weights above ~8e6); store this model as "
-                                   "f32 or f16 instead")
+        raise InvalidArgumentError("a block's scale or minimum does not fit an f16 (weights above ~8e6 for q8, "
+                                   "~65,000 for q4); store this model as f32 or f16 instead")
 
 
 def dequantize_np(data: np.ndarray, dtype: str, cols: int) -> np.ndarray:

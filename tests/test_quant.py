@@ -77,6 +77,13 @@ def test_q4_search_beats_min_max(dist):
     np.testing.assert_array_equal(got[5, 64:96], w[5, 64:96])
 
 
+def test_q4_weights_beyond_f16_are_refused_clearly():
+    w = np.zeros((2, 64), np.float32)
+    w[0, 3] = -1e5  # the block's minimum does not fit an f16
+    with pytest.raises(af.InvalidArgumentError, match="does not fit an f16.*65,000 for q4"):
+        quant.quantize_rows(w, "q4")
+
+
 def test_q8_of_an_exact_q8_0_table_is_lossless():
     rng = np.random.default_rng(0)
     d = rng.uniform(0.001, 0.01, size=(4, 2)).astype(np.float16).astype(np.float32)
