@@ -179,8 +179,9 @@ def _f16_no_worse(x: np.ndarray, fit, fallback) -> tuple[np.ndarray, np.ndarray]
         q = np.clip(np.rint((x - m32) / np.where(d32 > 0, d32, 1)), 0, 15)
         return d, m, np.square(q * d32 + m32 - x).sum(axis=-1)
 
-    d, m, err = rounded(fit)
-    d0, m0, err0 = rounded(fallback)
+    with np.errstate(over="ignore", invalid="ignore"):  # an f16 overflow is refused by the caller (_check_f16)
+        d, m, err = rounded(fit)
+        d0, m0, err0 = rounded(fallback)
     keep = err <= err0
     return np.where(keep, d, d0), np.where(keep, m, m0)
 
