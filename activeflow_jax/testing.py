@@ -42,6 +42,17 @@ def _byte_level_alphabet() -> list[str]:
     return [chars[b] for b in range(256)]
 
 
+def tiny_gemma3_config(**overrides) -> ModelConfig:
+    """A tiny Gemma 3-like config with each of the family's features: GeGLU, q/k norms, post-norms,
+    embedding scale, sliding-window layers (window 4, every 2nd layer global, its own RoPE base),
+    one KV head, and heads x head_dim (128) != d_model (64)."""
+    base = dict(arch="gemma3", name="tiny-gemma3", num_layers=3, d_model=64, d_ff=128, num_heads=4,
+                num_kv_heads=1, head_dim=32, vocab_size=320, rope_theta=1e6, norm_eps=1e-6,
+                mlp_activation="gelu_tanh", qk_norm=True, post_norms=True, embed_scale=8.0,
+                query_scale=32**-0.5, sliding_window=4, sliding_window_pattern=2, rope_local_theta=10000.0)
+    return tiny_config(**{**base, **overrides})
+
+
 def tiny_vocab(vocab_size: int) -> tuple[list[str], list[int], list[str]]:
     """(tokens, token types, merges) of a byte-level BPE vocabulary of exactly vocab_size."""
     tokens = list(SPECIAL_TOKENS) + _byte_level_alphabet()

@@ -389,3 +389,108 @@ def test_soup_averages_the_single_runs_of_its_seeds_and_resumes(source, tmp_path
     for bad in (0, 1.5, True, "2"):
         with pytest.raises(InvalidArgumentError, match="members"):
             distill(store, tmp_path / "bad", cfg, text_path=text, progress=False, members=bad)
+
+
+# ------------------------------------------------------------------------------------------------
+# Gemma 3 (GeGLU, q/k norms, post-norms, sliding window, embedding scale) through the same pipeline
+
+
+@pytest.fixture(scope="module")
+def gemma_source(tmp_path_factory):
+    """A tiny Gemma 3-like store as f16 (so that the student's dtype is checked) with TEAL thresholds."""
+    from activeflow_jax.testing import CALIBRATION_PROSE, tiny_gemma3_config, write_tiny_gguf
+
+    root = tmp_path_factory.mktemp("gemma_distill")
+    gguf_path = str(root / "gemma.gguf")
+    write_tiny_gguf(gguf_path, tiny_gemma3_config(), pre_tokenizer="default")
+    store = af.convert(gguf_path, str(root / "gemma-f16"), dtype="float16", progress=False)
+    text = root / "calib.txt"
+    text.write_text(CALIBRATION_PROSE)
+    calibration = af.calibrate(store, str(text), levels=(0.3, 0.5), progress=False)
+    return store, str(text), calibration
+
+
+def test_gemma_thresholds_cut_each_op_input_at_its_level(gemma_source):
+    # every op group's input (o reads heads x head_dim = 128 wide, down the GeGLU product) falls
+    # below its threshold with the calibrated share: at least the level at the threshold, less
+    # one histogram bin (1/64 octave) lower
+    from activeflow_jax.config import OP_GROUPS
+    from activeflow_jax.models.llama import forward_with_taps
+    from activeflow_jax.sparse.calibrate import BINS_PER_OCTAVE, CALIBRATION_WINDOW
+
+    store, text, calibration = gemma_source
+    engine = af.Engine.load(store)
+    ids = np.asarray(engine.tokenizer.encode(open(text).read()), np.int32)
+    windows = [ids[i:i + CALIBRATION_WINDOW] for i in range(0, len(ids) - CALIBRATION_WINDOW + 1, CALIBRATION_WINDOW)]
+    taps = [forward_with_taps(engine.params, jnp.asarray(w), cfg=engine.config)[1] for w in windows]
+    assert taps[0]["o"].shape[-1] == 128 and taps[0]["down"].shape[-1] == engine.config.d_ff
+    for level in (0.3, 0.5):
+        thresholds = calibration.thresholds(level)
+        assert thresholds.shape == (3, len(OP_GROUPS)) and np.all(thresholds > 0)
+        for g, group in enumerate(OP_GROUPS):
+            x = np.abs(np.concatenate([np.asarray(t[group]) for t in taps], axis=1))  # [L, tokens, width]
+            for layer in range(3):
+                below = np.mean(x[layer] < thresholds[layer, g])
+                below_one_bin_lower = np.mean(x[layer] < thresholds[layer, g] * 2.0 ** (-1 / BINS_PER_OCTAVE))
+                assert below >= level - 1e-6 and below_one_bin_lower < level, (group, layer, level)
+
+
+def test_gemma_distillation_lowers_sparse_kl_and_keeps_the_store_dtype(gemma_source, tmp_path):
+    from activeflow_jax.eval.quality import WindowKL
+    from activeflow_jax.store.reader import StoreReader
+
+    store, text, _ = gemma_source
+    teacher = af.Engine.load(store)
+    # on the text it trains on: a random tiny model's student does not generalise to other text
+    # (neither does the Llama one's); ctx 64 > the window 4, so the sliding layers differ from global
+    kl_of = WindowKL(teacher, text, ctx=64, windows=4)
+    teacher.configure_sparsity(0.5, policy="threshold")
+    kl_before = kl_of(teacher)
+    assert kl_before > 1e-2  # sparsity changes the function
+
+    cfg = DistillConfig(**{**SMALL, "steps": 12, "lr": 1e-3, "seq_len": 64})
+    result = distill(store, tmp_path / "student", cfg, text_path=text, progress=False)
+    losses = [h["loss"] for h in result.history]
+    assert len(losses) == 12 and np.all(np.isfinite(losses))
+    assert np.mean(losses[-3:]) < np.mean(losses[:3]), losses
+
+    reader = StoreReader(result.out_store)
+    assert reader.manifest["storage_dtype"] == "float16"
+    assert {reader.tensor_dtype(name) for name in reader.tensor_names} == {"float16"}
+    student_tensors = reader.read_many(reader.tensor_names)  # widened to f32 when read: f16 values
+    for name, value in student_tensors.items():
+        np.testing.assert_array_equal(value.astype(np.float16).astype(np.float32), value, err_msg=name)
+    source = _tensors(store)
+    assert not np.array_equal(student_tensors["layers.0.attn.q_norm.weight"], source["layers.0.attn.q_norm.weight"])
+    assert not np.array_equal(student_tensors["layers.1.post_mlp_norm.weight"],
+                              source["layers.1.post_mlp_norm.weight"])
+    student = af.Engine.load(result.out_store, sparsity=0.5)  # thresholds calibrated again for it
+    assert student.config == teacher.config
+    # the teacher's dense log-probabilities against the sparse student on the same windows
+    kl_after = kl_of(student)
+    assert kl_after < 0.9 * kl_before
+
+
+def test_gemma_norms_mode_trains_every_norm_including_q_k_and_post_norms(gemma_source):
+    from activeflow_jax.distill.train import (batch_for_step, make_train_step, make_windows, split_trainable,
+                                              student_params)
+    from activeflow_jax.models.llama import flatten_params
+
+    store, text, calibration = gemma_source
+    engine = af.Engine.load(store)
+    trainable, frozen = split_trainable(engine.params, "norms")
+    names, trained = set(flatten_params(engine.params)), set(flatten_params(trainable))
+    assert trained == {n for n in names if n.startswith("layers.") and "norm" in n}
+    assert "layers.2.attn.k_norm.weight" in trained and "layers.2.post_attn_norm.weight" in trained
+    assert trained.isdisjoint(flatten_params(frozen)) and trained | set(flatten_params(frozen)) == names
+    cfg = DistillConfig(**{**SMALL, "trainable": "norms", "lr": 1e-2, "seq_len": 64})
+    windows = make_windows(np.asarray(engine.tokenizer.encode(open(text).read()), np.int32), 64, 2)
+    step, tx = make_train_step(engine.config, cfg, frozen, engine.params, jnp.asarray(calibration.thresholds(0.5)))
+    trainable = jax.tree.map(jnp.copy, trainable)
+    opt, kls = tx.init(trainable), []
+    for _ in range(8):
+        trainable, opt, metrics = step(trainable, opt, jnp.asarray(batch_for_step(windows, 0, 2, 0)))
+        kls.append(float(metrics["kl"]))
+    assert kls[-1] < kls[0], kls
+    q_norm = flatten_params(student_params(frozen, trainable))["layers.0.attn.q_norm.weight"]
+    assert not np.allclose(q_norm, flatten_params(engine.params)["layers.0.attn.q_norm.weight"])

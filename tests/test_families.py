@@ -15,13 +15,10 @@ import pytest
 import activeflow_jax as af
 from activeflow_jax.config import ModelConfig, SparsityConfig, tiny_config
 from activeflow_jax.models import llama
-from activeflow_jax.testing import make_tiny_store, write_tiny_gguf
+from activeflow_jax.testing import make_tiny_store, tiny_gemma3_config, write_tiny_gguf
 from reference_numpy import load_reference_weights, reference_logits
 
-GEMMA3 = tiny_config(arch="gemma3", name="tiny-gemma3", num_layers=3, d_model=64, d_ff=128, num_heads=4,
-                     num_kv_heads=1, head_dim=32, vocab_size=320, rope_theta=1e6, norm_eps=1e-6,
-                     mlp_activation="gelu_tanh", qk_norm=True, post_norms=True, embed_scale=8.0,
-                     query_scale=32**-0.5, sliding_window=4, sliding_window_pattern=2, rope_local_theta=10000.0)
+GEMMA3 = tiny_gemma3_config()
 QWEN2 = tiny_config(arch="qwen2", name="tiny-qwen2", qkv_bias=True, rope_theta=1e6, norm_eps=1e-6)
 LLAMA3 = tiny_config(name="tiny-llama3", d_model=32, d_ff=64, num_heads=2, num_kv_heads=1, head_dim=16,
                      vocab_size=128256, rope_theta=500000.0,

@@ -107,3 +107,51 @@ def test_plan_cli(tiny_model, tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "Budget 4 MB" in out and "calibrate" in out  # the tiny store has no calibration: dense only
     assert main(["plan", "--store", tiny_model.store_path, "--dram-budget", "lots"]) != 0
+
+
+@pytest.mark.parametrize("dtype,q8_embed", [("float32", False), ("float32", True), ("q4", False)])
+def test_the_plan_names_the_embedding_and_its_minimum_holds_it(dtype, q8_embed):
+    # a small model with Gemma 3's 262k vocabulary: the tied embedding is most of its bytes
+    import dataclasses
+
+    from activeflow_jax.config import tiny_config
+    from activeflow_jax.quant import row_bytes
+
+    big = tiny_config(num_layers=4, d_model=64, d_ff=128, vocab_size=262144)
+    small = dataclasses.replace(big, vocab_size=1024)
+    table = {"float32": 64 * 4, "q4": row_bytes("q4", 64)}[dtype] if not q8_embed else row_bytes("q8", 64)
+
+    def fixed(cfg, budget):
+        return planner.plan(cfg, budget, _bw(), levels=LEVELS, sparsity=0.5, group_size=2, kv_tokens=64,
+                            q8_embed=q8_embed, dtype=dtype)
+
+    plans = {cfg.vocab_size: fixed(cfg, 10**9) for cfg in (big, small)}
+    memory = plans[262144].memory
+    assert memory.embedding == 262144 * table
+    parts = memory.breakdown()
+    assert parts["embedding"]["bytes"] == memory.embedding
+    assert sum(p["bytes"] for p in parts.values()) == memory.total
+    assert parts["embedding"]["share"] == pytest.approx(memory.embedding / memory.total)
+    assert memory.as_dict()["breakdown"]["embedding"]["bytes"] == memory.embedding
+    # the minimum working set holds the whole table: exactly the vocabulary's difference in rows
+    assert memory.minimum - plans[1024].memory.minimum == (262144 - 1024) * table
+    assert fixed(big, memory.minimum).memory.cache == 0
+    with pytest.raises(BudgetTooSmallError, match=rf"embedding/head {memory.embedding / 1e6:.1f} MB"):
+        fixed(big, memory.minimum - 1)
+    text = plans[262144].explain()
+    share = 262144 * 64 / big.num_params()
+    assert share > 0.98 and f"embedding/head {memory.embedding / 1e6:.1f} MB ({share:.0%} of the model's" in text
+
+
+def test_gemma_norms_are_counted_resident():
+    # four norms a layer (post-norms) and the q/k norms: every norm parameter stays in DRAM
+    import numpy as np
+
+    from activeflow_jax.models.llama import param_shapes
+    from activeflow_jax.runtime.budget import head_bytes, resident_bytes
+    from activeflow_jax.testing import tiny_gemma3_config
+
+    cfg = tiny_gemma3_config()
+    norms = sum(int(np.prod(shape)) for name, shape in param_shapes(cfg).items() if "norm" in name)
+    assert norms == 3 * (4 * 64 + 2 * 32) + 64
+    assert resident_bytes(cfg) - head_bytes(cfg) == 4 * norms

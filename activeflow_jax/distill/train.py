@@ -143,10 +143,25 @@ def split_trainable(params: dict, mode: str, lora_rank: int = 16, seed: int = 0)
         return {"layers": params["layers"]}, frozen
     trainable_layers, frozen_layers = {}, {}
     for i, layer in params["layers"].items():
-        trainable_layers[i] = {k: v for k, v in layer.items() if k.endswith("_norm")}
-        frozen_layers[i] = {k: v for k, v in layer.items() if not k.endswith("_norm")}
+        trainable_layers[i], frozen_layers[i] = _split_norms(layer)
     frozen["layers"] = frozen_layers
     return {"layers": trainable_layers}, frozen
+
+
+def _split_norms(tree: dict) -> tuple[dict, dict]:
+    """(the norms, the rest) of one layer's subtree, at any depth: Gemma's q/k norms sit inside
+    "attn" beside the weights they follow."""
+    norms, rest = {}, {}
+    for key, value in tree.items():
+        if key.endswith("_norm"):
+            norms[key] = value
+        elif isinstance(value, dict):
+            inner, rest[key] = _split_norms(value)
+            if inner:
+                norms[key] = inner
+        else:
+            rest[key] = value
+    return norms, rest
 
 
 def student_params(frozen: dict, trainable: dict) -> dict:

@@ -178,7 +178,8 @@ def head_bytes(cfg: ModelConfig, q8_embed: bool = False, dtype: str = "float32")
 
 def resident_bytes(cfg: ModelConfig, q8_embed: bool = False, dtype: str = "float32") -> int:
     """The head and the norms (an untied input embedding is not resident: embedding_rows_bytes)."""
-    norms = (2 * cfg.num_layers + 1) * cfg.d_model * F32
+    per_layer = (4 if cfg.post_norms else 2) * cfg.d_model + (2 * cfg.head_dim if cfg.qk_norm else 0)
+    norms = (cfg.num_layers * per_layer + cfg.d_model) * F32
     return head_bytes(cfg, q8_embed, dtype) + norms
 
 
@@ -235,6 +236,10 @@ class MemoryPlan:
     row_bytes: tuple[int, ...]  # a pool row, as held
     min_pool_slots: tuple[int, ...]
     flash_row_bytes: tuple[int, ...] | None = None  # a row as read from the store (None: = row_bytes)
+    # The embedding/head table held resident, part of `resident` (head_bytes): a tied embedding is the
+    # head; an untied model's lm_head (its input embedding is streamed). Named apart because a large
+    # vocabulary makes it most of a small model (262k x 640 is ~72% of Gemma 3 270M's bytes).
+    embedding: int = 0
 
     @property
     def read_row_bytes(self) -> tuple[int, ...]:
@@ -253,9 +258,22 @@ class MemoryPlan:
     def total(self) -> int:
         return self.baseline + self.resident + self.kv + self.staging + self.pools
 
+    @property
+    def minimum(self) -> int:
+        """The minimum working set of this setting (what plan_memory refuses a budget below)."""
+        return self.total - self.cache
+
+    def breakdown(self) -> dict[str, dict[str, float]]:
+        """Where the plan's bytes go: {part: {"bytes", "share" of the total}}, the embedding/head
+        named apart from the norms."""
+        parts = {"baseline": self.baseline, "embedding": self.embedding, "norms": self.resident - self.embedding,
+                 "kv": self.kv, "staging": self.staging, "pools": self.pools}
+        return {k: {"bytes": v, "share": v / self.total if self.total else 0.0} for k, v in parts.items()}
+
     def as_dict(self) -> dict:
         out = dataclasses.asdict(self)
-        out.update(pools=self.pools, cache=self.cache, total=self.total,
+        out.update(pools=self.pools, cache=self.cache, total=self.total, minimum=self.minimum,
+                   breakdown=self.breakdown(),
                    pool_bytes={g: s * r for g, s, r in zip(OP_GROUPS, self.pool_slots, self.row_bytes)})
         return out
 
@@ -296,6 +314,7 @@ def plan_memory(cfg: ModelConfig, budget: int, *, baseline: int, kv_tokens: int,
     ks: channels each op computes with per token (op_input_dims for a dense model); q8_embed: the
     embedding is held as Q8_0 blocks; dtype: the store's (pools hold held_dtype(dtype) rows)."""
     resident = resident_bytes(cfg, q8_embed, dtype)
+    embedding = head_bytes(cfg, q8_embed, dtype)
     row_bytes = op_row_bytes(cfg, held_dtype(dtype))
     total_rows = tuple(d * cfg.num_layers for d in op_input_dims(cfg))
     min_slots = min_pool_slots(cfg, group_size, preload_channels, ks)
@@ -308,8 +327,8 @@ def plan_memory(cfg: ModelConfig, budget: int, *, baseline: int, kv_tokens: int,
             f"a DRAM budget of {budget / 1e6:.1f} MB is below the minimum working set of {minimum / 1e6:.1f} MB "
             f"for this model and setting ("
             + (f"process baseline {baseline / 1e6:.0f} MB" if baseline else "the process itself not counted: "
-               "the budget covers the model only") + f", resident head/norms"
-            f" {resident / 1e6:.1f} MB, KV cache for {kv_tokens} tokens "
+               "the budget covers the model only") + f", resident embedding/head"
+            f" {embedding / 1e6:.1f} MB and norms {(resident - embedding) / 1e6:.1f} MB, KV cache for {kv_tokens} tokens "
             f"{kv_bytes(cfg, kv_tokens) / 1e6:.1f} MB, the active rows of one layer and one group's preload "
             f"{(minimum - fixed + staging) / 1e6:.1f} MB); raise the budget, raise the sparsity, lower kv_tokens "
             "or use a smaller layer group"
@@ -334,7 +353,7 @@ def plan_memory(cfg: ModelConfig, budget: int, *, baseline: int, kv_tokens: int,
     return MemoryPlan(budget=budget, baseline=baseline, resident=resident,
                       kv=kv_bytes(cfg, kv_tokens), kv_tokens=kv_tokens, staging=staging, pool_slots=slots,
                       row_bytes=row_bytes, min_pool_slots=min_slots,
-                      flash_row_bytes=op_row_bytes(cfg, dtype))
+                      flash_row_bytes=op_row_bytes(cfg, dtype), embedding=embedding)
 
 
 def op_ks(cfg, sparsity: SparsityConfig | None) -> tuple[int, ...]:

@@ -108,6 +108,7 @@ class Plan:
     capped: bool
     max_sparsity: float = 0.5
     process: int = 0  # the process outside the model as the loader measured it (0: measure when explaining)
+    embedding_params_share: float = 0.0  # the embedding/head table's share of the model's parameters
 
     @property
     def memory(self) -> budget_mod.MemoryPlan:
@@ -125,7 +126,9 @@ class Plan:
         lines = [
             f"Budget {self.budget / mb:.0f} MB for a {self.model_bytes / mb:.0f} MB model "
             f"({self.budget / self.model_bytes:.0%}).",
-            f"Resident: head and norms {m.resident / mb:.1f} MB, KV cache {m.kv / mb:.1f} MB for {m.kv_tokens} "
+            f"Resident: embedding/head {m.embedding / mb:.1f} MB ({self.embedding_params_share:.0%} of the model's "
+            f"parameters, {m.embedding / m.total:.0%} of the plan), norms {(m.resident - m.embedding) / mb:.1f} MB, "
+            f"KV cache {m.kv / mb:.1f} MB for {m.kv_tokens} "
             f"tokens, staging {m.staging / mb:.1f} MB; slot pools {pools / mb:.1f} MB.",
             f"Chose {sp} with layer groups of {c.group_size}: predicted {c.tokens_per_s:.1f} tok/s "
             f"(compute {c.t_comp * 1e3:.0f} ms, preload {c.t_preload * 1e3:.0f} ms of which "
@@ -224,7 +227,8 @@ def plan(cfg: ModelConfig, budget: int, bw: Bandwidths, *, levels: Sequence[floa
     best = min(c.t_decode for c in pool)
     chosen = min((c for c in pool if c.t_decode <= 1.05 * best), key=lambda c: (c.sparsity, c.t_decode))
     return Plan(chosen.sparsity, chosen.group_size, chosen, cands, int(budget), budget_mod.model_weight_bytes(cfg, dtype),
-                capped and sparsity is None, max_sparsity, process)
+                capped and sparsity is None, max_sparsity, process,
+                cfg.vocab_size * cfg.d_model / cfg.num_params())
 
 
 def _minimum_of(reason: str) -> float:
