@@ -276,6 +276,34 @@ class SwapRuntime:
         self._staged: dict[int, dict[str, _Staged | None]] = {}
         self._flip = 0
 
+    def complete_pools(self) -> None:
+        """Where the pools can hold every row (resident mode), read the rows no pass has needed
+        yet, so that no row can be missing any more and the decode programs drop their fill
+        branch (one op then costs one selection and one product, as all in DRAM). Once per load
+        or budget change; the reads are counted with prefill's."""
+        if not self.resident_mode or self._complete():
+            return
+        with self._host_lock:
+            for g, (op, pool) in enumerate(self.pools.items()):
+                for layer in range(self.cfg.num_layers):
+                    cols = np.flatnonzero(pool.slot_of[layer] < 0)
+                    if not len(cols):
+                        continue
+                    t0 = time.perf_counter()
+                    rows = self.bundles.read_layer(op, layer, cols)
+                    self.stats.prefill_bytes += len(cols) * self._stored_row_bytes(op)
+                    self.stats.prefill_read_seconds += time.perf_counter() - t0
+                    slots, _ = pool.allocate(len(cols), layer, np.zeros(0, np.int64), lambda: None)
+                    pool.assign(np.full(len(cols), layer, np.int32), cols, slots)
+                    pools, maps = list(self._dev_pools), list(self._dev_maps)
+                    pools[g], maps[g] = pooled.install(pools[g], maps[g], rows, slots,
+                                                       (layer * pool.in_dim + cols).astype(np.int32), slots)
+                    self._dev_pools, self._dev_maps = tuple(pools), tuple(maps)
+
+    def _complete(self) -> bool:
+        """Whether the pools hold every row of the model (then no row can be missing)."""
+        return all(p.resident_rows == p.map_size for p in self.pools.values())
+
     def _zero_freqs(self) -> None:
         self._dev_freqs = tuple(jnp.zeros((self.cfg.num_layers, p.in_dim), jnp.int32) for p in self.pools.values())
 
@@ -346,6 +374,8 @@ class SwapRuntime:
         head = "all_logits" if all_logits else "logits"
         with self._pass(decode=tokens.shape[0] == 1):
             out, cache = self._run(cache, tokens, start_pos, n_valid, attn_len, head, None)
+            if tokens.shape[0] > 1:
+                self.complete_pools()  # after a prompt: the rest of the model, where it fits
         return out["logits"], cache
 
     def decode_and_sample(self, cache: llama.KVCache, token: np.ndarray, pos: int, attn_len: int, key, temperature,
@@ -433,7 +463,8 @@ class SwapRuntime:
                            policy=self.sparsity.policy if self.sparsity is not None else "topk", native=self.native,
                            native_select=self.native_select, attn_len=attn_len, tokens=tokens, embed=embed, head=head,
                            install=install, predict=bool(predict), predict_n=self._predict_n,
-                           count_predicted=count_predicted, pools=self._pool_info)
+                           count_predicted=count_predicted, pools=self._pool_info,
+                           fills=not (tokens == 1 and self._complete()))
 
     def _call(self, plan: pooled.Plan, layers, ks, vs, x_in, pos, n_valid, install, predicted, predict, sample):
         pooled.DispatchCounter.calls += 1
