@@ -297,12 +297,13 @@ def staging_bytes(cfg: ModelConfig, group_size: int, preload_channels: tuple[int
 
 def min_pool_slots(cfg: ModelConfig, group_size: int, preload_channels: tuple[int, int],
                    ks: tuple[int, ...]) -> tuple[int, ...]:
-    """Per op: the k rows an op computes with at once (dense layers run in slices of k rows), plus,
-    for the predicted ops, one group's preloaded rows (pinned until their layer has run)."""
+    """Per op: the k rows an op computes with at once, plus, for the predicted ops, two groups'
+    preloaded rows: the next group's are reserved (and being read) before the current group's
+    program, whose own preloaded rows are still pending, is dispatched (runtime/swap.py)."""
     layers = cfg.num_layers
     slots = list(ks)
-    slots[OP_GROUPS.index("qkv")] += group_size * preload_channels[0]
-    slots[OP_GROUPS.index("gate_up")] += group_size * preload_channels[1]
+    slots[OP_GROUPS.index("qkv")] += 2 * group_size * preload_channels[0]
+    slots[OP_GROUPS.index("gate_up")] += 2 * group_size * preload_channels[1]
     return tuple(min(m, d * layers) for m, d in zip(slots, op_input_dims(cfg)))
 
 

@@ -503,8 +503,13 @@ class SwapRuntime:
             install = self._install(g) if g > 0 else None  # waits for group g's reads
             last = g + 1 == len(groups)
             predict = groups[g + 2] if g + 2 < len(groups) else ()
-            if g + 1 < len(groups):  # LFU counts for the reservation below, before they are donated
+            if g + 1 < len(groups):
+                # Group g+1's reads start before group g's program is dispatched: XLA:CPU runs a
+                # program with host callbacks on the dispatching thread, so anything issued after
+                # the dispatch would not overlap it (measured: the preload wait was 0.1-0.2 s per
+                # token that way). The pools hold two groups' preloads (budget.min_pool_slots).
                 freqs = {op: np.array(self._dev_freqs[OP_GROUPS.index(op)]) for op in PREDICTED_GROUPS}
+                self._reserve(g + 1, groups[g + 1], self._to_host_tuple(predictions[g + 1]), freqs)
             plan = self._plan(layers, 1, attn_len, "none", head if last else "none", g > 0, predict, g > 0)
             out = self._call(plan, layers, ks, vs, x, pos, n_valid_a, install,
                              predictions.get(g) if g > 0 else None, predict, sample if last else None)
@@ -514,8 +519,6 @@ class SwapRuntime:
                     if staged is not None:
                         self.pools[op].pending[staged.slots] = False
                 self._staged.pop(g, None)
-            if g + 1 < len(groups):  # group g+1's reads overlap the compute of group g
-                self._reserve(g + 1, groups[g + 1], self._to_host_tuple(predictions[g + 1]), freqs)
             if predict:
                 predictions[g + 2] = out["predicted"]
             if not last:
