@@ -572,7 +572,6 @@ class SwapRuntime:
         self.stats.predicted_rows += sum(len(p) for p in predicted) * len(layers)
         for op, channels in zip(PREDICTED_GROUPS, predicted):
             pool = self.pools[op]
-            g = OP_GROUPS.index(op)
             have = pool.slot_of[list(layers)][:, channels] >= 0  # [n_layers, n]
             read_mask = ~have.all(axis=0)
             if not read_mask.any():
