@@ -185,11 +185,6 @@ class SwapRuntime:
         process outside the model (RSS at load plus the compile reserve), reported beside a budget
         that does not cover it. native: the engine's choice of native attention, norms and head
         (None: where usable), which every decode path of an engine must share."""
-        # The programs hold host callbacks (io_callback). With them in JAX's persistent compilation
-        # cache, a later cache read in the same process crashed (segfault in the cache's
-        # get_executable_and_time, twice in the full test suite, stop 29; cause not isolated), so
-        # a process that runs the budget runtime stops using the persistent cache.
-        jax.config.update("jax_enable_compilation_cache", False)
         self.cfg, self.sparsity, self.memory, self.superset = cfg, sparsity, memory, superset
         self.process = process
         self.store_path = store_path
