@@ -59,6 +59,9 @@ def test_sparse_swapping_equals_all_in_dram(swap_store, reference, budget):
         assert loader["ondemand_rows"] + loader["preload_rows_read"] > 0  # rows really came from flash
         assert loader["ondemand_extent_bytes"] + loader["preload_extent_bytes"] >= loader["bytes_requested"]
         assert (loader["ondemand_extents"] > 0) == (loader["ondemand_rows"] > 0)
+        # the callbacks' time holds their reads, and is counted only where callbacks ran
+        assert loader["fill_seconds"] >= loader["ondemand_seconds"]
+        assert (loader["fill_seconds"] > 0) == (loader["fills"] > 0)
     engine.close()
 
 

@@ -107,6 +107,7 @@ class SwapStats:
     host_syncs: int = 0
     host_cpu_seconds: float = 0.0
     fills: int = 0  # callbacks from inside the programs for rows the pools lacked (decode)
+    fill_seconds: float = 0.0  # the programs' time inside those callbacks, reads (ondemand_seconds) included
 
     @property
     def dispatches_per_token(self) -> float:
@@ -643,12 +644,16 @@ class SwapRuntime:
         """Rows of one decoded token's op that the pool lacks (slots < 0): read from flash and
         given slots. Returns (rows [k, row], put [k], clear_owner [k], clear_slot [k], slots [k],
         set_flat [k]) for pooled._apply_updates."""
+        t0 = time.perf_counter()
         try:
             with self._host_lock:
                 return self._fill_decode_locked(g, layer, idx, slots, count, freq)
         except Exception as exc:  # surfaces from the program as XLA's error: the pass re-raises this
             self._callback_error = exc
             raise
+        finally:
+            if self._decoding:
+                self.stats.fill_seconds += time.perf_counter() - t0
 
     def _fill_decode_locked(self, g, layer, idx, slots, count, freq):
         op = OP_GROUPS[g]
