@@ -30,12 +30,19 @@ flags.DEFINE_integer("decode_tokens", 24, "tokens decoded cold")
 flags.DEFINE_integer("rows", 146, "rows per read in the read A/B (146: the mean of a fill at 60% on q8)")
 flags.DEFINE_integer("reads", 40, "reads per round in the read A/B")
 flags.DEFINE_integer("rounds", 3, "alternating rounds of the read A/B")
+flags.DEFINE_float("ondemand_cache_weight", None, "override budget.ONDEMAND_CACHE_WEIGHT (the o/down pools' cache "
+                   "share relative to qkv/gate_up's) for the decode run")
+flags.DEFINE_bool("read_ab", True, "also run the read A/B (part 2)")
 flags.DEFINE_string("output", None, "append the JSON record here")
 
 
 def _decode(store, budget):
     import activeflow_jax as af
+    from activeflow_jax.runtime import budget as budget_model
     from activeflow_jax.runtime.iostats import drop_page_cache
+
+    if FLAGS.ondemand_cache_weight is not None:
+        budget_model.ONDEMAND_CACHE_WEIGHT = FLAGS.ondemand_cache_weight
 
     engine = af.Engine.load(store, dram_budget=budget, sparsity=FLAGS.sparsity, policy="topk",
                             group_size=FLAGS.group_size, direct_io=True, progress=False, kv_tokens=256)
@@ -52,7 +59,9 @@ def _decode(store, budget):
            "fills_per_token": loader["fills"] / n, "fill_seconds_per_token": loader["fill_seconds"] / n,
            "ondemand_seconds_per_token": loader["ondemand_seconds"] / n,
            "ondemand_rows_per_token": loader["ondemand_rows"] / n, "hit_rate": loader["hit_rate"],
-           "read_share_of_fill_time": loader["ondemand_seconds"] / max(1e-9, loader["fill_seconds"])}
+           "read_share_of_fill_time": loader["ondemand_seconds"] / max(1e-9, loader["fill_seconds"]),
+           "ondemand_cache_weight": budget_model.ONDEMAND_CACHE_WEIGHT,
+           "pool_rows": engine.stats.memory["cache_rows_resident"]}
     engine.close()
     return out
 
@@ -111,11 +120,13 @@ def main(argv):
     store = FLAGS.store or af.fetch_default_model(quiet=True)
     budget = float(FLAGS.budget) if FLAGS.budget.replace(".", "", 1).isdigit() else FLAGS.budget
     record = {"bench": "fill_cost", "store": store, "budget": budget, "sparsity": FLAGS.sparsity,
-              "group_size": FLAGS.group_size, "decode": _decode(store, budget), "read_ab": _read_ab(store)}
+              "group_size": FLAGS.group_size, "decode": _decode(store, budget),
+              "read_ab": _read_ab(store) if FLAGS.read_ab else None}
     d, r = record["decode"], record["read_ab"]
-    print(f"{d['fills_per_token']:.0f} fills/token, {d['fill_seconds_per_token'] * 1e3:.0f} ms/token in fills, "
-          f"{d['read_share_of_fill_time']:.0%} of it reads; a read inside a program / plain: "
-          f"{r['median_ratio_in_program_over_plain']:.2f}x", file=sys.stderr)
+    print(f"{d['decode_tokens_per_s']:.3f} tok/s, hit rate {d['hit_rate']:.3f}, {d['ondemand_rows_per_token']:.0f} rows "
+          f"and {d['fills_per_token']:.0f} fills/token, {d['fill_seconds_per_token'] * 1e3:.0f} ms/token in fills, "
+          f"{d['read_share_of_fill_time']:.0%} of it reads" + (f"; a read inside a program / plain: "
+          f"{r['median_ratio_in_program_over_plain']:.2f}x" if r else ""), file=sys.stderr)
     emit(record, FLAGS.output)
 
 
