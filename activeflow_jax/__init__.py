@@ -20,6 +20,7 @@ from activeflow_jax.errors import (
     FetchError,
     GGUFError,
     InvalidArgumentError,
+    MappingLimitError,
     PromptTooLongError,
     StoreCorruptError,
     StoreError,
@@ -40,7 +41,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Calibration", "DistillConfig", "DistillResult", "distill", "PredictionConfig", "QualityReport", "QualitySetting", "SparsityConfig", "calibrate",
     "evaluate_quality",
-    "ActiveFlowError", "Engine", "EngineStats", "FetchError", "GGUFError", "InvalidArgumentError", "ModelConfig",
+    "ActiveFlowError", "Engine", "EngineStats", "FetchError", "GGUFError", "InvalidArgumentError", "MappingLimitError", "ModelConfig",
     "PerplexityResult", "PromptTooLongError", "SamplingParams", "StoreCorruptError", "StoreError", "TaskReport",
     "TaskResult", "UnsupportedModelError", "convert", "engine_perplexity", "evaluate_tasks", "fetch_default_model",
     "VerifyReport", "verify_store", "fetch_model",

@@ -31,6 +31,7 @@ from activeflow_jax.formats.tokenizer import StreamDecoder, Tokenizer
 from activeflow_jax.models import llama
 from activeflow_jax.models.embedding import q8_embedding_wanted, resident_tensor
 from activeflow_jax.paths import activeflow_home
+from activeflow_jax.runtime import mappings
 from activeflow_jax.runtime.budget import allocated_sparsity, peak_rss_bytes
 from activeflow_jax.runtime.session import load_swapping, replan
 from activeflow_jax.sampling import SamplingParams, sample_token
@@ -134,6 +135,9 @@ class Engine:
             raise InvalidArgumentError(f"q8_embedding must be 'auto', True or False, got {q8_embedding!r}")
         if op_sparsity is not None and sparsity:
             raise InvalidArgumentError("give either sparsity or op_sparsity, not both")
+        # before any program compiles: a process at the mapping limit crashes inside XLA instead
+        mappings.ensure_headroom(mappings.ENGINE_MAPPINGS if dram_budget is None else mappings.BUDGET_ENGINE_MAPPINGS,
+                                 "loading this engine")
         if dram_budget is not None:
             return load_swapping(cls, store_path, dram_budget, sparsity=sparsity, policy=policy, kernel=kernel,
                                  dense_layers=dense_layers, q8_embedding=q8_embedding, op_sparsity=op_sparsity,
@@ -271,6 +275,7 @@ class Engine:
                                        "Engine.load(store, dram_budget=...) to run under a budget")
 
         with self._lock:
+            mappings.ensure_headroom(mappings.BUDGET_ENGINE_MAPPINGS, "a new DRAM budget")
             replan(self, dram_budget)
             self.stats.memory = self.swap.memory_breakdown()
 

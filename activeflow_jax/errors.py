@@ -42,3 +42,8 @@ class PromptTooLongError(InvalidArgumentError):
 
 class FetchError(ActiveFlowError):
     """Downloading or verifying the default model failed."""
+
+
+class MappingLimitError(ActiveFlowError):
+    """The process is near the kernel's limit on memory mappings (vm.max_map_count), which compiled
+    programs use up; compiling more would crash the interpreter."""

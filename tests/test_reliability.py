@@ -574,3 +574,33 @@ def test_default_model_runs_in_a_cgroup_capped_at_budget_plus_reported_process(r
     cap = report["budget"] + report["process_baseline"]
     run = memcap.run_capped(argv, cap, timeout=600)
     assert not run.oom_killed and run.returncode == 0, (cap, run.peak_bytes, run.stderr[-2000:])
+
+
+def test_mappings_of_this_process_are_counted_on_linux():
+    from activeflow_jax.runtime import mappings
+
+    if not os.path.exists("/proc/self/maps"):
+        pytest.skip("no /proc: the check is skipped on this platform")
+    count, limit = mappings.mapping_count(), mappings.mapping_limit()
+    assert 100 < count < limit
+
+
+def test_load_near_the_mapping_limit_is_a_clear_error_not_a_crash(tiny_model, monkeypatch):
+    """Compiling at vm.max_map_count crashes inside XLA (stop 29's CI); loading refuses first."""
+    from activeflow_jax.runtime import mappings
+
+    cleared = []
+    monkeypatch.setattr(mappings, "mapping_limit", lambda: 65530)
+    monkeypatch.setattr(mappings, "mapping_count", lambda: 65000)
+    monkeypatch.setattr(mappings.jax, "clear_caches", lambda: cleared.append(True))
+    with pytest.warns(RuntimeWarning, match="dropping JAX's cached compiled programs"):
+        with pytest.raises(af.MappingLimitError, match="vm.max_map_count") as err:
+            af.Engine.load(tiny_model.store_path, dram_budget="2MB", kv_tokens=64)
+    assert cleared == [True] and "65,000" in str(err.value) and "sysctl" in str(err.value)
+
+    counts = iter([65000, 2000])  # room after the caches are dropped: loads, with the warning
+    monkeypatch.setattr(mappings, "mapping_count", lambda: next(counts))
+    with pytest.warns(RuntimeWarning, match="near the kernel's limit"):
+        engine = af.Engine.load(tiny_model.store_path)
+    assert engine.generate("hi", max_new_tokens=2) is not None
+    engine.close()
