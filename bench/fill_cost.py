@@ -8,6 +8,9 @@ inside the program makes the read slower.
 2. The same `BundleReader.read_layer` requests (random sorted channels of one op) timed from plain
    Python and from an `io_callback` inside a jitted program that also computes, alternating rounds,
    the page cache dropped before each round (O_DIRECT reads).
+
+Pool-sizing settings (the o/down cache weight, the preload superset) are swept by
+bench/swap_settings.py, not here.
 """
 
 from __future__ import annotations
@@ -30,8 +33,6 @@ flags.DEFINE_integer("decode_tokens", 24, "tokens decoded cold")
 flags.DEFINE_integer("rows", 146, "rows per read in the read A/B (146: the mean of a fill at 60% on q8)")
 flags.DEFINE_integer("reads", 40, "reads per round in the read A/B")
 flags.DEFINE_integer("rounds", 3, "alternating rounds of the read A/B")
-flags.DEFINE_float("ondemand_cache_weight", None, "override budget.ONDEMAND_CACHE_WEIGHT (the o/down pools' cache "
-                   "share relative to qkv/gate_up's) for the decode run")
 flags.DEFINE_bool("read_ab", True, "also run the read A/B (part 2)")
 flags.DEFINE_string("output", None, "append the JSON record here")
 
@@ -40,9 +41,6 @@ def _decode(store, budget):
     import activeflow_jax as af
     from activeflow_jax.runtime import budget as budget_model
     from activeflow_jax.runtime.iostats import drop_page_cache
-
-    if FLAGS.ondemand_cache_weight is not None:
-        budget_model.ONDEMAND_CACHE_WEIGHT = FLAGS.ondemand_cache_weight
 
     engine = af.Engine.load(store, dram_budget=budget, sparsity=FLAGS.sparsity, policy="topk",
                             group_size=FLAGS.group_size, direct_io=True, progress=False, kv_tokens=256)

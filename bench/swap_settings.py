@@ -26,6 +26,7 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("store", None, "store directory; default: the default model")
 flags.DEFINE_string("budget", "0.6", "DRAM budget: a fraction of the weight bytes or a size")
 flags.DEFINE_float("sparsity", 0.5, "fixed sparsity")
+flags.DEFINE_enum("policy", "topk", ["topk", "threshold"], "sparsity policy (threshold needs `activeflow calibrate`)")
 flags.DEFINE_integer("group_size", 1, "fixed layer-group size")
 flags.DEFINE_list("supersets", ["1.5", "1.25", "1.0"], "preload set sizes, multiples of k")
 flags.DEFINE_list("weights", ["1", "4"], "o/down cache weights")
@@ -42,7 +43,8 @@ def run_one(spec: dict) -> dict:
 
     budget.ONDEMAND_CACHE_WEIGHT = spec["weight"]
     b = float(spec["budget"]) if spec["budget"].replace(".", "", 1).isdigit() else spec["budget"]
-    engine = Engine.load(spec["store"], dram_budget=b, sparsity=spec["sparsity"], group_size=spec["group_size"],
+    engine = Engine.load(spec["store"], dram_budget=b, sparsity=spec["sparsity"], policy=spec["policy"],
+                         group_size=spec["group_size"],
                          superset=spec["superset"], cold=True, direct_io=True, kv_tokens=spec["kv_tokens"],
                          progress=False)
     prompt = list(range(100, 164))
@@ -70,8 +72,9 @@ def main(argv):
     rows = []
     for superset in (float(s) for s in FLAGS.supersets):
         for weight in (float(w) for w in FLAGS.weights):
-            spec = dict(store=store, budget=FLAGS.budget, sparsity=FLAGS.sparsity, group_size=FLAGS.group_size,
-                        superset=superset, weight=weight, decode_tokens=FLAGS.decode_tokens,
+            spec = dict(store=store, budget=FLAGS.budget, sparsity=FLAGS.sparsity, policy=FLAGS.policy,
+                        group_size=FLAGS.group_size, superset=superset, weight=weight,
+                        decode_tokens=FLAGS.decode_tokens,
                         kv_tokens=FLAGS.kv_tokens)
             proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True,
                                   text=True)
@@ -85,7 +88,8 @@ def main(argv):
                   f"hit rate {ld.get('hit_rate', 0):.2f}, device {ld.get('device_read_bytes', 0) / 1e6:.0f} MB",
                   flush=True)
     emit({"bench": "swap_settings", "machine": machine_info(), "store": store, "budget": FLAGS.budget,
-          "sparsity": FLAGS.sparsity, "group_size": FLAGS.group_size, "rows": rows}, FLAGS.output)
+          "sparsity": FLAGS.sparsity, "policy": FLAGS.policy, "group_size": FLAGS.group_size, "rows": rows},
+         FLAGS.output)
 
 
 if __name__ == "__main__":
