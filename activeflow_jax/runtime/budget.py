@@ -59,10 +59,13 @@ F32 = 4
 # more reads than the misses it saves.
 DEFAULT_PRELOAD_SUPERSET = 1.0
 # Cache share of the ops read on demand (o, down) relative to the preloaded ones (qkv, gate_up):
-# their misses stall the compute, the preloaded ops' misses mostly do not. Measured (stop 12, the
-# same runs): 4 against 1 gave 2.54 -> 2.88 tok/s at a 60% budget and 1.42 -> 1.52 at 40%; 100
-# (o/down cached first) was no better than 4.
-ONDEMAND_CACHE_WEIGHT = 4.0
+# their misses stall the compute, the preloaded ops' misses mostly do not. Measured with the
+# compiled runtime (stop 31, bench/swap_settings.py, q8 store, groups of 2, 16 cold tokens, 16
+# and 4 alternating twice per budget): 16 read 29% / 15% / 3% fewer rows on demand at 60% / 50%
+# / 40% and 7% / 3.5% / 0.4% fewer device bytes; tok/s 1.15x / 1.10x / 0.94x (sums of two
+# pairs, busy machine; 40% within noise), equal at 100% where the pools hold every o/down row.
+# The stage runtime it replaced preferred 4 (stop 12); its pools did not hold two groups' preloads.
+ONDEMAND_CACHE_WEIGHT = 16.0
 # What the process grows by when it first compiles and runs the runtime's programs, reserved when
 # a budget counts the whole process (budget_includes_process) and reported beside a budget that
 # does not: jaxlib code pages the compiler faults in, heap the compiles leave grown and fragmented,

@@ -5,9 +5,11 @@ Per decoded token, with the bandwidths measured on this machine (runtime/bandwid
     T_comp     bytes computed / DRAM bandwidth (the resident head + every op's active rows), plus the
                runtime's per-op orchestration cost (4 host round trips per layer, measured ~0.2 ms)
     T_preload  per layer group: the predicted qkv/gate_up rows of the next group the cache lacks,
-               read as bundles of N rows per channel (flash bandwidth at N x row bytes)
+               read as bundles of N rows per channel
     T_onload   rows read on demand: mispredicted qkv/gate_up rows and every o/down row the cache
-               lacks (flash bandwidth at one row)
+               lacks, each also a read of its channel's N-row chunk
+               (a read costs the whole flash blocks it touches, at the bandwidth measured for
+               reads of that size: `read_seconds`)
     T_decode   = T_onload + sum over groups of max(T_preload(g+1), T_comp(g))
 
 That is the paper's T_load + T_onload + max(T_preload, T_comp) + T_comp with its terms taken per
@@ -54,6 +56,17 @@ RECALL = {1.0: ((1, 0.739), (2, 0.677), (4, 0.617), (8, 0.55)),
           1.5: ((1, 0.899), (2, 0.859), (4, 0.820), (8, 0.75)),
           2.0: ((1, 1.0), (2, 1.0), (4, 1.0), (8, 1.0))}
 OVERHEAD_PER_OP_S = 0.2e-3
+# Flash is read in whole blocks (O_DIRECT needs them; the page cache reads whole pages), and a
+# chunk of the streaming layout starts anywhere in a block: reading c bytes touches 1 + (c - 1) /
+# BLOCK blocks on average. Rows of a 4-bit or 8-bit store are far smaller than a block, so this,
+# not the row bytes, is what a read costs (measured stop 31: ~2 blocks per on-demand extent).
+FLASH_BLOCK = 4096
+
+
+def read_seconds(chunk_bytes: float, reads: float, bw: Bandwidths) -> float:
+    """Seconds to read `reads` separate chunks of `chunk_bytes` each from flash."""
+    device = FLASH_BLOCK * (1.0 + max(0.0, chunk_bytes - 1.0) / FLASH_BLOCK)
+    return reads * device / bw.flash_bps(device)
 
 
 def predictor_recall(distance: float, superset: float = budget_mod.DEFAULT_PRELOAD_SUPERSET) -> float:
@@ -178,14 +191,13 @@ def evaluate(cfg: ModelConfig, budget: int, bw: Bandwidths, sparsity: float, gro
     recall = predictor_recall(1.5 * group_size - 0.5, superset) if config is not None else 1.0
     onload = preload_group = 0.0
     for g, op in enumerate(OP_GROUPS):
-        active_bytes = layers * ks[g] * rb[g] * (1 - hits[g])
+        missed = layers * ks[g] * (1 - hits[g])  # active rows per token the pools lack
+        chunk = group_size * rb[g]  # a read takes the channel's whole chunk: its rows for all layers of the group
         if op in PREDICTED_GROUPS:
-            # a miss reads the channel's whole chunk: its rows for all layers of the group
-            chunk = group_size * rb[g]
-            onload += active_bytes * (1 - recall) * group_size / bw.flash_bps(chunk)
-            preload_group += group_size * pre[PREDICTED_GROUPS.index(op)] * rb[g] * (1 - hits[g]) / bw.flash_bps(group_size * rb[g])
+            onload += read_seconds(chunk, missed * (1 - recall), bw)
+            preload_group += read_seconds(chunk, pre[PREDICTED_GROUPS.index(op)] * (1 - hits[g]), bw)
         else:
-            onload += active_bytes / bw.flash_bps(rb[g])
+            onload += read_seconds(chunk, missed, bw)
     t_comp_group = t_comp / groups
     t_decode = onload + t_comp_group + (groups - 1) * max(preload_group, t_comp_group)
     return Candidate(sparsity, group_size, True, t_comp, preload_group * (groups - 1), onload, t_decode,
