@@ -88,7 +88,8 @@ def main(argv):
                                   "seconds": [round(s, 4) for s in seconds[name]]}
     record = {"bench": "families", "machine": platform.node(), "cpus": os.cpu_count(), "time": time.time(),
               "prompt_len": FLAGS.prompt_len, "decode_tokens": FLAGS.decode_tokens, "repeats": FLAGS.repeats,
-              "note": "decode seconds from EngineStats (prefill and compiles excluded); machine shared",
+              "load_average": os.getloadavg(),  # other jobs on the machine during the run
+              "note": "decode seconds from EngineStats (prefill and compiles excluded)",
               "models": results}
     line = json.dumps(record)
     print(line)
