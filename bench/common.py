@@ -1,10 +1,13 @@
-"""Shared pieces of the benchmark binaries: machine facts, bandwidth probe, JSON output."""
+"""Shared pieces of the benchmark binaries: machine facts, bandwidth probe, JSON output, one setting
+per child process."""
 
 from __future__ import annotations
 
 import json
 import os
 import platform
+import subprocess
+import sys
 import time
 from typing import Any
 
@@ -76,3 +79,23 @@ def emit(record: dict[str, Any], output: str | None) -> None:
         os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
         with open(output, "a") as f:
             f.write(line + "\n")
+
+
+RESULT_PREFIX = "RESULT "
+
+
+def print_result(result: dict[str, Any]) -> None:
+    """A child's result: the line `run_child` looks for in its output."""
+    print(RESULT_PREFIX + json.dumps(result), flush=True)
+
+
+def run_child(script: str, spec: dict[str, Any]) -> tuple[dict[str, Any] | None, str]:
+    """`script --child=<spec as JSON>` in a fresh process (one setting per process: compiled
+    programs, caches and the heap do not carry over between settings). Returns its result, or None
+    and the end of its stderr."""
+    proc = subprocess.run([sys.executable, os.path.abspath(script), f"--child={json.dumps(spec)}"], check=False,
+                          capture_output=True, text=True)
+    for line in proc.stdout.splitlines():
+        if line.startswith(RESULT_PREFIX):
+            return json.loads(line[len(RESULT_PREFIX):]), ""
+    return None, f"rc {proc.returncode}: {proc.stderr[-2000:]}"

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import time
 
@@ -66,9 +65,11 @@ def run_one(spec: dict) -> dict:
 def main(argv):
     del argv
     if FLAGS.child:
-        print("RESULT " + json.dumps(run_one(json.loads(FLAGS.child))), flush=True)
+        from common import print_result
+
+        print_result(run_one(json.loads(FLAGS.child)))
         return
-    from common import emit, machine_info
+    from common import emit, machine_info, run_child
 
     from activeflow_jax.fetch import fetch_default_model
 
@@ -77,11 +78,9 @@ def main(argv):
     for layers in (int(x) for x in FLAGS.prefill_layers):
         spec = dict(store=store, budget=FLAGS.budget, sparsity=FLAGS.sparsity, group_size=FLAGS.group_size,
                     prefill_layers=layers, prompt_len=FLAGS.prompt_len, kv_tokens=FLAGS.kv_tokens)
-        proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True)
-        line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
-        if line is None:
-            raise SystemExit(f"setting {spec} failed:\n{proc.stderr[-2000:]}")
-        result = json.loads(line[len("RESULT "):])
+        result, error = run_child(__file__, spec)
+        if result is None:
+            raise SystemExit(f"setting {spec} failed ({error})")
         rows.append({"prefill_layers": layers, **result})
         first = result["load_and_first_token_seconds"]
         print(f"prefill programs of {layers} layers: load + first token {first:.1f} s, "

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import time
 
@@ -163,12 +162,10 @@ def engine_has_tokenizer(store: str) -> bool:
 
 
 def _child(spec: dict) -> dict:
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), f"--child={json.dumps(spec)}"],
-                          capture_output=True, text=True)
-    for line in proc.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT "):])
-    return {"feasible": False, "reason": f"child failed (rc {proc.returncode}): {proc.stderr[-1500:]}"}
+    from common import run_child
+
+    result, error = run_child(__file__, spec)
+    return result if result is not None else {"feasible": False, "reason": f"child failed ({error[-1500:]})"}
 
 
 def plot(rows: list[dict], path: str) -> None:
@@ -197,7 +194,9 @@ def plot(rows: list[dict], path: str) -> None:
 def main(argv):
     del argv
     if FLAGS.child:
-        print("RESULT " + json.dumps(run_setting(json.loads(FLAGS.child))), flush=True)
+        from common import print_result
+
+        print_result(run_setting(json.loads(FLAGS.child)))
         return
     from common import emit
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import time
 
@@ -62,9 +61,11 @@ def run_one(spec: dict) -> dict:
 def main(argv):
     del argv
     if FLAGS.child:
-        print("RESULT " + json.dumps(run_one(json.loads(FLAGS.child))), flush=True)
+        from common import print_result
+
+        print_result(run_one(json.loads(FLAGS.child)))
         return
-    from common import emit, machine_info
+    from common import emit, machine_info, run_child
 
     from activeflow_jax.fetch import fetch_default_model
 
@@ -76,12 +77,9 @@ def main(argv):
                         group_size=FLAGS.group_size, superset=superset, weight=weight,
                         decode_tokens=FLAGS.decode_tokens,
                         kv_tokens=FLAGS.kv_tokens)
-            proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True,
-                                  text=True)
-            line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
-            if line is None:
-                raise SystemExit(f"setting {spec} failed:\n{proc.stderr[-2000:]}")
-            result = json.loads(line[len("RESULT "):])
+            result, error = run_child(__file__, spec)
+            if result is None:
+                raise SystemExit(f"setting {spec} failed ({error})")
             rows.append({"superset": superset, "weight": weight, **result})
             ld = result["loader"]
             print(f"superset {superset:g}, o/down weight {weight:g}: {result['decode_tokens_per_s']:.2f} tok/s, "
