@@ -32,10 +32,10 @@ flags.DEFINE_string("output", None, "append the JSON record here")
 def main(argv):
     del argv
     import activeflow_jax as af
-    from common import emit
+    from common import budget_arg, emit
 
     store = FLAGS.store or af.fetch_default_model(quiet=True)
-    budget = float(FLAGS.budget) if FLAGS.budget.replace(".", "", 1).isdigit() else FLAGS.budget
+    budget = budget_arg(FLAGS.budget)
     dram = af.Engine.load(store, sparsity=FLAGS.sparsity, policy="topk")
     swap = af.Engine.load(store, sparsity=FLAGS.sparsity, policy="topk", dram_budget=budget,
                           kv_tokens=max(256, FLAGS.prompt_len + FLAGS.decode_tokens + 16), progress=False)

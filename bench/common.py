@@ -81,6 +81,12 @@ def emit(record: dict[str, Any], output: str | None) -> None:
             f.write(line + "\n")
 
 
+def budget_arg(text: str) -> float | str:
+    """A --budget flag as Engine.load takes it: a number ("0.6") as a float, a size ("200MB",
+    "50%") as given."""
+    return float(text) if text.replace(".", "", 1).isdigit() else text
+
+
 RESULT_PREFIX = "RESULT "
 
 

@@ -113,10 +113,10 @@ def _read_ab(store):
 def main(argv):
     del argv
     import activeflow_jax as af
-    from common import emit
+    from common import budget_arg, emit
 
     store = FLAGS.store or af.fetch_default_model(quiet=True)
-    budget = float(FLAGS.budget) if FLAGS.budget.replace(".", "", 1).isdigit() else FLAGS.budget
+    budget = budget_arg(FLAGS.budget)
     record = {"bench": "fill_cost", "store": store, "budget": budget, "sparsity": FLAGS.sparsity,
               "group_size": FLAGS.group_size, "decode": _decode(store, budget),
               "read_ab": _read_ab(store) if FLAGS.read_ab else None}

@@ -35,13 +35,14 @@ flags.DEFINE_string("child", None, "internal: run one setting (JSON) and print i
 
 
 def run_one(spec: dict) -> dict:
+    from common import budget_arg
     from activeflow_jax.engine import Engine
     from activeflow_jax.runtime import swap
     from activeflow_jax.runtime.budget import current_rss, peak_rss_bytes
     from activeflow_jax.runtime.iostats import drop_page_cache
 
     swap.PREFILL_LAYERS = spec["prefill_layers"]
-    b = float(spec["budget"]) if spec["budget"].replace(".", "", 1).isdigit() else spec["budget"]
+    b = budget_arg(spec["budget"])
     before = current_rss()
     t0 = time.perf_counter()
     engine = Engine.load(spec["store"], dram_budget=b, sparsity=spec["sparsity"] or None, policy="topk",

@@ -126,7 +126,9 @@ def main(argv):
     if "budget" in FLAGS.phases and FLAGS.dram_budget:
         have = available_group_sizes(store)
         options = {"group_size": have[0]} if have else {}
-        budget = float(FLAGS.dram_budget) if FLAGS.dram_budget.replace(".", "", 1).isdigit() else FLAGS.dram_budget
+        from common import budget_arg
+
+        budget = budget_arg(FLAGS.dram_budget)
         kv = 1 << (FLAGS.tokens + 64 - 1).bit_length()
         engine = af.Engine.load(store, dram_budget=budget, kv_tokens=kv, progress=False, **options)
         record["budget"] = {"plan": engine.plan_explanation, **long_sequence(engine, FLAGS.tokens),

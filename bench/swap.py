@@ -198,7 +198,7 @@ def main(argv):
 
         print_result(run_setting(json.loads(FLAGS.child)))
         return
-    from common import emit
+    from common import budget_arg, emit
 
     store = _store()
     base = dict(store=store, prompt_len=FLAGS.prompt_len, decode_tokens=FLAGS.decode_tokens, cold=FLAGS.cold,
@@ -210,7 +210,7 @@ def main(argv):
     if FLAGS.sparsity:
         settings.append(dict(base, kind="sparse_all_in_dram", budget=None))
     for b in FLAGS.budgets:
-        budget = float(b) if b.replace(".", "", 1).isdigit() else b
+        budget = budget_arg(b)
         settings.append(dict(base, kind="ours", budget=budget))
         if FLAGS.baselines:
             settings.append(dict(base, kind="dense_streaming", budget=budget))

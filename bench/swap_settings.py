@@ -36,12 +36,13 @@ flags.DEFINE_string("child", None, "internal: run one setting (JSON) and print i
 
 
 def run_one(spec: dict) -> dict:
+    from common import budget_arg
     from activeflow_jax.engine import Engine
     from activeflow_jax.runtime import budget
     from activeflow_jax.runtime.iostats import drop_page_cache
 
     budget.ONDEMAND_CACHE_WEIGHT = spec["weight"]
-    b = float(spec["budget"]) if spec["budget"].replace(".", "", 1).isdigit() else spec["budget"]
+    b = budget_arg(spec["budget"])
     engine = Engine.load(spec["store"], dram_budget=b, sparsity=spec["sparsity"], policy=spec["policy"],
                          group_size=spec["group_size"],
                          superset=spec["superset"], cold=True, direct_io=True, kv_tokens=spec["kv_tokens"],
