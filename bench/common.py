@@ -87,6 +87,17 @@ def budget_arg(text: str) -> float | str:
     return float(text) if text.replace(".", "", 1).isdigit() else text
 
 
+def restart_cold(engine, store: str, budget) -> None:
+    """Empties a budget engine's pools, zeroes its loader and engine counters and drops the store
+    from the page cache: the next pass starts from flash and is counted alone."""
+    from activeflow_jax.runtime.iostats import drop_page_cache
+
+    engine.set_dram_budget(budget)
+    engine.swap.reset_stats()
+    drop_page_cache(store)
+    engine.stats.reset()
+
+
 RESULT_PREFIX = "RESULT "
 
 

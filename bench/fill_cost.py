@@ -40,16 +40,13 @@ flags.DEFINE_string("output", None, "append the JSON record here")
 def _decode(store, budget):
     import activeflow_jax as af
     from activeflow_jax.runtime import budget as budget_model
-    from activeflow_jax.runtime.iostats import drop_page_cache
+    from common import restart_cold
 
     engine = af.Engine.load(store, dram_budget=budget, sparsity=FLAGS.sparsity, policy="topk",
                             group_size=FLAGS.group_size, direct_io=True, progress=False, kv_tokens=256)
     prompt = list(range(100, 164))
     list(engine.generate_ids(prompt, max_new_tokens=4))  # compiles
-    engine.set_dram_budget(budget)  # empty pools
-    engine.swap.reset_stats()
-    drop_page_cache(store)
-    engine.stats.reset()
+    restart_cold(engine, store, budget)
     list(engine.generate_ids(prompt, max_new_tokens=FLAGS.decode_tokens))
     loader = engine.stats.loader
     n = max(1, loader["tokens"])

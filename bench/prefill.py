@@ -35,11 +35,10 @@ flags.DEFINE_string("child", None, "internal: run one setting (JSON) and print i
 
 
 def run_one(spec: dict) -> dict:
-    from common import budget_arg
+    from common import budget_arg, restart_cold
     from activeflow_jax.engine import Engine
     from activeflow_jax.runtime import swap
     from activeflow_jax.runtime.budget import current_rss, peak_rss_bytes
-    from activeflow_jax.runtime.iostats import drop_page_cache
 
     swap.PREFILL_LAYERS = spec["prefill_layers"]
     b = budget_arg(spec["budget"])
@@ -53,9 +52,7 @@ def run_one(spec: dict) -> dict:
     first = time.perf_counter() - t0
     prefill = []
     for _ in range(2):
-        engine.set_dram_budget(b)
-        drop_page_cache(spec["store"])
-        engine.stats.reset()
+        restart_cold(engine, spec["store"], b)
         list(engine.generate_ids(prompt, max_new_tokens=1, stop_ids=frozenset()))
         prefill.append(engine.stats.prefill_tokens_per_s)
     peak = peak_rss_bytes()

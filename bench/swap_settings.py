@@ -36,10 +36,9 @@ flags.DEFINE_string("child", None, "internal: run one setting (JSON) and print i
 
 
 def run_one(spec: dict) -> dict:
-    from common import budget_arg
+    from common import budget_arg, restart_cold
     from activeflow_jax.engine import Engine
     from activeflow_jax.runtime import budget
-    from activeflow_jax.runtime.iostats import drop_page_cache
 
     budget.ONDEMAND_CACHE_WEIGHT = spec["weight"]
     b = budget_arg(spec["budget"])
@@ -49,9 +48,7 @@ def run_one(spec: dict) -> dict:
                          progress=False)
     prompt = list(range(100, 164))
     list(engine.generate_ids(prompt, max_new_tokens=4))  # compiles
-    engine.set_dram_budget(b)  # empties the pools
-    drop_page_cache(spec["store"])
-    engine.stats.reset()
+    restart_cold(engine, spec["store"], b)  # the warm-up is not counted
     t0 = time.perf_counter()
     list(engine.generate_ids(prompt, max_new_tokens=spec["decode_tokens"], stop_ids=frozenset()))
     loader = {k: v for k, v in engine.stats.loader.items() if isinstance(v, (int, float))}
