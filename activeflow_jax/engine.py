@@ -218,10 +218,32 @@ class Engine:
             self.stats.loader = self.swap.stats.as_dict()
             self.stats.memory = self.swap.memory_breakdown()
             return out
-        key = (cache.max_len, tokens.shape[0], attn_len, all_logits, self.sparsity, self.prediction)
-        args = (self.params, cache, jnp.asarray(tokens, jnp.int32), jnp.int32(start_pos), jnp.int32(n_valid),
-                self._thresholds)
-        return self._program(key, llama.forward, args, attn_len=attn_len, all_logits=all_logits)(*args)
+        # one program per layer kind (llama.layer_program): a program over every layer took ~0.5 GB
+        # to compile for each prompt bucket
+        cfg, params, t = self.config, self.params, tokens.shape[0]
+        tokens_a, start_a = jnp.asarray(tokens, jnp.int32), jnp.int32(start_pos)
+        x = self._program(("embed", t), llama.embed_program, (params["embed"], tokens_a))(params["embed"], tokens_a)
+        ks, vs = list(cache.k), list(cache.v)
+        residuals = []
+        for i in range(cfg.num_layers):
+            residuals.append(x)
+            kind = llama.layer_kind(cfg, i, self.sparsity, self.prediction)
+            layer = next(j for j in range(i + 1) if llama.layer_kind(cfg, j, self.sparsity, self.prediction) == kind)
+            p = params["layers"][i]
+            src = None
+            if kind[3]:  # a predicted layer: the residual entering its source layer, and that layer's norms
+                j = i - self.prediction.distance
+                src = (residuals[j], {n: params["layers"][j][n] for n in ("attn_norm", "mlp_norm")})
+            thresholds = None if self._thresholds is None or not kind[2] else self._thresholds[i:i + 1]
+            args = (p, x, ks[i], vs[i], start_a, thresholds, src)
+            program = self._program(("layer", kind, cache.max_len, t, attn_len, self.sparsity, self.prediction),
+                                    llama.layer_program, args,
+                                    layer=layer, attn_len=attn_len)
+            x, ks[i], vs[i] = program(*args)
+        head = {n: params[n] for n in ("embed", "final_norm", "lm_head") if n in params}
+        args = (head, x, jnp.int32(n_valid))
+        logits = self._program(("head", t, all_logits), llama.head_program, args, all_logits=all_logits)(*args)
+        return logits, llama.KVCache(tuple(ks), tuple(vs))
 
     def _decode_step(self, cache: llama.KVCache, token: np.ndarray, pos: int, attn_len: int, key, temperature,
                      top_p) -> tuple[int, jax.Array, llama.KVCache]:

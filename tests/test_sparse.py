@@ -406,3 +406,26 @@ def test_predictor_measurement_on_tiny_model(calibrated):
         assert 0.0 <= r["recall"] <= 1.0
         if r["superset"] == 2.0 and r["group"] in ("qkv", "gate_up"):
             assert r["recall"] == pytest.approx(1.0)  # 2 x k covers every channel at 50%
+
+
+def test_prefill_layer_programs_equal_the_one_program_forward(calibrated):
+    # the engine runs a prompt one program per layer kind (llama.layer_program); the model's one
+    # program over every layer (model_forward, what decode and training trace) is the reference
+    from activeflow_jax.models import llama
+
+    _, engine, _, _ = calibrated
+    cfg, ids = engine.config, np.arange(5, 60)
+    padded = np.zeros(64, np.int32)
+    padded[:len(ids)] = ids
+    settings = [(None, None), (0.5, None), (0.5, PredictionConfig(distance=1, superset=1.0))]
+    try:
+        for sparsity, prediction in settings:
+            engine.configure_sparsity(sparsity, prediction=prediction)
+            got = engine.logits(ids)
+            ref, _ = llama.forward(engine.params, llama.KVCache.zeros(cfg, 64), jnp.asarray(padded), jnp.int32(0),
+                                   jnp.int32(len(ids)), engine._thresholds, cfg=cfg, attn_len=64, all_logits=True,
+                                   sparse=engine.sparsity, predict=engine.prediction, native=bool(engine._native))
+            np.testing.assert_allclose(got, np.asarray(ref)[:len(ids)], rtol=1e-5, atol=1e-5,
+                                       err_msg=f"sparsity={sparsity} prediction={prediction}")
+    finally:
+        engine.configure_sparsity(None)

@@ -368,17 +368,76 @@ def _layer_ops(cfg: ModelConfig, layers, i: int, residuals: list, sparse, thresh
         taps.append(layer_taps)
     if sparse is None or not sparse.is_sparse_layer(i):
         return LinearOps(taps=layer_taps) if taps is not None else DENSE
-    ks = sparse.ks(cfg)
     restrict = None
     if predict is not None and i - predict.distance >= 0:
         src = i - predict.distance
-        restrict = {}
-        for group, norm in (("qkv", "attn_norm"), ("gate_up", "mlp_norm")):
-            n = min(cfg.d_model, round(predict.superset * ks[OP_GROUPS.index(group)]))
-            score = prediction_score(residuals[src], layers[i][norm]["weight"], layers[src][norm]["weight"],
-                                     predict.score)
-            restrict[group] = top_mask(score, n)
-    return LinearOps(sparse, ks, thresholds, restrict, layer_taps, layer=i)
+        restrict = _predicted_sets(cfg, sparse, predict, residuals[src], layers[i], layers[src])
+    return LinearOps(sparse, sparse.ks(cfg), thresholds, restrict, layer_taps, layer=i)
+
+
+def _predicted_sets(cfg: ModelConfig, sparse: SparsityConfig, predict: PredictionConfig, residual_src,
+                    layer_params: Params, src_params: Params) -> dict[str, jax.Array]:
+    """The channel masks a layer's predicted op groups are restricted to, scored from the residual
+    entering the source layer (predict.distance layers before) under each layer's norm weight."""
+    ks = sparse.ks(cfg)
+    restrict = {}
+    for group, norm in (("qkv", "attn_norm"), ("gate_up", "mlp_norm")):
+        n = min(cfg.d_model, round(predict.superset * ks[OP_GROUPS.index(group)]))
+        score = prediction_score(residual_src, layer_params[norm]["weight"], src_params[norm]["weight"], predict.score)
+        restrict[group] = top_mask(score, n)
+    return restrict
+
+
+# ---------------------------------------------------------------------------------------------
+# A prompt chunk as one program per layer (the all-in-DRAM engine's prefill).
+#
+# A program over every layer takes XLA ~0.5 GB of transient memory and seconds to compile (SmolLM2
+# q8: peak RSS 1.1 GB for a 143 MB model, docs/results.md), for each prompt bucket. Layers of the
+# same kind compile to the same program, so one layer's program serves them all: one compile per
+# bucket and layer kind, a few MB to compile, and ~30 dispatches per chunk of >= 16 tokens, which
+# cost nothing next to the chunk's compute. The logits equal model_forward's up to the order of
+# float sums (XLA fuses across layers there). Decode keeps one program per token (speed).
+
+
+def layer_kind(cfg: ModelConfig, i: int, sparse: SparsityConfig | None, predict: PredictionConfig | None) -> tuple:
+    """What layer i's program depends on beyond its arrays: layers with equal kinds share it."""
+    sparse_layer = sparse is not None and sparse.is_sparse_layer(i)
+    predicted = sparse_layer and predict is not None and i - predict.distance >= 0
+    return cfg.is_local_layer(i), cfg.layer_rope_theta(i), sparse_layer, predicted
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "sparse", "predict", "native"))
+def embed_program(embed, tokens, *, cfg: ModelConfig, sparse=None, predict=None, native: bool = False):
+    """tokens [T] -> the residual entering layer 0."""
+    del sparse, predict, native
+    return embed_tokens(cfg, embed, tokens)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "layer", "attn_len", "sparse", "predict", "native"),
+                   donate_argnames=("k_cache", "v_cache"))
+def layer_program(p: Params, x, k_cache, v_cache, start_pos, thresholds, src, *, cfg: ModelConfig, layer: int,
+                  attn_len: int, sparse: SparsityConfig | None, predict: PredictionConfig | None,
+                  native: bool = False):
+    """One layer over a prompt chunk: (x, k_cache, v_cache). `layer` is any layer of this kind
+    (layer_kind): the program reads nothing else of it. thresholds: this layer's row [1, 4] (or
+    None); src: (residual entering the source layer, its params) for a predicted layer, else None."""
+    if sparse is None or not sparse.is_sparse_layer(layer):
+        ops = DENSE
+    else:
+        restrict = _predicted_sets(cfg, sparse, predict, src[0], p, src[1]) if src is not None else None
+        ops = LinearOps(sparse, sparse.ks(cfg), thresholds, restrict, None, layer=0)
+    biases = attention_biases(cfg, start_pos, x.shape[0], attn_len)
+    return layer_forward(cfg, p, x, k_cache, v_cache, start_pos, biases, attn_len=attn_len,
+                         ops=ops.with_native(native), native=native, layer=layer)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "all_logits", "sparse", "predict", "native"))
+def head_program(params: Params, x, n_valid, *, cfg: ModelConfig, all_logits: bool, sparse=None, predict=None,
+                 native: bool = False):
+    """The residual leaving the last layer -> logits (final_logits); params: embed, final_norm and
+    lm_head (where untied) only."""
+    del sparse, predict
+    return final_logits(cfg, params, x, n_valid, all_logits=all_logits, native=native)
 
 
 # ---------------------------------------------------------------------------------------------
