@@ -60,7 +60,7 @@ def cmd_verify(args) -> int:
 
 
 def cmd_convert(args) -> int:
-    print(convert(args.gguf, args.out, dtype=args.dtype, overwrite=args.overwrite))
+    print(convert(args.gguf, args.out, dtype=args.dtype, overwrite=args.overwrite, rounding=args.rounding))
     return 0
 
 
@@ -319,6 +319,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="directory of the store to create")
     p.add_argument("--dtype", default="float32", choices=DTYPE_CHOICES, help="storage dtype: f32 (float32), "
                    "f16 (float16), q8 or q4 (int8/4-bit rows with f16 block scales, see activeflow_jax/quant.py)")
+    p.add_argument("--rounding", choices=["calibrated", "plain"], default=None,
+                   help="q4 only: 'calibrated' (default) carries each row's rounding error into the rows not yet "
+                   "rounded, weighted by the model's inputs on the shipped calibration text (minutes, the model "
+                   "in memory as f32); 'plain' rounds each row alone (seconds)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing store at OUT")
     p.set_defaults(func=cmd_convert)
 

@@ -24,7 +24,7 @@ from activeflow_jax.paths import activeflow_home
 from activeflow_jax.quant import canonical_dtype
 from activeflow_jax.store.reader import read_manifest
 from activeflow_jax.store.verify import verify_store
-from activeflow_jax.store.writer import convert
+from activeflow_jax.store.writer import convert, default_rounding
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,6 +160,8 @@ def _store_up_to_date(store: str, gguf_sha256: str, dtype: str, verify: bool) ->
     except StoreError:
         return False
     if manifest["source"].get("sha256") != gguf_sha256 or manifest["storage_dtype"] != dtype:
+        return False
+    if manifest.get("rounding", "plain") != default_rounding(dtype):  # e.g. a q4 store from before calibrated rounding
         return False
     if not verify:
         return True

@@ -119,7 +119,7 @@ def test_the_plan_names_the_embedding_and_its_minimum_holds_it(dtype, q8_embed):
 
     big = tiny_config(num_layers=4, d_model=64, d_ff=128, vocab_size=262144)
     small = dataclasses.replace(big, vocab_size=1024)
-    table = {"float32": 64 * 4, "q4": row_bytes("q4", 64)}[dtype] if not q8_embed else row_bytes("q8", 64)
+    table = {"float32": 64 * 4, "q4": row_bytes("q8", 64)}[dtype] if not q8_embed else row_bytes("q8", 64)  # q4 store: q8 table
 
     def fixed(cfg, budget):
         return planner.plan(cfg, budget, _bw(), levels=LEVELS, sparsity=0.5, group_size=2, kv_tokens=64,

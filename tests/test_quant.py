@@ -125,14 +125,15 @@ def test_native_kernels_match_xla(dtype, cols):
 def test_store_holds_quantized_rows(stores, dtype):
     tiny, paths = stores
     manifest = af.store.read_manifest(paths[dtype])
-    assert manifest["storage_dtype"] == dtype and manifest["layout_version"] == layout.QUANT_LAYOUT_VERSION
+    assert manifest["storage_dtype"] == dtype and manifest["layout_version"] == layout.layout_version(dtype)
     entry = manifest["tensors"]["layers.0.mlp.w_gate_up"]
     assert entry["shape"] == [48, 144] and entry["dtype"] == dtype
     assert entry["stored_shape"] == [48, quant.row_bytes(dtype, 144)]
     assert manifest["tensors"]["layers.0.attn_norm.weight"].get("dtype") == "float32"  # norms stay f32
     reader = StoreReader(paths[dtype])
     f32 = StoreReader(paths["float32"])
-    assert reader.nbytes("embed") == 300 * quant.row_bytes(dtype, 48) < f32.nbytes("embed") / 2
+    assert reader.nbytes("embed") == 300 * quant.row_bytes("q8", 48) < f32.nbytes("embed") / 2  # q8 in a q4 store too
+    assert reader.tensor_dtype("embed") == "q8" and manifest["tensors"]["embed"]["dtype"] == "q8"
     assert reader.row_bytes("layers.1.mlp.w_down") == quant.row_bytes(dtype, 48)
     # reads widen to f32, row reads equal whole-tensor reads, stored rows are the raw bytes
     whole = reader.read("layers.1.mlp.w_down")
@@ -205,12 +206,28 @@ def test_unknown_dtype_and_older_reader_are_refused(stores, tmp_path, monkeypatc
     shutil.copytree(paths["q4"], store)
     # an older reader (layout version 1 only) refuses a q4 store clearly
     monkeypatch.setattr(layout, "READABLE_LAYOUT_VERSIONS", (1,))
-    with pytest.raises(af.StoreError, match="layout version 2.*re-convert"):
+    with pytest.raises(af.StoreError, match="layout version 3.*re-convert"):
         StoreReader(store)
     monkeypatch.undo()
     manifest_path = os.path.join(store, layout.MANIFEST)
     with open(manifest_path) as f:
         manifest = json.load(f)
+    original = json.dumps(manifest)
+
+    def write(edit):
+        edited = json.loads(original)
+        edit(edited)
+        with open(manifest_path, "w") as f:
+            json.dump(edited, f)
+
+    # a q4 store of layout version 2 held its embedding as q4: refused with what to do
+    write(lambda m: m.__setitem__("layout_version", 2))
+    with pytest.raises(af.StoreError, match="older activeflow_jax.*q8.*activeflow convert --overwrite --dtype q4"):
+        af.Engine.load(store)
+    # a tensor recorded in another dtype than the rule gives (an edited manifest) is named
+    write(lambda m: m["tensors"]["embed"].__setitem__("dtype", "q4"))
+    with pytest.raises(af.StoreError, match="'embed' is recorded as 'q4'.*holds it as 'q8'"):
+        af.Engine.load(store)
     manifest["storage_dtype"] = "q3"
     with open(manifest_path, "w") as f:
         json.dump(manifest, f)

@@ -53,9 +53,10 @@ from activeflow_jax.errors import InvalidArgumentError, StoreError
 from activeflow_jax.eval.perplexity import read_text
 from activeflow_jax.eval.quality import WindowKL
 from activeflow_jax.models.llama import flatten_params, forward_with_taps, sequence_logits
+from activeflow_jax.paths import default_calibration_text
 from activeflow_jax.quant import widen_params
 from activeflow_jax.runtime.budget import allocated_sparsity
-from activeflow_jax.sparse.calibrate import calibrate, default_calibration_text
+from activeflow_jax.sparse.calibrate import calibrate
 from activeflow_jax.sparse.thresholds import read_calibration, store_thresholds
 from activeflow_jax.store.reader import StoreReader, read_manifest
 from activeflow_jax.store.writer import write_store

@@ -19,8 +19,8 @@ This is the one place that turns a budget into sizes. Everything the engine hold
 Every byte is the store's (`dtype`, default float32): a q8 / q4 store's rows are read from flash
 and held in the pools as quantized rows (activeflow_jax/quant.py), so a row costs
 quant.row_bytes(dtype, out) both on flash and in a pool; a float16 store's rows are read as f16
-and held as f32 (`held_dtype`). Norms are f32 in every store; a quantized store's embedding/head
-is held quantized.
+and held as f32 (`held_dtype`). Norms are f32 in every quantized store; a quantized store's
+embedding/head is held quantized (q8 in a q4 store: quant.tensor_dtype decides every tensor's dtype).
 
 Every pool must hold the k rows one op computes with (a prefill chunk's larger union is computed
 in slices of k rows), and the predicted ops also one group's preloaded rows; that, with the
@@ -50,7 +50,7 @@ from activeflow_jax.config import (
 )
 from activeflow_jax.errors import InvalidArgumentError
 from activeflow_jax.models.llama import param_shapes
-from activeflow_jax.quant import is_quantized, row_bytes
+from activeflow_jax.quant import is_quantized, row_bytes, tensor_dtype
 
 F32 = 4
 # Predicted channels preloaded per op, in multiples of k. Measured (stop 12, 24 cold tokens of the
@@ -159,18 +159,22 @@ def allocated_sparsity(cfg: ModelConfig, op_sparsity, **options) -> SparsityConf
 
 def model_weight_bytes(cfg: ModelConfig, dtype: str = "float32") -> int:
     """The model's weight bytes in a store of `dtype` (what budget fractions are fractions of)."""
-    if not is_quantized(dtype):
-        return cfg.num_params() * np.dtype(dtype).itemsize
+    return sum(_stored_bytes(dtype, name, shape) for name, shape in param_shapes(cfg).items())
 
-    return sum(s[0] * row_bytes(dtype, s[1]) if len(s) == 2 else int(np.prod(s)) * F32
-               for s in param_shapes(cfg).values())
+
+def _stored_bytes(dtype: str, name: str, shape: tuple[int, ...]) -> int:
+    """Bytes of tensor `name` in a store of `dtype`, held as stored (quant.tensor_dtype)."""
+    own = tensor_dtype(dtype, name, shape)
+    if is_quantized(own):
+        return shape[0] * row_bytes(own, shape[1])
+    return int(np.prod(shape)) * np.dtype(own).itemsize
 
 
 def embedding_bytes(cfg: ModelConfig, q8_embed: bool = False, dtype: str = "float32") -> int:
     """The embedding table in DRAM: f32, exact Q8_0 blocks (models/embedding.py), or a quantized
     store's rows."""
     if is_quantized(dtype):
-        return cfg.vocab_size * row_bytes(dtype, cfg.d_model)
+        return _stored_bytes(dtype, "embed", (cfg.vocab_size, cfg.d_model))
     if q8_embed:
         return cfg.vocab_size * row_bytes("q8", cfg.d_model)
     return cfg.vocab_size * cfg.d_model * F32
@@ -181,7 +185,8 @@ def head_bytes(cfg: ModelConfig, q8_embed: bool = False, dtype: str = "float32")
     rows in a quantized store)."""
     if cfg.tie_embeddings:
         return embedding_bytes(cfg, q8_embed, dtype)
-    return cfg.d_model * row_bytes(dtype, cfg.vocab_size) if is_quantized(dtype) else cfg.vocab_size * cfg.d_model * F32
+    return _stored_bytes(dtype, "lm_head", (cfg.d_model, cfg.vocab_size)) if is_quantized(dtype) else \
+        cfg.vocab_size * cfg.d_model * F32
 
 
 def resident_bytes(cfg: ModelConfig, q8_embed: bool = False, dtype: str = "float32") -> int:

@@ -23,8 +23,8 @@ import time
 from activeflow_jax.config import MAX_SPARSITY, OP_GROUPS
 from activeflow_jax.errors import InvalidArgumentError
 from activeflow_jax.eval.quality import WindowKL
+from activeflow_jax.paths import default_calibration_text
 from activeflow_jax.runtime.budget import allocation_mean, layer_op_bytes
-from activeflow_jax.sparse.calibrate import default_calibration_text
 
 LEVEL_GRID = 0.01  # allocations stay on a 1% grid, so calibrating them for the threshold policy is tidy
 

@@ -23,6 +23,7 @@ from activeflow_jax.config import MAX_SPARSITY, OP_GROUPS, ModelConfig
 from activeflow_jax.engine import Engine
 from activeflow_jax.errors import InvalidArgumentError
 from activeflow_jax.models.llama import forward_with_taps
+from activeflow_jax.paths import default_calibration_text
 from activeflow_jax.sparse.thresholds import (
     BINS_PER_OCTAVE,
     HIST_BINS,
@@ -35,11 +36,6 @@ from activeflow_jax.sparse.thresholds import (
 DEFAULT_LEVELS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 CALIBRATION_WINDOW = 512
 MIN_CALIBRATION_TOKENS = 1024
-
-
-def default_calibration_text() -> str:
-    """The shipped calibration corpus (model-written articles; see checkpoints/make_calibration_text.py)."""
-    return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "calibration.txt")
 
 
 def _bin_of(a: jax.Array) -> jax.Array:

@@ -12,9 +12,10 @@ Every 2-D weight is stored channel-major, [in, out], so one input channel is one
 `shard_rows` rows and is made of inner chunks of `chunk_rows` rows, each with a crc32c, plus a
 crc32c-protected index; a row block can be read without reading the rest of the tensor.
 
-Storage dtypes: float32, float16, and the quantized q8 / q4 (layout version 2): a quantized
-store keeps each 2-D weight as uint8 rows of blocks (activeflow_jax/quant.py), so a row is still
-one contiguous read; its manifest entry records the logical shape, the stored shape and the dtype.
+Storage dtypes: float32, float16, and the quantized q8 (layout version 2) / q4 (version 3): a
+quantized store keeps each 2-D weight as uint8 rows of blocks (activeflow_jax/quant.py), so a row
+is still one contiguous read; its manifest entry records the logical shape, the stored shape and
+the dtype, which quant.tensor_dtype decides (norms f32; a q4 store's embedding/head q8).
 """
 
 from __future__ import annotations
@@ -22,12 +23,14 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from activeflow_jax.quant import is_quantized, quantizes, row_bytes
+from activeflow_jax.quant import is_quantized, row_bytes, tensor_dtype
 
 FORMAT_NAME = "activeflow-store"
 LAYOUT_VERSION = 1  # float32 / float16 stores (unchanged since version 1)
-QUANT_LAYOUT_VERSION = 2  # q8 / q4 stores: readers before version 2 refuse them (they check the version)
-READABLE_LAYOUT_VERSIONS = (LAYOUT_VERSION, QUANT_LAYOUT_VERSION)
+QUANT_LAYOUT_VERSION = 2  # q8 stores: readers before version 2 refuse them (they check the version)
+Q4_LAYOUT_VERSION = 3  # q4 stores, whose embedding/head are q8 rows (quant.tensor_dtype); a version-2 q4 store
+# held them as q4 and is refused (re-convert): every byte count follows the rule, not the manifest
+READABLE_LAYOUT_VERSIONS = (LAYOUT_VERSION, QUANT_LAYOUT_VERSION, Q4_LAYOUT_VERSION)
 MANIFEST = "manifest.json"
 TENSOR_DIR = "tensors"
 CALIBRATION = "calibration.json"
@@ -54,18 +57,19 @@ def chunking(shape: tuple[int, ...], itemsize: int, chunk_rows: int | None = Non
 
 def layout_version(dtype: str) -> int:
     """The layout version a store of `dtype` is written with."""
+    if dtype == "q4":
+        return Q4_LAYOUT_VERSION
     return QUANT_LAYOUT_VERSION if is_quantized(dtype) else LAYOUT_VERSION
 
 
-def stored_form(shape: tuple[int, ...], dtype: str) -> tuple[tuple[int, ...], str, str]:
-    """(stored shape, zarr data type, tensor dtype) of a tensor of logical `shape` in a store of
-    `dtype`. A quantized store holds its 2-D weights as uint8 rows [rows, row_bytes] (quant.py)
-    and everything else (norms) as float32."""
-    if not is_quantized(dtype):
-        return tuple(shape), dtype, dtype
-    if quantizes("", tuple(shape)):
-        return (shape[0], row_bytes(dtype, shape[1])), "uint8", dtype
-    return tuple(shape), "float32", "float32"
+def stored_form(name: str, shape: tuple[int, ...], dtype: str) -> tuple[tuple[int, ...], str, str]:
+    """(stored shape, zarr data type, tensor dtype) of tensor `name` of logical `shape` in a store
+    of `dtype`: a quantized tensor (quant.tensor_dtype) as uint8 rows [rows, row_bytes] (quant.py),
+    anything else as an array of its own dtype."""
+    own = tensor_dtype(dtype, name, tuple(shape))
+    if is_quantized(own):
+        return (shape[0], row_bytes(own, shape[1])), "uint8", own
+    return tuple(shape), own, own
 
 
 def tensor_path(store_dir: str | os.PathLike, name: str) -> str:

@@ -50,6 +50,13 @@ def read_manifest(store_dir: str | os.PathLike) -> dict[str, Any]:
         if key not in manifest:
             raise StoreError(f"{path} lacks '{key}'; convert the store again")
     dtype = manifest["storage_dtype"]
+    if dtype == "q4" and version == layout.QUANT_LAYOUT_VERSION:
+        raise StoreError(
+            f"{store_dir} is a q4 store written by an older activeflow_jax (layout version {version}: its "
+            "embedding is 4-bit); q4 stores now keep the embedding and head as q8 (layout version "
+            f"{layout.Q4_LAYOUT_VERSION}, a better model). Re-convert it: `activeflow convert --overwrite "
+            "--dtype q4 <model.gguf> <store>` (or `activeflow fetch <model> --dtype q4` for a fetched one)"
+        )
     if dtype not in layout.STORAGE_DTYPES or layout.layout_version(dtype) != version:
         raise StoreError(
             f"{store_dir} has storage dtype {dtype!r} (layout version {version}), which this activeflow_jax "
@@ -117,6 +124,11 @@ def check_manifest_tensors(manifest: dict[str, Any], cfg: ModelConfig, store_dir
                              f"integers ({entry!r:.120}); {_EDITED}")
         if entry["shard_rows"] % entry["chunk_rows"]:
             raise StoreError(f"store {store_dir}: tensor '{name}' has shard_rows not a multiple of chunk_rows; {_EDITED}")
+        recorded = entry.get("dtype")
+        if recorded is not None and recorded != layout.stored_form(name, tuple(shape), manifest["storage_dtype"])[2]:
+            raise StoreError(f"store {store_dir}: tensor '{name}' is recorded as {recorded!r}, but a "
+                             f"{manifest['storage_dtype']} store holds it as "
+                             f"{layout.stored_form(name, tuple(shape), manifest['storage_dtype'])[2]!r}; {_EDITED}")
         if name in expected and set(entry) <= {"shape", "chunk_rows", "shard_rows"} and tuple(shape) != expected[name]:
             raise StoreError(f"store {store_dir}: tensor '{name}' has shape {tuple(shape)} but the model config needs "
                              f"{expected[name]}; {_EDITED}")
@@ -183,7 +195,8 @@ class StoreReader:
         return int(np.prod(stored[0])) * np.dtype(stored[1]).itemsize
 
     def tensor_dtype(self, name: str) -> str:
-        """The tensor's own dtype: the store's, except for the f32 norms of a quantized store."""
+        """The tensor's own dtype (quant.tensor_dtype): the store's, except for the f32 norms of a
+    quantized store and the q8 embedding/head of a q4 store."""
         return self._stored(name)[2]
 
     def row_bytes(self, name: str) -> int:
@@ -192,7 +205,7 @@ class StoreReader:
         return int(np.prod(stored[0][1:])) * np.dtype(stored[1]).itemsize
 
     def _stored(self, name: str) -> tuple[tuple[int, ...], str, str]:
-        return layout.stored_form(self.shape(name), self.storage_dtype)
+        return layout.stored_form(name, self.shape(name), self.storage_dtype)
 
     def _as_f32(self, name: str, data) -> np.ndarray:
         """Stored values -> float32 in the logical shape (quantized rows are widened, quant.py)."""

@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from activeflow_jax.calibrated_rounding import calibrated_tensors, check_rounding
 from activeflow_jax.config import ModelConfig
 from activeflow_jax.errors import ActiveFlowError, GGUFError, InvalidArgumentError, NonFiniteWeightsError, StoreError
 from activeflow_jax.formats.gguf_import import file_sha256, open_gguf
@@ -30,7 +31,7 @@ def _ts():
 def write_store(store_dir: str | os.PathLike, config: ModelConfig, tokenizer_spec: dict[str, Any],
                 tensors: Iterable[tuple[str, np.ndarray]], *, dtype: str = "float32",
                 source: dict[str, Any] | None = None, overwrite: bool = False, progress: bool = False,
-                total: int | None = None, chunk_rows: int | None = None) -> str:
+                total: int | None = None, chunk_rows: int | None = None, rounding: str = "plain") -> str:
     """Writes a complete store at `store_dir`, atomically.
 
     Tensors go into a hidden temporary directory beside the target; the manifest is written
@@ -58,7 +59,7 @@ def write_store(store_dir: str | os.PathLike, config: ModelConfig, tokenizer_spe
         os.makedirs(os.path.join(tmp, layout.TENSOR_DIR))
         for name, array in tensors:
             shape = tuple(np.shape(array))
-            stored_shape, zarr_dtype, tensor_dtype = layout.stored_form(shape, dtype)
+            stored_shape, zarr_dtype, tensor_dtype = layout.stored_form(name, shape, dtype)
             if is_quantized(tensor_dtype):  # quantized from the importer's f32, row by row (quant.py)
                 array = np.asarray(array, np.float32)
                 check_finite(name, array, tensor_dtype)
@@ -81,6 +82,7 @@ def write_store(store_dir: str | os.PathLike, config: ModelConfig, tokenizer_spe
             "format": layout.FORMAT_NAME,
             "layout_version": layout.layout_version(dtype),
             "storage_dtype": dtype,
+            "rounding": rounding,  # how the quantized rows were rounded (calibrated_rounding.py); informational
             "model": config.to_json(),
             "tokenizer": tokenizer_spec,
             "tensors": entries,
@@ -151,14 +153,23 @@ def check_replaceable(store_dir: str, keep: Iterable[str] = ()) -> None:
 
 
 def convert(gguf_path: str | os.PathLike, store_path: str | os.PathLike, dtype: str = "float32", *,
-            overwrite: bool = False, progress: bool = True) -> str:
+            overwrite: bool = False, progress: bool = True, rounding: str | None = None) -> str:
     """Converts a GGUF file into a flash store; returns the store path.
 
+    rounding (q4 stores): "calibrated" (the default for q4) rounds each linear op's rows with their
+    error carried by the op's input statistics on the shipped calibration text
+    (activeflow_jax/calibrated_rounding.py: a few minutes, the whole model in memory as f32);
+    "plain" rounds each row on its own (seconds, streamed). Other dtypes round plainly.
+
     Idempotent: if `store_path` already holds a complete store converted from the same file
-    (by sha256) with the same dtype, and every chunk passes its checksum (store/verify.py),
-    nothing is done; a damaged one is converted again.
+    (by sha256) with the same dtype and rounding, and every chunk passes its checksum
+    (store/verify.py), nothing is done; a damaged one is converted again.
     """
     dtype = canonical_dtype(dtype)
+    rounding = default_rounding(dtype) if rounding is None else check_rounding(rounding)
+    if rounding == "calibrated" and dtype != "q4":
+        raise InvalidArgumentError(f"calibrated rounding is for q4 stores; a {dtype} store rounds plainly "
+                                   "(leave rounding unset)")
     try:
         model = open_gguf(gguf_path)  # validates before anything is written
     except ActiveFlowError:
@@ -172,7 +183,8 @@ def convert(gguf_path: str | os.PathLike, store_path: str | os.PathLike, dtype: 
             manifest = read_manifest(store_path)
         except StoreError:
             manifest = None
-        if manifest and manifest["source"].get("sha256") == sha and manifest["storage_dtype"] == dtype:
+        if (manifest and manifest["source"].get("sha256") == sha and manifest["storage_dtype"] == dtype
+                and manifest.get("rounding", "plain") == rounding):
             report = verify_store(store_path, layouts=False)  # up to date only if every chunk is intact
             if report.ok:
                 return store_path
@@ -187,11 +199,20 @@ def convert(gguf_path: str | os.PathLike, store_path: str | os.PathLike, dtype: 
             f"{store_path} exists and was not converted from {os.fspath(gguf_path)} as {dtype}; "
             "pass overwrite=True (--overwrite) or choose another path"
         )
+    tensors = _guarded(model.iter_tensors(), gguf_path)
+    if rounding == "calibrated":  # needs every tensor at once: the model runs on the calibration text
+        tensors = calibrated_tensors(model.config, model.tokenizer_spec, dict(tensors), dtype, progress).items()
     return write_store(
-        store_path, model.config, model.tokenizer_spec, _guarded(model.iter_tensors(), gguf_path), dtype=dtype,
+        store_path, model.config, model.tokenizer_spec, tensors, dtype=dtype,
         source={"path": os.path.abspath(os.fspath(gguf_path)), "sha256": sha, "format": "gguf"},
-        overwrite=True, progress=progress, total=len(model.tensor_names()),
+        overwrite=True, progress=progress, total=len(model.tensor_names()), rounding=rounding,
     )
+
+
+def default_rounding(dtype: str) -> str:
+    """How a store of `dtype` is rounded unless the caller says: calibrated for q4 (module doc of
+    calibrated_rounding.py), plain for the rest."""
+    return "calibrated" if dtype == "q4" else "plain"
 
 
 def _damaged_gguf(path, exc: Exception) -> GGUFError:
