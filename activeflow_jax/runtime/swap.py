@@ -54,7 +54,10 @@ from activeflow_jax.store.reader import StoreReader
 # ~590 MB of transient memory to compile for the default model (RSS 467 -> 1,054 MB), most of a
 # budget engine's peak; programs of a few layers compile in about a second each, serve every
 # group of their shape (the layer index is traced), and cost a dispatch per group per prompt chunk.
-PREFILL_LAYERS = 4
+# One layer per program (bench/prefill.py, q8, 60%, two runs alternating with 4 and 2): load and
+# first token 12.2 / 12.3 s -> 7.9 / 7.2 s, peak RSS 558 / 539 -> 494 / 505 MB, cold prefill tok/s
+# 63.5-64.8 against 53.8-66.4 (the spread of the machine); Gemma 3's growth 489 -> 435 MB.
+PREFILL_LAYERS = 1
 
 _COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration",
                    "/jax/core/compile/backend_compile_duration")
