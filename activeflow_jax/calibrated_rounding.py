@@ -77,9 +77,7 @@ def input_grams(cfg: ModelConfig, flat: dict[str, np.ndarray], windows: np.ndarr
     params = llama.params_from_flat(cfg, flat)
     xs = [llama.embed_tokens(cfg, params["embed"], jnp.asarray(w)) for w in windows]
     grams: dict[tuple[int, str], np.ndarray] = {}
-    for i in range(cfg.num_layers):
-        kind = llama.layer_kind(cfg, i, None, None)
-        layer = next(j for j in range(i + 1) if llama.layer_kind(cfg, j, None, None) == kind)
+    for i, (_, layer) in enumerate(llama.layer_programs(cfg, None, None)):
         sums = None
         for w, x in enumerate(xs):
             xs[w], g = _layer_with_grams(params["layers"][i], x, cfg=cfg, layer=layer)

@@ -225,10 +225,8 @@ class Engine:
         x = self._program(("embed", t), llama.embed_program, (params["embed"], tokens_a))(params["embed"], tokens_a)
         ks, vs = list(cache.k), list(cache.v)
         residuals = []
-        for i in range(cfg.num_layers):
+        for i, (kind, layer) in enumerate(llama.layer_programs(cfg, self.sparsity, self.prediction)):
             residuals.append(x)
-            kind = llama.layer_kind(cfg, i, self.sparsity, self.prediction)
-            layer = next(j for j in range(i + 1) if llama.layer_kind(cfg, j, self.sparsity, self.prediction) == kind)
             p = params["layers"][i]
             src = None
             if kind[3]:  # a predicted layer: the residual entering its source layer, and that layer's norms

@@ -406,6 +406,15 @@ def layer_kind(cfg: ModelConfig, i: int, sparse: SparsityConfig | None, predict:
     return cfg.is_local_layer(i), cfg.layer_rope_theta(i), sparse_layer, predicted
 
 
+def layer_programs(cfg: ModelConfig, sparse: SparsityConfig | None,
+                   predict: PredictionConfig | None) -> list[tuple[tuple, int]]:
+    """For each layer, (its kind, the first layer of that kind): the layer a shared program is
+    traced with."""
+    kinds = [layer_kind(cfg, i, sparse, predict) for i in range(cfg.num_layers)]
+    first: dict[tuple, int] = {}
+    return [(kind, first.setdefault(kind, i)) for i, kind in enumerate(kinds)]
+
+
 @functools.partial(jax.jit, static_argnames=("cfg", "sparse", "predict", "native"))
 def embed_program(embed, tokens, *, cfg: ModelConfig, sparse=None, predict=None, native: bool = False):
     """tokens [T] -> the residual entering layer 0."""
