@@ -196,7 +196,7 @@ class StoreReader:
 
     def tensor_dtype(self, name: str) -> str:
         """The tensor's own dtype (quant.tensor_dtype): the store's, except for the f32 norms of a
-    quantized store and the q8 embedding/head of a q4 store."""
+        quantized store and the q8 embedding/head of a q4 store."""
         return self._stored(name)[2]
 
     def row_bytes(self, name: str) -> int:

@@ -82,7 +82,7 @@ def write_store(store_dir: str | os.PathLike, config: ModelConfig, tokenizer_spe
             "format": layout.FORMAT_NAME,
             "layout_version": layout.layout_version(dtype),
             "storage_dtype": dtype,
-            "rounding": rounding,  # how the quantized rows were rounded (calibrated_rounding.py); informational
+            "rounding": rounding,  # how quantized rows were rounded (calibrated_rounding.py); convert/fetch compare it
             "model": config.to_json(),
             "tokenizer": tokenizer_spec,
             "tensors": entries,
