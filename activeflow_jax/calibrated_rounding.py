@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from activeflow_jax.config import OP_GROUPS, ModelConfig
+from activeflow_jax.config import OP_GROUPS, TENSOR_OF_OP, ModelConfig
 from activeflow_jax.errors import InvalidArgumentError
 from activeflow_jax.formats.tokenizer import Tokenizer
 from activeflow_jax.models import llama
@@ -36,7 +36,6 @@ WINDOW = 512  # tokens per calibration window
 MAX_WINDOWS = 40  # the shipped text has ~35 windows of SmolLM2 tokens
 DAMP = 0.01  # added to H's diagonal, as a share of its mean: keeps the inverse well conditioned
 BLOCK = 64  # rows whose corrections are applied to the rest of the weight at once (same result)
-TENSOR_OF_OP = {"qkv": "attn.wqkv", "o": "attn.wo", "gate_up": "mlp.w_gate_up", "down": "mlp.w_down"}
 
 
 def check_rounding(rounding: str) -> str:

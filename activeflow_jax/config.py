@@ -122,6 +122,8 @@ MLP_ACTIVATIONS = ("silu", "gelu_tanh")
 # Linear ops grouped by the input they read: q/k/v share the normed attention input, gate/up the
 # normed MLP input; o reads the attention output, down the SwiGLU product. One mask per group.
 OP_GROUPS = ("qkv", "o", "gate_up", "down")
+# the weight tensor of each op group, under "layers.<i>." (store names)
+TENSOR_OF_OP = {"qkv": "attn.wqkv", "o": "attn.wo", "gate_up": "mlp.w_gate_up", "down": "mlp.w_down"}
 # The groups whose input derives from the residual stream, so that an earlier layer predicts their
 # active channels: the swapping runtime preloads them a layer group ahead; o and down load on demand.
 PREDICTED_GROUPS = ("qkv", "gate_up")

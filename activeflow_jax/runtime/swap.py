@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from activeflow_jax.config import OP_GROUPS, PREDICTED_GROUPS, ModelConfig, SparsityConfig, op_input_dims
+from activeflow_jax.config import OP_GROUPS, PREDICTED_GROUPS, TENSOR_OF_OP, ModelConfig, SparsityConfig, op_input_dims
 from activeflow_jax.errors import StoreError
 from activeflow_jax.models import llama
 from activeflow_jax.quant import is_quantized
@@ -237,7 +237,7 @@ class SwapRuntime:
         nested parameter dict llama.layer_forward / final_logits read."""
         cfg = self.cfg
         reader = StoreReader(store_path)
-        streamed = {"attn.wqkv", "attn.wo", "mlp.w_gate_up", "mlp.w_down"}
+        streamed = set(TENSOR_OF_OP.values())
         names = [n for n in llama.param_shapes(cfg)
                  if n != "embed" and not (n.startswith("layers.") and n.split(".", 2)[2] in streamed)]
         resident: dict[str, Any] = {"layers": {i: {} for i in range(cfg.num_layers)}}

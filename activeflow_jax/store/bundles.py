@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from activeflow_jax.config import OP_GROUPS, PREDICTED_GROUPS
+from activeflow_jax.config import OP_GROUPS, PREDICTED_GROUPS, TENSOR_OF_OP
 from activeflow_jax.errors import ActiveFlowError, InvalidArgumentError, StoreCorruptError, StoreError
 from activeflow_jax.quant import is_quantized
 from activeflow_jax.store.files import new_temporary_dir, replace_dir, write_error, write_json_durably
@@ -42,7 +42,6 @@ from activeflow_jax.store.reader import StoreReader, read_manifest
 BUNDLE_DIR = "bundles"
 BUNDLE_MANIFEST = "bundles.json"
 BUNDLE_VERSION = 2  # 2: o/down chunks hold one layer
-TENSOR_OF_OP = {"qkv": "attn.wqkv", "o": "attn.wo", "gate_up": "mlp.w_gate_up", "down": "mlp.w_down"}
 TARGET_SHARD_BYTES = 4 << 20
 # Inner chunk of a predicted op: whole channels x all n layers of the group, ~this many bytes
 # (default: one channel, [1, n, out]; o/down chunks hold one layer, see the module docstring). bench/bundles.py: [1, 1, out] chunks made group reads 1.5-2.5x slower (per-chunk
