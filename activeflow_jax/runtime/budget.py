@@ -50,7 +50,8 @@ from activeflow_jax.config import (
 )
 from activeflow_jax.errors import InvalidArgumentError
 from activeflow_jax.models.llama import param_shapes
-from activeflow_jax.quant import is_quantized, row_bytes, tensor_dtype
+from activeflow_jax.quant import is_quantized, row_bytes
+from activeflow_jax.store.layout import stored_nbytes
 
 F32 = 4
 # Predicted channels preloaded per op, in multiples of k. Measured (stop 12, 24 cold tokens of the
@@ -160,22 +161,14 @@ def allocated_sparsity(cfg: ModelConfig, op_sparsity, **options) -> SparsityConf
 
 def model_weight_bytes(cfg: ModelConfig, dtype: str = "float32") -> int:
     """The model's weight bytes in a store of `dtype` (what budget fractions are fractions of)."""
-    return sum(_stored_bytes(dtype, name, shape) for name, shape in param_shapes(cfg).items())
-
-
-def _stored_bytes(dtype: str, name: str, shape: tuple[int, ...]) -> int:
-    """Bytes of tensor `name` in a store of `dtype`, held as stored (quant.tensor_dtype)."""
-    own = tensor_dtype(dtype, name, shape)
-    if is_quantized(own):
-        return shape[0] * row_bytes(own, shape[1])
-    return int(np.prod(shape)) * np.dtype(own).itemsize
+    return sum(stored_nbytes(name, shape, dtype) for name, shape in param_shapes(cfg).items())
 
 
 def embedding_bytes(cfg: ModelConfig, q8_embed: bool = False, dtype: str = "float32") -> int:
     """The embedding table in DRAM: f32, exact Q8_0 blocks (models/embedding.py), or a quantized
     store's rows."""
     if is_quantized(dtype):
-        return _stored_bytes(dtype, "embed", (cfg.vocab_size, cfg.d_model))
+        return stored_nbytes("embed", (cfg.vocab_size, cfg.d_model), dtype)
     if q8_embed:
         return cfg.vocab_size * row_bytes("q8", cfg.d_model)
     return cfg.vocab_size * cfg.d_model * F32
@@ -186,7 +179,7 @@ def head_bytes(cfg: ModelConfig, q8_embed: bool = False, dtype: str = "float32")
     rows in a quantized store)."""
     if cfg.tie_embeddings:
         return embedding_bytes(cfg, q8_embed, dtype)
-    return _stored_bytes(dtype, "lm_head", (cfg.d_model, cfg.vocab_size)) if is_quantized(dtype) else \
+    return stored_nbytes("lm_head", (cfg.d_model, cfg.vocab_size), dtype) if is_quantized(dtype) else \
         cfg.vocab_size * cfg.d_model * F32
 
 

@@ -23,6 +23,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import numpy as np
+
 from activeflow_jax.quant import is_quantized, row_bytes, tensor_dtype
 
 FORMAT_NAME = "activeflow-store"
@@ -70,6 +72,12 @@ def stored_form(name: str, shape: tuple[int, ...], dtype: str) -> tuple[tuple[in
     if is_quantized(own):
         return (shape[0], row_bytes(own, shape[1])), "uint8", own
     return tuple(shape), own, own
+
+
+def stored_nbytes(name: str, shape: tuple[int, ...], dtype: str) -> int:
+    """Bytes of tensor `name` as a store of `dtype` holds it (and as it is held in DRAM)."""
+    stored_shape, zarr_dtype, _ = stored_form(name, shape, dtype)
+    return int(np.prod(stored_shape)) * np.dtype(zarr_dtype).itemsize
 
 
 def tensor_path(store_dir: str | os.PathLike, name: str) -> str:

@@ -124,11 +124,10 @@ def check_manifest_tensors(manifest: dict[str, Any], cfg: ModelConfig, store_dir
                              f"integers ({entry!r:.120}); {_EDITED}")
         if entry["shard_rows"] % entry["chunk_rows"]:
             raise StoreError(f"store {store_dir}: tensor '{name}' has shard_rows not a multiple of chunk_rows; {_EDITED}")
-        recorded = entry.get("dtype")
-        if recorded is not None and recorded != layout.stored_form(name, tuple(shape), manifest["storage_dtype"])[2]:
+        recorded, rule = entry.get("dtype"), layout.stored_form(name, tuple(shape), manifest["storage_dtype"])[2]
+        if recorded is not None and recorded != rule:
             raise StoreError(f"store {store_dir}: tensor '{name}' is recorded as {recorded!r}, but a "
-                             f"{manifest['storage_dtype']} store holds it as "
-                             f"{layout.stored_form(name, tuple(shape), manifest['storage_dtype'])[2]!r}; {_EDITED}")
+                             f"{manifest['storage_dtype']} store holds it as {rule!r}; {_EDITED}")
         if name in expected and set(entry) <= {"shape", "chunk_rows", "shard_rows"} and tuple(shape) != expected[name]:
             raise StoreError(f"store {store_dir}: tensor '{name}' has shape {tuple(shape)} but the model config needs "
                              f"{expected[name]}; {_EDITED}")
@@ -191,8 +190,7 @@ class StoreReader:
 
     def nbytes(self, name: str) -> int:
         """Bytes of the tensor as stored (and as held in DRAM, for quantized weights)."""
-        stored = self._stored(name)
-        return int(np.prod(stored[0])) * np.dtype(stored[1]).itemsize
+        return layout.stored_nbytes(name, self.shape(name), self.storage_dtype)
 
     def tensor_dtype(self, name: str) -> str:
         """The tensor's own dtype (quant.tensor_dtype): the store's, except for the f32 norms of a
