@@ -101,9 +101,10 @@ def restart_cold(engine, store: str, budget) -> None:
 RESULT_PREFIX = "RESULT "
 
 
-def print_result(result: dict[str, Any]) -> None:
-    """A child's result: the line `run_child` looks for in its output."""
-    print(RESULT_PREFIX + json.dumps(result), flush=True)
+def serve_child(spec_json: str, run) -> None:
+    """The child side of `run_child`: `run(spec)` on the JSON spec it was given, its result printed
+    as the line `run_child` looks for in its output."""
+    print(RESULT_PREFIX + json.dumps(run(json.loads(spec_json))), flush=True)
 
 
 def run_child(script: str, spec: dict[str, Any]) -> tuple[dict[str, Any] | None, str]:

@@ -1,6 +1,6 @@
 """The budget runtime's prompt pass: layers per prefill program against compile time, memory and speed.
 
-    python bench/prefill.py --store ~/.cache/activeflow/stores/smollm2-135m-instruct-q8 --prefill_layers 30,4,30,4
+    python bench/prefill.py --store ~/.cache/activeflow/stores/smollm2-135m-instruct-q8 --prefill_layers 4,1,2,4,1,2
 
 Each setting runs in its own process (alternating, so drift hits both): load under the budget
 (O_DIRECT reads), a first generation of one token after the prompt (this compiles every
@@ -13,7 +13,6 @@ the RSS before load minus `memory["total"]`; what `budget.COMPILE_GROWTH_RESERVE
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -27,7 +26,7 @@ flags.DEFINE_string("store", None, "store directory; default: the default model"
 flags.DEFINE_string("budget", "0.6", "DRAM budget: a fraction of the weight bytes or a size")
 flags.DEFINE_float("sparsity", 0.5, "top-k sparsity (0: dense streaming)")
 flags.DEFINE_integer("group_size", 2, "layers per decode group")
-flags.DEFINE_list("prefill_layers", ["30", "4", "30", "4"], "layers per prefill program, one process each")
+flags.DEFINE_list("prefill_layers", ["4", "1", "2", "4", "1", "2"], "layers per prefill program, one process each")
 flags.DEFINE_integer("prompt_len", 128, "prompt tokens")
 flags.DEFINE_integer("kv_tokens", 256, "KV positions the budget reserves")
 flags.DEFINE_string("output", None, "append the JSON record here (JSON lines)")
@@ -63,9 +62,9 @@ def run_one(spec: dict) -> dict:
 def main(argv):
     del argv
     if FLAGS.child:
-        from common import print_result
+        from common import serve_child
 
-        print_result(run_one(json.loads(FLAGS.child)))
+        serve_child(FLAGS.child, run_one)
         return
     from common import emit, machine_info, run_child
 

@@ -22,7 +22,6 @@ same function, see tests/test_swap.py).
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -194,9 +193,9 @@ def plot(rows: list[dict], path: str) -> None:
 def main(argv):
     del argv
     if FLAGS.child:
-        from common import print_result
+        from common import serve_child
 
-        print_result(run_setting(json.loads(FLAGS.child)))
+        serve_child(FLAGS.child, run_setting)
         return
     from common import budget_arg, emit
 

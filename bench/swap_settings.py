@@ -12,7 +12,6 @@ how the defaults (1.0 and 4) were chosen; a single run per setting, so read it n
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -59,9 +58,9 @@ def run_one(spec: dict) -> dict:
 def main(argv):
     del argv
     if FLAGS.child:
-        from common import print_result
+        from common import serve_child
 
-        print_result(run_one(json.loads(FLAGS.child)))
+        serve_child(FLAGS.child, run_one)
         return
     from common import emit, machine_info, run_child
 
