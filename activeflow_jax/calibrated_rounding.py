@@ -4,7 +4,7 @@ co-vary on calibration text (GPTQ, Frantar et al. 2022, in our row layout).
 
 Why: a q4 store rounds weights that the GGUF already holds at 4 bits along the other axis (quant.py),
 so plain rounding adds a second 4-bit error. On SmolLM2-135M (8 windows of WikiText-2, embedding q8
-in both) plain rounding gives 26.50 against the source's 24.37, calibrated rounding 25.68
+in both) plain rounding gives 26.50 against the source's 24.37, calibrated rounding 25.65
 (docs/results.md). A row is one input channel (layout [in, out]), which is GPTQ's unit: rounding row
 i changes y = x W by x_i * e_i, and with H = E[x^T x] over the op's inputs the best correction of
 the rows after i is -e_i H^-1[i, i+1:] / H^-1[i, i]. Rows go in order of falling H[i, i] (GPTQ's
