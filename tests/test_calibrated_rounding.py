@@ -98,3 +98,37 @@ def test_cli_convert_takes_the_rounding(tiny_q4, tmp_path, capsys):
     assert main(["convert", tiny.gguf_path, out, "--dtype", "q4", "--rounding", "plain"]) == 0
     with open(os.path.join(out, layout.MANIFEST)) as f:
         assert json.load(f)["rounding"] == "plain"
+
+
+def test_a_distilled_student_is_rounded_as_its_source_store(tiny_q4, tmp_path, monkeypatch):
+    """distill() trains in f32 and writes the student in the source's dtype and rounding: a
+    calibrated q4 source gets a calibrated student (statistics from the student's own weights),
+    a plain one a plain student."""
+    from activeflow_jax.distill import DistillConfig, distill
+    from activeflow_jax.distill import train
+    from activeflow_jax.testing import CALIBRATION_PROSE
+
+    _, paths = tiny_q4
+    text = tmp_path / "text.txt"
+    text.write_text(CALIBRATION_PROSE)
+    calls = []
+
+    def recording(cfg, spec, flat, dtype, progress=False):
+        calls.append((dtype, np.array(flat["layers.1.mlp.w_down"])))
+        return original(cfg, spec, flat, dtype, progress)
+
+    original = train.calibrated_tensors
+    monkeypatch.setattr(train, "calibrated_tensors", recording)
+    for rounding, path in paths.items():
+        result = distill(path, tmp_path / f"student-{rounding}",
+                         DistillConfig(sparsity=0.5, steps=2, batch_size=2, seq_len=32, lr=3e-3, warmup_steps=1,
+                                       save_every=1, policy="topk"),
+                         text_path=str(text), progress=False, recalibrate=False)
+        manifest = af.store.read_manifest(result.out_store)
+        assert manifest["storage_dtype"] == "q4" and manifest["rounding"] == rounding
+    assert [dtype for dtype, _ in calls] == ["q4"]  # the calibrated source only
+    # the student's weights went through it: the rows it wrote are the calibrated rounding of them
+    student = af.store.StoreReader(tmp_path / "student-calibrated")
+    trained = calls[0][1]
+    stored = student.read("layers.1.mlp.w_down")
+    assert not np.array_equal(stored, _rounded(trained))  # plain rounding of the student would be this

@@ -47,6 +47,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from activeflow_jax.calibrated_rounding import calibrated_tensors
 from activeflow_jax.config import SparsityConfig, parse_op_sparsity
 from activeflow_jax.engine import Engine
 from activeflow_jax.errors import InvalidArgumentError, StoreError
@@ -54,7 +55,7 @@ from activeflow_jax.eval.perplexity import read_text
 from activeflow_jax.eval.quality import WindowKL
 from activeflow_jax.models.llama import flatten_params, forward_with_taps, sequence_logits
 from activeflow_jax.paths import default_calibration_text
-from activeflow_jax.quant import widen_params
+from activeflow_jax.quant import is_quantized, widen_params
 from activeflow_jax.runtime.budget import allocated_sparsity
 from activeflow_jax.sparse.calibrate import calibrate
 from activeflow_jax.sparse.thresholds import read_calibration, store_thresholds
@@ -585,7 +586,7 @@ def distill(store_path: str, out_path: str, dcfg: DistillConfig | None = None, *
         raise InvalidArgumentError(f"{out_path} exists; pass overwrite=True (--overwrite) or choose another path")
     engine = Engine.load(store_path, q8_embedding=False)  # training reads the f32 table whole
     # a quantized store's teacher and student train in f32 (its weights widened); the student is
-    # written back in the store's dtype (write_store below quantizes it)
+    # written back in the store's dtype and rounding (write_store below quantizes it)
     engine.params = widen_params(engine.params)
     cfg = engine.config
     calibration = read_calibration(store_path, cfg)  # its levels are calibrated again for the output
@@ -637,7 +638,12 @@ def distill(store_path: str, out_path: str, dcfg: DistillConfig | None = None, *
 
     reader = StoreReader(store_path)
     flat = {k: np.asarray(v, np.float32) for k, v in flatten_params(params).items()}
-    write_store(out_path, cfg, reader.tokenizer_spec, iter(flat.items()), dtype=reader.manifest["storage_dtype"],
+    dtype = reader.manifest["storage_dtype"]
+    # rounded as the source store was (a q4 store: calibrated by default), on the student's own inputs
+    rounding = reader.manifest.get("rounding", "plain") if is_quantized(dtype) else "plain"
+    if rounding == "calibrated":
+        flat = calibrated_tensors(cfg, reader.tokenizer_spec, flat, dtype, progress)
+    write_store(out_path, cfg, reader.tokenizer_spec, iter(flat.items()), dtype=dtype, rounding=rounding,
                 source={**reader.manifest.get("source", {}), "distilled_from": store_path,
                         "distill": dataclasses.asdict(dcfg), "distill_steps": dcfg.steps,
                         "distill_members": members,
