@@ -285,6 +285,9 @@ class Engine:
                     f"{self.swap.memory.kv_tokens} (kv_tokens); shorten the prompt or max_new_tokens, or load "
                     "with a larger kv_tokens")
             self.swap.new_sequence()  # context-level cache: frequency counters restart per sequence
+            # always the reserved length: the budget holds it anyway, and one cache shape means
+            # one set of programs (SwapRuntime.attention_length)
+            size = min(self.swap.memory.kv_tokens, _pow2_at_least(self.config.max_context, floor))
         return llama.KVCache.zeros(self.config, size)
 
     def set_dram_budget(self, dram_budget: Any) -> None:

@@ -366,3 +366,25 @@ def test_orchestration_counters(swap_store, reference):
     assert loader["dispatches_per_token"] == 1 and loader["host_syncs_per_token"] == 1
     assert loader["hit_rate"] > 0.9  # the prompt warmed the cache
     engine.close()
+
+
+def test_programs_do_not_multiply_with_the_context(swap_store, reference):
+    """Every compiled program stays in the process, and a budget that covers the process must hold
+    them all: under a budget the KV cache is always the reserved length and attention at least
+    min(MIN_ATTN_LEN, cache), so prompts of several lengths and a decode that crosses the engine's
+    attention buckets (128 -> 256) compile one attention length, and a prompt-chunk length one
+    layer program per layer kind (the embedding and head run in small programs of their own)."""
+    engine = af.Engine.load(swap_store, sparsity=0.5, policy="topk", dram_budget=0.5, **{**OPTS, "kv_tokens": 256})
+    plans = []
+    plan = engine.swap._plan
+    engine.swap._plan = lambda *args, **kw: plans.append(plan(*args, **kw)) or plans[-1]
+    assert list(engine.generate_ids(PROMPT, max_new_tokens=8)) == reference[0.5][1]
+    for prompt_len, new_tokens in ((40, 3), (3, 150)):
+        assert len(list(engine.generate_ids(list(range(1, prompt_len + 1)), max_new_tokens=new_tokens,
+                                            stop_ids=frozenset()))) == new_tokens
+    assert {p.attn_len for p in plans} == {256}
+    layer_programs = {p for p in plans if p.tokens > 1 and p.kinds}
+    assert {p.tokens for p in layer_programs} == {16, 64}
+    kinds = {(p.kinds, p.ks) for p in layer_programs}  # here the dense first layer and the sparse ones
+    assert len(kinds) == 2 and len(layer_programs) == 2 * len(kinds)
+    engine.close()

@@ -58,6 +58,8 @@ from activeflow_jax.store.reader import StoreReader
 # first token 12.2 / 12.3 s -> 7.9 / 7.2 s, peak RSS 558 / 539 -> 494 / 505 MB, cold prefill tok/s
 # 63.5-64.8 against 53.8-66.4 (the spread of the machine); Gemma 3's growth 489 -> 435 MB.
 PREFILL_LAYERS = 1
+# The shortest attention the budget runtime's programs are compiled for (SwapRuntime.attention_length).
+MIN_ATTN_LEN = 512
 
 _COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration",
                    "/jax/core/compile/backend_compile_duration")
@@ -378,10 +380,22 @@ class SwapRuntime:
 
     # -- passes --------------------------------------------------------------------------------
 
+    @staticmethod
+    def attention_length(attn_len: int, cache: llama.KVCache) -> int:
+        """The attention length the programs are compiled for: the engine's bucket, but at least
+        MIN_ATTN_LEN (or the whole cache, if shorter). Every distinct length is another set of
+        programs, each of which the process keeps (~4-16 MB apiece for the default model), and a
+        budget that covers the process must hold them all: with the engine's buckets (128, 256,
+        512) and cache lengths (256, 512) a session could compile ~60 programs, with these at most
+        ~23 for kv_tokens <= 512 (5 decode programs, 3 per prompt-chunk bucket). Attending over
+        masked positions costs little next to the weights (~1 ms per token at 512 for SmolLM2)."""
+        return min(cache.max_len, max(attn_len, MIN_ATTN_LEN))
+
     def forward(self, cache: llama.KVCache, tokens: np.ndarray, start_pos: int, n_valid: int, attn_len: int,
                 all_logits: bool):
         """Same contract as `llama.forward`: (logits, new cache)."""
         head = "all_logits" if all_logits else "logits"
+        attn_len = self.attention_length(attn_len, cache)
         with self._pass(decode=tokens.shape[0] == 1):
             out, cache = self._run(cache, tokens, start_pos, n_valid, attn_len, head, None)
             if tokens.shape[0] > 1:
@@ -392,6 +406,7 @@ class SwapRuntime:
                           top_p) -> tuple[int, jax.Array, llama.KVCache]:
         """One decoded token and the choice of the next, the sampling inside the last program:
         (next token, next key, cache)."""
+        attn_len = self.attention_length(attn_len, cache)
         with self._pass(decode=True):
             out, cache = self._run(cache, token, pos, 1, attn_len, "sample", (key, temperature, top_p))
             next_token = self._to_host(out["token"])  # the one sync every token needs
@@ -500,16 +515,20 @@ class SwapRuntime:
             x_in, embed = jnp.asarray(tokens, jnp.int32), "lookup"
         else:  # untied: this pass's rows from flash
             x_in, embed = self._embed_rows(tokens, decode), "rows"
-        if not decode:  # a prompt chunk: the layers in programs of PREFILL_LAYERS, no preloading
+        if not decode:
+            # A prompt chunk, no preloading: the embedding, the layers in programs of PREFILL_LAYERS,
+            # the head, each its own program, so that a chunk length compiles one layer program
+            # per layer kind (plus two small ones) rather than three (first, middle, last layer):
+            # compiled programs stay in the process (see attention_length).
             n = self.cfg.num_layers
             chunks = [tuple(range(i, min(n, i + PREFILL_LAYERS))) for i in range(0, n, PREFILL_LAYERS)]
-            x = x_in
-            for c, layers in enumerate(chunks):
-                last = c + 1 == len(chunks)
-                plan = self._plan(layers, t, attn_len, embed if c == 0 else "none", head if last else "none", False,
-                                  (), False)
-                out = self._call(plan, layers, ks, vs, x, pos, n_valid_a, None, None, (), sample if last else None)
-                x = out.get("x")
+            out = self._call(self._plan((), t, attn_len, embed, "none", False, (), False), (), ks, vs, x_in, pos,
+                             n_valid_a, None, None, (), None)
+            for layers in chunks:
+                plan = self._plan(layers, t, attn_len, "none", "none", False, (), False)
+                out = self._call(plan, layers, ks, vs, out["x"], pos, n_valid_a, None, None, (), None)
+            out = self._call(self._plan((), t, attn_len, "none", head, False, (), False), (), ks, vs, out["x"], pos,
+                             n_valid_a, None, None, (), sample)
             return out, llama.KVCache(tuple(ks), tuple(vs))
         groups = self.groups
         if len(groups) == 1:
