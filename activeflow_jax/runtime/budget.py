@@ -77,7 +77,13 @@ ONDEMAND_CACHE_WEIGHT = 16.0
 # top-k 435 MB (its 262k-entry head); in programs of 4 layers 281 and 489 (stop 31: SmolLM2 f32
 # top-k 280, q8 top-k 284). With one prefill program over all layers (until stop 31) SmolLM2 f32
 # dense grew 669 MB, more than the 490 MB reserved then.
-# The largest measured plus ~10%: the peak is what counts.
+# The largest measured plus ~10%: the peak is what counts. Every program compiled stays in the
+# process (4-16 MB each for SmolLM2), so the growth also depends on how many a session compiles:
+# until stop 33 a varied session (prompts of 10-450 tokens, bench/session_growth.py, q8, 50%, kv
+# 512) compiled 44 programs and grew 486 MB, past the reserve (programs per attention length and
+# per cache length; more with a larger kv_tokens); with one cache length and attention length per
+# engine and one layer program per prompt-chunk length (SwapRuntime.attention_length) the same
+# session compiles 39 smaller ones and grows 382 MB.
 COMPILE_GROWTH_RESERVE = 480_000_000
 _UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9, "t": 1e12, "tb": 1e12,
           "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
