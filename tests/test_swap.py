@@ -371,7 +371,7 @@ def test_orchestration_counters(swap_store, reference):
 def test_programs_do_not_multiply_with_the_context(swap_store, reference):
     """Every compiled program stays in the process, and a budget that covers the process must hold
     them all: under a budget the KV cache is always the reserved length and attention at least
-    min(MIN_ATTN_LEN, cache), so prompts of several lengths and a decode that crosses the engine's
+    min(buckets.BUDGET_MIN_ATTN_LEN, cache), so prompts of several lengths and a decode that crosses the engine's
     attention buckets (128 -> 256) compile one attention length, and a prompt-chunk length one
     layer program per layer kind (the embedding and head run in small programs of their own)."""
     engine = af.Engine.load(swap_store, sparsity=0.5, policy="topk", dram_budget=0.5, **{**OPTS, "kv_tokens": 256})

@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from activeflow_jax.buckets import BUDGET_MIN_ATTN_LEN
 from activeflow_jax.config import OP_GROUPS, PREDICTED_GROUPS, TENSOR_OF_OP, ModelConfig, SparsityConfig, op_input_dims
 from activeflow_jax.errors import StoreError
 from activeflow_jax.models import llama
@@ -58,8 +59,6 @@ from activeflow_jax.store.reader import StoreReader
 # first token 12.2 / 12.3 s -> 7.9 / 7.2 s, peak RSS 558 / 539 -> 494 / 505 MB, cold prefill tok/s
 # 63.5-64.8 against 53.8-66.4 (the spread of the machine); Gemma 3's growth 489 -> 435 MB.
 PREFILL_LAYERS = 1
-# The shortest attention the budget runtime's programs are compiled for (SwapRuntime.attention_length).
-MIN_ATTN_LEN = 512
 
 _COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration",
                    "/jax/core/compile/backend_compile_duration")
@@ -383,13 +382,14 @@ class SwapRuntime:
     @staticmethod
     def attention_length(attn_len: int, cache: llama.KVCache) -> int:
         """The attention length the programs are compiled for: the engine's bucket, but at least
-        MIN_ATTN_LEN (or the whole cache, if shorter). Every distinct length is another set of
-        programs, each of which the process keeps (~4-16 MB apiece for the default model), and a
-        budget that covers the process must hold them all: with the engine's buckets (128, 256,
-        512) and cache lengths (256, 512) a session could compile ~60 programs, with these at most
-        ~23 for kv_tokens <= 512 (5 decode programs, 3 per prompt-chunk bucket). Attending over
-        masked positions costs little next to the weights (~1 ms per token at 512 for SmolLM2)."""
-        return min(cache.max_len, max(attn_len, MIN_ATTN_LEN))
+        buckets.BUDGET_MIN_ATTN_LEN (or the whole cache, if shorter). Every distinct length is
+        another set of programs, each of which the process keeps (~4-16 MB apiece for the default
+        model), and a budget that covers the process must hold them all: with the engine's buckets
+        (128, 256, 512) and cache lengths (256, 512) a session compiled a set per pair; with these,
+        for kv_tokens <= 512, one set of decode programs and, per prompt-chunk length, one layer
+        program per layer kind plus the small embedding and head programs. Attending over masked
+        positions costs little next to the weights (~1 ms per token at 512 for SmolLM2)."""
+        return min(cache.max_len, max(attn_len, BUDGET_MIN_ATTN_LEN))
 
     def forward(self, cache: llama.KVCache, tokens: np.ndarray, start_pos: int, n_valid: int, attn_len: int,
                 all_logits: bool):
