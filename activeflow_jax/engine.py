@@ -29,7 +29,7 @@ from activeflow_jax.errors import InvalidArgumentError, PromptTooLongError, Stor
 from activeflow_jax.eval.scoring import score_requests
 from activeflow_jax.formats.tokenizer import StreamDecoder, Tokenizer
 from activeflow_jax.models import llama
-from activeflow_jax.models.embedding import q8_embedding_wanted, resident_tensor
+from activeflow_jax.models.embedding import q8_embedding_wanted, resident_table, resident_tensor
 from activeflow_jax.paths import activeflow_home
 from activeflow_jax.runtime import mappings
 from activeflow_jax.runtime.budget import allocated_sparsity, peak_rss_bytes
@@ -153,8 +153,10 @@ class Engine:
             raise StoreError(f"store {reader.path} lacks tensors {missing[:3]}...; re-convert it")
         q8 = q8_embedding_wanted(cfg, q8_embedding)
         # one tensor at a time onto the device, so the host never holds a second copy of the model
-        params = llama.params_from_flat(cfg, {name: resident_tensor(name, arr, q8, q8_embedding is True, reader.path)
-                                              for name, arr in reader.iter_held(shapes)})
+        flat = {"embed": resident_table(reader, q8, q8_embedding is True)}  # block by block, see there
+        flat.update((name, resident_tensor(name, arr, q8, q8_embedding is True, reader.path))
+                    for name, arr in reader.iter_held(n for n in shapes if n != "embed"))
+        params = llama.params_from_flat(cfg, flat)
         tokenizer = Tokenizer.from_spec(reader.tokenizer_spec) if reader.tokenizer_spec else None
         engine = cls(cfg, params, tokenizer, store_path=reader.path)
         if sparsity or op_sparsity is not None:

@@ -101,3 +101,35 @@ def test_real_model_embedding_is_held_as_q8(real_engine):
     table = real_engine.params["embed"]
     assert isinstance(table, Q8Table)  # SmolLM2's token_embd is Q8_0 in its GGUF
     assert table.nbytes * 3.5 < real_engine.config.vocab_size * real_engine.config.d_model * 4
+
+
+def test_q8_table_is_built_block_by_block_without_reading_the_whole_f32_table(q8_tiny, tiny_model, monkeypatch):
+    """Loading converts the table block by block (never the whole f32 table in memory beside the
+    q8 rows); a table that is not exactly Q8_0 falls back to reading it whole as f32."""
+    from activeflow_jax.models.embedding import Q8Table, resident_table, to_q8
+    from activeflow_jax.store.reader import StoreReader
+
+    reader = StoreReader(q8_tiny.store_path)
+    whole = reader.read("embed")
+    blocks = list(reader.iter_row_blocks("embed", block_bytes=7 * whole.shape[1] * 4))
+    assert len(blocks) > 2 and [len(b) for _, b in blocks[:-1]] == [7] * (len(blocks) - 1)
+    np.testing.assert_array_equal(np.concatenate([b for _, b in blocks]), whole)
+
+    def whole_read(*args, **kwargs):
+        raise AssertionError("read the whole f32 table")
+
+    monkeypatch.setattr(StoreReader, "read_aligned", whole_read)
+    table = resident_table(reader, q8=True, insist=True)
+    assert isinstance(table, Q8Table)
+    np.testing.assert_array_equal(np.asarray(table.data), np.asarray(to_q8(whole).data))
+    assert table.data.unsafe_buffer_pointer() % 64 == 0
+    monkeypatch.undo()
+
+    plain = StoreReader(tiny_model.store_path)  # random f32 weights: not Q8_0
+    table = resident_table(plain, q8=True, insist=False)
+    assert not isinstance(table, Q8Table)
+    np.testing.assert_array_equal(np.asarray(table), plain.read("embed"))
+    from activeflow_jax.errors import InvalidArgumentError
+
+    with pytest.raises(InvalidArgumentError, match="not exactly Q8_0"):
+        resident_table(plain, q8=True, insist=True)

@@ -15,6 +15,7 @@ is decided here for the all-in-DRAM engine and the budget runtime alike.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import jax
@@ -22,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from activeflow_jax import quant
+from activeflow_jax.aligned import aligned_array
 from activeflow_jax.config import ModelConfig
 from activeflow_jax.errors import InvalidArgumentError
 from activeflow_jax.quant import QRows
@@ -65,18 +67,28 @@ def to_q8(table: np.ndarray, rows_per_chunk: int = 4096) -> QRows | None:
     """The table as q8 rows (a QRows) on the default device, or None where it is not exactly Q8_0.
     quant's q8 quantizer picks GGML's own scale and codes for such a table, so the rows widen back
     to the table bit for bit (checked here, chunk by chunk)."""
-    if table.ndim != 2 or table.dtype != np.float32 or table.shape[1] % BLOCK:
+    if table.ndim != 2 or table.dtype != np.float32:
         return None
-    v, d = table.shape
-    data = np.empty((v, quant.row_bytes("q8", d)), np.uint8)
-    for r0 in range(0, v, rows_per_chunk):
-        part = table[r0:r0 + rows_per_chunk]
+    blocks = ((r0, table[r0:r0 + rows_per_chunk]) for r0 in range(0, table.shape[0], rows_per_chunk))
+    return _q8_from_blocks(blocks, table.shape)
+
+
+def _q8_from_blocks(blocks: Iterable[tuple[int, np.ndarray]], shape: tuple[int, int]) -> QRows | None:
+    """q8 rows from (first row, f32 rows) blocks covering a [V, d] table, or None at the first
+    block that is not exactly Q8_0 (the rest is then not read). Only the q8 rows (aligned, so the
+    device adopts them) and one block are held at a time: a table read whole as f32 first would
+    cost 4x the q8 table on top of it (Gemma 3: 671 MB for a 178 MB table)."""
+    v, d = shape
+    if d % BLOCK:
+        return None
+    data = aligned_array((v, quant.row_bytes("q8", d)), np.uint8)
+    for r0, part in blocks:
         if not np.isfinite(part).all():
             return None
         rows = quant.quantize_rows(part, "q8")
         if not np.array_equal(quant.dequantize_np(rows, "q8", d), part):
             return None
-        data[r0:r0 + rows_per_chunk] = rows
+        data[r0:r0 + len(part)] = rows
     return jax.device_put(QRows(data, "q8", d))
 
 
@@ -117,8 +129,27 @@ def resident_tensor(name: str, arr: np.ndarray, q8: bool, insist: bool, store_pa
         table = to_q8(arr)
         if table is not None:
             return table
-        if insist:
-            raise InvalidArgumentError(f"the embedding of {store_path} is not exactly Q8_0 blocks (it was not "
-                                       "converted from a Q8_0 GGUF tensor), so it cannot be held as one losslessly; "
-                                       "load with q8_embedding='auto' or False")
+        _not_q8(insist, store_path)
     return jax.device_put(arr)
+
+
+def resident_table(reader, q8: bool, insist: bool):
+    """The store's "embed" table on the device, read block by block: as a Q8 table when asked and
+    exact (never the whole f32 table in memory then), else as f32 (read again into one aligned
+    buffer, which the device adopts); a quantized store's table stays as stored. `reader` is a
+    store.reader.StoreReader."""
+    if quant.is_quantized(reader.tensor_dtype("embed")):
+        return jax.device_put(reader.read_held("embed"))
+    if q8:
+        table = _q8_from_blocks(reader.iter_row_blocks("embed"), reader.shape("embed"))
+        if table is not None:
+            return table
+        _not_q8(insist, reader.path)
+    return jax.device_put(reader.read_aligned("embed"))
+
+
+def _not_q8(insist: bool, store_path: str) -> None:
+    if insist:
+        raise InvalidArgumentError(f"the embedding of {store_path} is not exactly Q8_0 blocks (it was not "
+                                   "converted from a Q8_0 GGUF tensor), so it cannot be held as one losslessly; "
+                                   "load with q8_embedding='auto' or False")

@@ -15,7 +15,7 @@ import numpy as np
 from activeflow_jax.config import SparsityConfig
 from activeflow_jax.errors import InvalidArgumentError, StoreError
 from activeflow_jax.formats.tokenizer import Tokenizer
-from activeflow_jax.models.embedding import Q8Table, q8_embedding_wanted, resident_tensor
+from activeflow_jax.models.embedding import Q8Table, q8_embedding_wanted, resident_table
 from activeflow_jax.quant import is_quantized
 from activeflow_jax.runtime import budget as budget_mod
 from activeflow_jax.runtime import heap, planner
@@ -40,13 +40,9 @@ def resident_embedding(reader: StoreReader, option: Any, kernel: str):
     if not reader.config.tie_embeddings:  # after the check above, which refuses q8_embedding=True here
         return None
 
-    if is_quantized(reader.tensor_dtype("embed")):  # a quantized store's table stays quantized
-        import jax
-
-        return jax.device_put(reader.read_held("embed"))
-    if option is True and not wanted:
+    if option is True and not wanted and not is_quantized(reader.tensor_dtype("embed")):
         raise InvalidArgumentError(f"q8_embedding=True needs the native kernels; kernel={kernel!r} does not use them")
-    return resident_tensor("embed", reader.read_aligned("embed"), wanted, option is True, reader.path)
+    return resident_table(reader, wanted, option is True)
 
 
 def load_swapping(engine_cls, store_path, dram_budget: Any, *, sparsity: float | None, policy: str, kernel: str,
@@ -82,6 +78,9 @@ def load_swapping(engine_cls, store_path, dram_budget: Any, *, sparsity: float |
     kv_tokens = 1 << (kv_tokens.bit_length() - 1)  # KV caches come in powers of two
     if group_size is not None and (not isinstance(group_size, int) or group_size < 1):
         raise InvalidArgumentError(f"group_size must be an int >= 1, got {group_size!r}")
+    # built before the process is measured: a large vocabulary's tokenizer (Gemma 3: 262k tokens,
+    # ~515k merges) takes ~130 MB that the budget must count when it covers the process
+    tokenizer = Tokenizer.from_spec(reader.tokenizer_spec) if reader.tokenizer_spec else None
     process = budget_mod.current_rss() + budget_mod.COMPILE_GROWTH_RESERVE  # the process outside the model
     baseline = process if budget_includes_process else 0
 
@@ -138,7 +137,6 @@ def load_swapping(engine_cls, store_path, dram_budget: Any, *, sparsity: float |
     runtime = SwapRuntime(reader.path, cfg, config, thresholds, memory, group_size=group_size, superset=superset,
                           direct_io=direct_io, embed=embed, process=process)
     del embed
-    tokenizer = Tokenizer.from_spec(reader.tokenizer_spec) if reader.tokenizer_spec else None
     engine = engine_cls(cfg, {}, tokenizer, store_path=reader.path)
     engine.swap = runtime
     engine.sparsity, engine.plan_explanation = config, explanation

@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from activeflow_jax.aligned import aligned_array
 from activeflow_jax.buckets import BUDGET_MIN_ATTN_LEN
 from activeflow_jax.config import OP_GROUPS, PREDICTED_GROUPS, TENSOR_OF_OP, ModelConfig, SparsityConfig, op_input_dims
 from activeflow_jax.errors import StoreError
@@ -280,7 +281,7 @@ class SwapRuntime:
         # staging: one group's preloaded rows per predicted op, double-buffered (the program that
         # scatters one buffer may still run while the next group's rows arrive in the other)
         n_layers = max(len(g) for g in groups)
-        self._staging = {op: [self._aligned((n * n_layers, self.pools[op].row_width), self.pools[op].np_dtype)
+        self._staging = {op: [aligned_array((n * n_layers, self.pools[op].row_width), self.pools[op].np_dtype, zeros=True)
                               for _ in range(2)]
                          for op, n in zip(PREDICTED_GROUPS, self._predict_n)} if not self.resident_mode else {}
         self._staging_rows = {op: n * n_layers for op, n in zip(PREDICTED_GROUPS, self._predict_n)}
@@ -317,14 +318,6 @@ class SwapRuntime:
 
     def _zero_freqs(self) -> None:
         self._dev_freqs = tuple(jnp.zeros((self.cfg.num_layers, p.in_dim), jnp.int32) for p in self.pools.values())
-
-    @staticmethod
-    def _aligned(shape: tuple[int, int], dtype: np.dtype) -> np.ndarray:
-        """A 64-byte-aligned host buffer: a jit argument adopts it instead of copying it."""
-        n = int(np.prod(shape)) * dtype.itemsize
-        raw = np.zeros(n + 64, np.uint8)
-        offset = -raw.ctypes.data % 64
-        return raw[offset:offset + n].view(dtype).reshape(shape)
 
     def replan(self, memory: MemoryPlan) -> None:
         """New pool sizes (runtime budget change): the old buffers are freed first."""

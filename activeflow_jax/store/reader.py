@@ -18,6 +18,7 @@ import numpy as np
 from activeflow_jax.config import ModelConfig
 from activeflow_jax.errors import StoreCorruptError, StoreError
 from activeflow_jax.models.llama import param_shapes
+from activeflow_jax.aligned import aligned_array
 from activeflow_jax.quant import QRows, dequantize_np, is_quantized
 from activeflow_jax.store import layout
 
@@ -131,16 +132,6 @@ def check_manifest_tensors(manifest: dict[str, Any], cfg: ModelConfig, store_dir
         if name in expected and set(entry) <= {"shape", "chunk_rows", "shard_rows"} and tuple(shape) != expected[name]:
             raise StoreError(f"store {store_dir}: tensor '{name}' has shape {tuple(shape)} but the model config needs "
                              f"{expected[name]}; {_EDITED}")
-
-
-def aligned_float32(shape: tuple[int, ...], *, zeros: bool = False) -> np.ndarray:
-    """A float32 array on a 64-byte boundary. On the CPU, `jax.device_put` and jit arguments
-    adopt such a buffer instead of copying it (numpy's default 16-byte alignment forces a copy),
-    so whoever hands it to JAX must not reuse it."""
-    n = int(np.prod(shape))
-    raw = (np.zeros if zeros else np.empty)(n + 16, np.float32)
-    offset = (-raw.ctypes.data % 64) // 4
-    return raw[offset:offset + n].reshape(shape)
 
 
 def _ts():
@@ -299,13 +290,11 @@ class StoreReader:
         except Exception as exc:
             raise self._wrap(exc, name, None) from None
 
-    def read_aligned(self, name: str, block_bytes: int = 16 << 20) -> np.ndarray:
-        """The whole tensor as float32 in a 64-byte-aligned buffer filled block by block: on the
-        CPU, `jax.device_put` then adopts the buffer instead of copying it, so a resident tensor
-        costs its own size once, not twice (the caller must not reuse the buffer afterwards)."""
+    def iter_row_blocks(self, name: str, block_bytes: int = 16 << 20) -> Iterator[tuple[int, np.ndarray]]:
+        """(first row, float32 rows) of a tensor in blocks of about `block_bytes` (as f32), so a
+        caller that converts or moves each block holds one block of temporaries, not the tensor."""
         array = self._array(name)
         shape = self.shape(name)
-        out = aligned_float32(shape)
         quantized = is_quantized(self.tensor_dtype(name))
         row_bytes = max(1, int(np.prod(shape[1:])) * 4)
         step = max(1, block_bytes // row_bytes)
@@ -313,9 +302,18 @@ class StoreReader:
             stop = min(shape[0], start + step)
             try:
                 block = array[start:stop].read().result()
-                out[start:stop] = self._as_f32(name, block) if quantized else block
+                block = self._as_f32(name, block) if quantized else np.asarray(block, np.float32)
             except Exception as exc:
                 raise self._wrap(exc, name, [start, stop - 1]) from None
+            yield start, block
+
+    def read_aligned(self, name: str, block_bytes: int = 16 << 20) -> np.ndarray:
+        """The whole tensor as float32 in a 64-byte-aligned buffer filled block by block: on the
+        CPU, `jax.device_put` then adopts the buffer instead of copying it, so a resident tensor
+        costs its own size once, not twice (the caller must not reuse the buffer afterwards)."""
+        out = aligned_array(self.shape(name), np.float32)
+        for start, block in self.iter_row_blocks(name, block_bytes):
+            out[start:start + len(block)] = block
         return out
 
     def read_rows(self, name: str, rows: Sequence[int] | np.ndarray) -> np.ndarray:
