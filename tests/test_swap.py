@@ -346,6 +346,21 @@ def test_budget_including_the_process_reserves_its_growth(swap_store):
                        budget_includes_process=True, **OPTS)
 
 
+def test_process_baseline_is_measured_after_the_tokenizer(swap_store, monkeypatch):
+    """The tokenizer (Gemma 3's: ~130 MB) is part of the process the budget counts: it is built
+    before the process is measured, not after the plan."""
+    from activeflow_jax.formats.tokenizer import Tokenizer
+    from activeflow_jax.runtime import budget as budget_mod
+
+    events = []
+    build, measure = Tokenizer.from_spec.__func__, budget_mod.current_rss
+    monkeypatch.setattr(Tokenizer, "from_spec", classmethod(lambda cls, spec: events.append("tokenizer") or build(cls, spec)))
+    monkeypatch.setattr(budget_mod, "current_rss", lambda: events.append("measure") or measure())
+    engine = af.Engine.load(swap_store, sparsity=0.5, policy="topk", dram_budget=0.5, **OPTS)
+    assert engine.tokenizer is not None
+    assert "measure" in events and events.index("tokenizer") < events.index("measure")
+
+
 def test_orchestration_counters(swap_store, reference):
     """Per decoded token: one compiled program per layer group plus the embedding's, one sync per
     group (the prediction the host reads) and the token itself; one program and one sync when the
