@@ -129,6 +129,9 @@ def _byte_decoder() -> dict[str, int]:
     return table
 
 
+BUILD_ONLY_FIELDS = ("merges", "scores")  # tokenizer spec fields read only to build the `tokenizers` object
+
+
 def spm_merges(tokens: Sequence[str], scores: Sequence[float]) -> Iterator[tuple[str, str]]:
     """BPE merges that make a `tokenizers` BPE tokenize like llama.cpp's SentencePiece session:
     every split (left, right) of a token into two tokens, ranked by the merged token's score
@@ -241,8 +244,10 @@ class Tokenizer:
                 f"tokenizer spec version {spec.get('version')} is not understood by this activeflow "
                 f"(expects {SPEC_VERSION}); convert the model again"
             )
-        self.spec = spec
         self._hf = _build_hf_tokenizer(spec)
+        # what encode/decode read later; the merges and scores only serve the build above (kept,
+        # Gemma 3's scores and SmolLM2's merges would stay in the process: 4-10 MB of Python objects)
+        self.spec = {k: v for k, v in spec.items() if k not in BUILD_ONLY_FIELDS}
         self._tokens: list[str] = spec["tokens"]
         self._types: list[int] = spec["token_types"]
         self.bos_id: int | None = spec["bos_id"]
