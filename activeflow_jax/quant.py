@@ -210,17 +210,28 @@ def _check_f16(a: np.ndarray) -> None:
                                    "~65,000 for q4); store this model as f32 or f16 instead")
 
 
+def block_scales(data: np.ndarray, dtype: str, cols: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """(scale d, minimum m) f32 [..., blocks] of quantized rows uint8 [..., row_bytes] (m None for q8)."""
+    data = np.ascontiguousarray(data, np.uint8)
+    b = data.reshape(*data.shape[:-1], blocks(cols), BLOCK_BYTES[dtype])
+    d = np.ascontiguousarray(b[..., 0:2]).view(np.float16)[..., 0].astype(np.float32)
+    if dtype == "q8":
+        return d, None
+    return d, np.ascontiguousarray(b[..., 2:4]).view(np.float16)[..., 0].astype(np.float32)
+
+
 def dequantize_np(data: np.ndarray, dtype: str, cols: int) -> np.ndarray:
     """uint8 [..., row_bytes] -> f32 [..., cols]: the exact values the kernels multiply by."""
     data = np.ascontiguousarray(data, np.uint8)
     lead = data.shape[:-1]
     nb = blocks(cols)
     b = data.reshape(*lead, nb, BLOCK_BYTES[dtype])
-    d = np.ascontiguousarray(b[..., 0:2]).view(np.float16)[..., 0].astype(np.float32)[..., None]
+    d, m = block_scales(data, dtype, cols)
+    d = d[..., None]
     if dtype == "q8":
         w = np.ascontiguousarray(b[..., 2:]).view(np.int8).astype(np.float32) * d
     else:
-        m = np.ascontiguousarray(b[..., 2:4]).view(np.float16)[..., 0].astype(np.float32)[..., None]
+        m = m[..., None]
         qs = b[..., 4:]
         q = np.concatenate([qs & 15, qs >> 4], axis=-1).astype(np.float32)
         w = q * d + m

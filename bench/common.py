@@ -87,6 +87,36 @@ def budget_arg(text: str) -> float | str:
     return float(text) if text.replace(".", "", 1).isdigit() else text
 
 
+def float_model(store: str | None):
+    """(store path, StoreReader, every tensor as f32, Tokenizer) of a float (f32/f16) store of the
+    model, default the default model's f32 store (which holds the GGUF's weights exactly): what the
+    q4 benchmarks re-round in memory. A quantized store is refused."""
+    import activeflow_jax as af
+    from activeflow_jax import quant
+    from activeflow_jax.formats.tokenizer import Tokenizer
+    from activeflow_jax.store.reader import StoreReader
+
+    store = store or af.fetch_default_model(dtype="f32", quiet=True)
+    reader = StoreReader(store)
+    if quant.is_quantized(reader.storage_dtype):
+        raise SystemExit(f"{store} is a {reader.storage_dtype} store; give a float (f32/f16) store of the model")
+    return store, reader, reader.read_many(reader.tensor_names), Tokenizer.from_spec(reader.tokenizer_spec)
+
+
+def flat_perplexity(cfg, tensors: dict, tokenizer, text: str, windows: int, ctx: int = 512) -> float:
+    """Perplexity on the first `windows` windows of `text` of an all-in-DRAM engine holding
+    `tensors` ({store name: f32 array})."""
+    import activeflow_jax as af
+    from activeflow_jax.eval.perplexity import engine_perplexity
+    from activeflow_jax.models import llama
+
+    engine = af.Engine(cfg, llama.params_from_flat(cfg, tensors), tokenizer)
+    try:
+        return engine_perplexity(engine, text, ctx=ctx, max_windows=windows).ppl
+    finally:
+        engine.close()
+
+
 def restart_cold(engine, store: str, budget) -> None:
     """Empties a budget engine's pools, zeroes its loader and engine counters and drops the store
     from the page cache: the next pass starts from flash and is counted alone."""

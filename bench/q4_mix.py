@@ -68,27 +68,17 @@ def main(argv) -> None:
     del argv
     import numpy as np
 
-    import activeflow_jax as af
     from activeflow_jax import calibrated_rounding as cr
     from activeflow_jax import quant
     from activeflow_jax.config import TENSOR_OF_OP
-    from activeflow_jax.eval.perplexity import engine_perplexity
-    from activeflow_jax.formats.tokenizer import Tokenizer
-    from activeflow_jax.models import llama
-    from activeflow_jax.store.reader import StoreReader
-    from common import emit, machine_info
+    from common import emit, flat_perplexity, float_model, machine_info
 
-    store = FLAGS.store or af.fetch_default_model(dtype="f32", quiet=True)
-    reader = StoreReader(store)
-    if quant.is_quantized(reader.storage_dtype):
-        raise SystemExit(f"{store} is a {reader.storage_dtype} store; give a float (f32/f16) store of the model")
+    store, reader, flat, tokenizer = float_model(FLAGS.store)
     cfg = reader.config
     try:
         mixes = [(m, *parse_mix(m, cfg.num_layers)) for m in FLAGS.mixes]
     except ValueError as exc:
         raise SystemExit(str(exc)) from None
-    flat = reader.read_many(reader.tensor_names)
-    tokenizer = Tokenizer.from_spec(reader.tokenizer_spec)
     op_tensors = {f"layers.{i}.{TENSOR_OF_OP[g]}": (i, g) for i in range(cfg.num_layers) for g in TENSOR_OF_OP}
 
     start = time.perf_counter()
@@ -98,11 +88,7 @@ def main(argv) -> None:
     gram_seconds = time.perf_counter() - start
 
     def ppl(tensors):
-        engine = af.Engine(cfg, llama.params_from_flat(cfg, tensors), tokenizer)
-        try:
-            return engine_perplexity(engine, FLAGS.text, ctx=FLAGS.ctx, max_windows=FLAGS.windows).ppl
-        finally:
-            engine.close()
+        return flat_perplexity(cfg, tensors, tokenizer, FLAGS.text, FLAGS.windows, FLAGS.ctx)
 
     results = []
     reference = ppl(flat)

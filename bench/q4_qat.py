@@ -39,18 +39,6 @@ flags.DEFINE_integer("windows", 8, "windows of the evaluation text")
 flags.DEFINE_string("output", None, "append the JSON record here as well (JSON lines)")
 
 
-def block_grid(rows: "np.ndarray", cols: int):
-    """(scale, minimum) f32 [rows, blocks] of q4 rows as the writer stored them (quant.py's layout)."""
-    import numpy as np
-
-    from activeflow_jax import quant
-
-    b = rows.reshape(rows.shape[0], quant.blocks(cols), quant.BLOCK_BYTES["q4"])
-    d = np.ascontiguousarray(b[..., 0:2]).view(np.float16)[..., 0].astype(np.float32)
-    m = np.ascontiguousarray(b[..., 2:4]).view(np.float16)[..., 0].astype(np.float32)
-    return d, m
-
-
 def main(argv) -> None:
     del argv
     import jax
@@ -58,28 +46,20 @@ def main(argv) -> None:
     import numpy as np
     import optax
 
-    import activeflow_jax as af
     from activeflow_jax import calibrated_rounding as cr
     from activeflow_jax import quant
     from activeflow_jax.config import TENSOR_OF_OP
     from activeflow_jax.distill.train import batch_for_step, distillation_texts, make_windows
-    from activeflow_jax.eval.perplexity import engine_perplexity, read_text
-    from activeflow_jax.formats.tokenizer import Tokenizer
+    from activeflow_jax.eval.perplexity import read_text
     from activeflow_jax.models import llama
-    from activeflow_jax.store.reader import StoreReader
-    from common import emit, machine_info
+    from common import emit, flat_perplexity, float_model, machine_info
 
-    store = FLAGS.store or af.fetch_default_model(dtype="f32", quiet=True)
-    reader = StoreReader(store)
-    if quant.is_quantized(reader.storage_dtype):
-        raise SystemExit(f"{store} is a {reader.storage_dtype} store; give a float (f32/f16) store of the model")
     try:
         lrs = [float(v) for v in FLAGS.lrs]
     except ValueError:
         raise SystemExit(f"--lrs: numbers, got {FLAGS.lrs}") from None
+    store, reader, flat, tokenizer = float_model(FLAGS.store)
     cfg = reader.config
-    flat = reader.read_many(reader.tensor_names)
-    tokenizer = Tokenizer.from_spec(reader.tokenizer_spec)
     ops = [f"layers.{i}.{TENSOR_OF_OP[g]}" for i in range(cfg.num_layers) for g in TENSOR_OF_OP]
 
     start = time.perf_counter()
@@ -87,7 +67,7 @@ def main(argv) -> None:
     grids, codes0 = {}, {}
     for name in ops:
         rows = quant.quantize_rows(init[name], "q4")  # the writer's rounding, bytes and all
-        grids[name] = tuple(jnp.asarray(a) for a in block_grid(rows, init[name].shape[1]))
+        grids[name] = tuple(jnp.asarray(a) for a in quant.block_scales(rows, "q4", init[name].shape[1]))
     rounding_seconds = time.perf_counter() - start
 
     def snap(w, d, m):  # w [in, out] -> its block grid's values (f32), and the codes
@@ -107,11 +87,7 @@ def main(argv) -> None:
         codes0[name] = np.asarray(snap(jnp.asarray(init[name]), *grids[name])[1], np.uint8)
 
     def ppl(tensors):
-        engine = af.Engine(cfg, llama.params_from_flat(cfg, tensors), tokenizer)
-        try:
-            return engine_perplexity(engine, FLAGS.text, max_windows=FLAGS.windows).ppl
-        finally:
-            engine.close()
+        return flat_perplexity(cfg, tensors, tokenizer, FLAGS.text, FLAGS.windows)
 
     def snapped(weights, grid):
         return {**flat, **{n: np.asarray(snap(w, *grid[n])[0]) for n, w in weights.items()}}

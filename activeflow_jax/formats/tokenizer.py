@@ -129,10 +129,19 @@ def _byte_decoder() -> dict[str, int]:
     return table
 
 
+def spm_vocab(tokens: Sequence[str]) -> dict[str, int]:
+    """{token text: its first id} (a SentencePiece vocabulary may repeat a text)."""
+    vocab: dict[str, int] = {}
+    for i, tok in enumerate(tokens):
+        vocab.setdefault(tok, i)
+    return vocab
+
+
 BUILD_ONLY_FIELDS = ("merges", "scores")  # tokenizer spec fields read only to build the `tokenizers` object
 
 
-def spm_merges(tokens: Sequence[str], scores: Sequence[float]) -> Iterator[tuple[str, str]]:
+def spm_merges(tokens: Sequence[str], scores: Sequence[float],
+               vocab: dict[str, int] | None = None) -> Iterator[tuple[str, str]]:
     """BPE merges that make a `tokenizers` BPE tokenize like llama.cpp's SentencePiece session:
     every split (left, right) of a token into two tokens, ranked by the merged token's score
     (highest first; then by token id and the left part's id), so the pair merged first is the one
@@ -141,12 +150,11 @@ def spm_merges(tokens: Sequence[str], scores: Sequence[float]) -> Iterator[tuple
     The candidates are collected as compact arrays and only the ranked pairs become strings: a
     262k-token vocabulary (Gemma 3) has ~515k of them, and a Python tuple per candidate with its
     sort key cost ~50 MB more at the peak of loading and ~30 MB after. (Handing `tokenizers` the
-    merges as JSON text instead, to skip the Python list, was measured: it took 210 MB more.)"""
+    merges as JSON text instead, to skip the Python list, was measured: it took 210 MB more.)
+    vocab: {token: its first id}, if the caller has it (spm_vocab)."""
     import array
 
-    vocab = {}
-    for i, tok in enumerate(tokens):
-        vocab.setdefault(tok, i)
+    vocab = spm_vocab(tokens) if vocab is None else vocab
     ids, cuts, lefts = array.array("q"), array.array("q"), array.array("q")
     for tok, i in vocab.items():
         for cut in range(1, len(tok)):
@@ -155,7 +163,6 @@ def spm_merges(tokens: Sequence[str], scores: Sequence[float]) -> Iterator[tuple
                 ids.append(i)
                 cuts.append(cut)
                 lefts.append(left)
-    del vocab
     ids, cuts, lefts = (np.frombuffer(a, np.int64) for a in (ids, cuts, lefts))
     rank = -np.asarray(scores, np.float64)[ids] if len(ids) else np.zeros(0)
     order = np.lexsort((lefts, ids, rank))  # the last key sorts first: score, then token id, then left id
@@ -168,11 +175,9 @@ def _build_spm_tokenizer(spec: dict[str, Any]) -> Any:
     from tokenizers import Tokenizer as HFTokenizer
 
     tokens, types = spec["tokens"], spec["token_types"]
-    vocab = {}
-    for i, tok in enumerate(tokens):
-        vocab.setdefault(tok, i)
+    vocab = spm_vocab(tokens)
     unk = spec.get("unk_id")
-    hf = HFTokenizer(models.BPE(vocab=vocab, merges=list(spm_merges(tokens, spec["scores"])), byte_fallback=True,
+    hf = HFTokenizer(models.BPE(vocab=vocab, merges=list(spm_merges(tokens, spec["scores"], vocab)), byte_fallback=True,
                                 unk_token=tokens[unk] if unk is not None else None, fuse_unk=False,
                                 ignore_merges=False))
     steps = [normalizers.Prepend(SPM_SPACE)] if spec["add_space_prefix"] else []

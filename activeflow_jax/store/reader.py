@@ -15,10 +15,10 @@ from typing import Any
 
 import numpy as np
 
+from activeflow_jax.aligned import aligned_array
 from activeflow_jax.config import ModelConfig
 from activeflow_jax.errors import StoreCorruptError, StoreError
 from activeflow_jax.models.llama import param_shapes
-from activeflow_jax.aligned import aligned_array
 from activeflow_jax.quant import QRows, dequantize_np, is_quantized
 from activeflow_jax.store import layout
 
